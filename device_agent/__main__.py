@@ -1,0 +1,7 @@
+"""`python -m device_agent` is the same as the `device-agent` command."""
+
+import sys
+
+from device_agent.cli import main
+
+sys.exit(main())

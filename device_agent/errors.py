@@ -1,0 +1,60 @@
+"""The agent's small error hierarchy, on the builtins.
+
+Every message names the device, file, bucket or key involved and says what to do.
+`exit_code` is what the CLI returns when the error reaches it (see README, exit codes).
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(AgentError, ValueError):
+    """A setting is missing or invalid."""
+
+    exit_code = 2
+
+
+class SerialLinkError(AgentError, OSError):
+    """The serial port cannot be opened or read (unplugged adapter, busy port, permissions)."""
+
+    exit_code = 3
+
+
+class CaptureRejected(AgentError):
+    """A capture lost too much signal to be trusted; the record is kept, marked rejected."""
+
+    exit_code = 1
+
+
+class DiskSpaceError(AgentError, OSError):
+    """Free space under the configured reserve; nothing was written."""
+
+    exit_code = 3
+
+
+class ClockNotSynced(AgentError):
+    """The wall clock is not synchronised yet, so a record cannot be named."""
+
+    exit_code = 3
+
+
+class UploadError(AgentError):
+    """An S3 operation failed; `retryable` says whether trying later can help."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, retryable: bool, code: str | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.code = code
+
+
+class OutboxBusy(AgentError):
+    """Another process holds the outbox drain lock."""
+
+    exit_code = 4
