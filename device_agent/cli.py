@@ -135,6 +135,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
     return values
 
 
+def echo(text: str = "", *, err: bool = False) -> None:
+    """Write one line of command output (stdout, or stderr with err=True); handlers use this."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(text + "\n")
+    stream.flush()
+
+
 def setup_logging(level: str) -> None:
     """One event a line on stderr, no timestamps (journald adds them)."""
     handler = logging.StreamHandler(sys.stderr)
@@ -151,7 +158,7 @@ def cmd_config(settings, args) -> int:
     rows = settings.redacted()
     width = max(len(k) for k, _, _ in rows)
     for key, value, source in rows:
-        print(f"{key:<{width}} = {value:<24} # {source}")
+        echo(f"{key:<{width}} = {value:<24} # {source}")
     return 0
 
 
