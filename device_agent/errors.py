@@ -58,3 +58,9 @@ class OutboxBusy(AgentError):
     """Another process holds the outbox drain lock."""
 
     exit_code = 4
+
+
+class UsersFileError(AgentError, ValueError):
+    """users.json is corrupt or half-written; it is never reset, a person must look."""
+
+    exit_code = 1
