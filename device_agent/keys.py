@@ -1,0 +1,145 @@
+"""S3 key naming and object metadata: pure functions, exactly the layout consumers rely on.
+
+See ../shared/spec/aws-s3-folder-structure.md. Every key lives under `ecg-reports/` and
+derives from the record's (or report's, or user's) own time, never the upload time, so a
+retry tomorrow produces the same key as today's attempt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from datetime import datetime
+from urllib.parse import quote
+
+PREFIX = "ecg-reports"
+KINDS = (
+    "ecg_report_pdf",
+    "patient_details",
+    "ecg_12lead_data",
+    "manifest",
+    "user_signup",
+    "report_json",
+)
+USERNAME_MAX = 64
+
+_DATE_PREFIX_RE = re.compile(r"^\d{4}/\d{2}/\d{2}$")
+_STAMP_RE = re.compile(r"^\d{8}_\d{6}$")
+_REPORT_STAMP_RE = re.compile(r"ECG_Report_(\d{8}_\d{6})")
+_UNSAFE_RE = re.compile(r"[^A-Za-z0-9._-]+")
+_DOTS_RE = re.compile(r"\.{2,}")
+_PRINTABLE_ASCII = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+def date_prefix(when: datetime) -> str:
+    """`YYYY/MM/DD` of a timestamp, in the timestamp's own time zone."""
+    return when.strftime("%Y/%m/%d")
+
+
+def stamp(when: datetime) -> str:
+    """`YYYYMMDD_HHMMSS` of a timestamp, as the legacy app named files."""
+    return when.strftime("%Y%m%d_%H%M%S")
+
+
+def _check_filename(filename: str) -> str:
+    if (
+        not filename
+        or filename in (".", "..")
+        or "/" in filename
+        or "\\" in filename
+        or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in filename)
+    ):
+        raise ValueError(f"file name {filename!r} cannot be part of an S3 key")
+    return filename
+
+
+def package_key(date_prefix: str, stamp: str, filename: str) -> str:
+    """`ecg-reports/{YYYY}/{MM}/{DD}/{stamp}/{filename}`: one file of a complete package."""
+    if not _DATE_PREFIX_RE.match(date_prefix):
+        raise ValueError(f"date prefix {date_prefix!r} is not YYYY/MM/DD")
+    if not _STAMP_RE.match(stamp):
+        raise ValueError(f"stamp {stamp!r} is not YYYYMMDD_HHMMSS")
+    return f"{PREFIX}/{date_prefix}/{stamp}/{_check_filename(filename)}"
+
+
+def report_date(filename: str, mtime: datetime) -> datetime:
+    """A report's own date: from `ECG_Report_YYYYMMDD_HHMMSS` in its name, else its mtime."""
+    match = _REPORT_STAMP_RE.search(filename)
+    if match:
+        try:
+            return datetime.strptime(match.group(1), "%Y%m%d_%H%M%S")
+        except ValueError:
+            pass  # e.g. ECG_Report_20261399_...: not a real date, fall back to the mtime
+    return mtime
+
+
+def report_key(filename: str, mtime: datetime) -> str:
+    """`ecg-reports/{YYYY}/{MM}/{DD}/{filename}` for a simple report upload (PDF or .json twin)."""
+    when = report_date(filename, mtime)
+    return f"{PREFIX}/{date_prefix(when)}/{_check_filename(filename)}"
+
+
+def safe_username(name: str) -> str:
+    """A key-safe, deterministic, non-empty form of a username: only A-Z a-z 0-9 . _ -."""
+    folded = unicodedata.normalize("NFKD", str(name))
+    ascii_only = "".join(ch for ch in folded if not unicodedata.combining(ch)).encode(
+        "ascii", "ignore"
+    ).decode("ascii")
+    safe = _UNSAFE_RE.sub("_", ascii_only)
+    safe = _DOTS_RE.sub(".", safe).lstrip(".")[:USERNAME_MAX]
+    if not safe.strip("_.-"):
+        # Nothing recognisable survived (e.g. a name in a non-Latin script): a stable token.
+        return "user-" + hashlib.sha256(str(name).encode("utf-8")).hexdigest()[:12]
+    return safe
+
+
+def signup_key(username: str, registered_at: datetime) -> str:
+    """`ecg-reports/{YYYY}/{MM}/{DD}/user_signup_{safe}_{YYYYMMDD_HHMMSS}.json`."""
+    return (
+        f"{PREFIX}/{date_prefix(registered_at)}/"
+        f"user_signup_{safe_username(username)}_{stamp(registered_at)}.json"
+    )
+
+
+def disambiguated_key(key: str, sha256: str) -> str:
+    """Where a different file that collided with `key` is kept: `name__{sha[:12]}.ext`."""
+    if not re.fullmatch(r"[0-9a-f]{12,64}", sha256):
+        raise ValueError(f"sha256 {sha256!r} is not a hex digest")
+    folder, slash, name = key.rpartition("/")
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem:
+        stem, ext = name, ""
+    tagged = f"{stem}__{sha256[:12]}" + (f".{ext}" if ext else "")
+    return f"{folder}{slash}{tagged}"
+
+
+def _ascii_safe(value: str) -> str:
+    """S3 user metadata travels as HTTP headers: keep printable ASCII, percent-encode the rest."""
+    return quote(value, safe=_PRINTABLE_ASCII)
+
+
+def object_metadata(
+    kind: str,
+    filename: str,
+    *,
+    uploaded_at: datetime | str,
+    record_id: str | None = None,
+    device_serial: str | None = None,
+    sha256: str,
+) -> dict[str, str]:
+    """The object's user metadata: what it is and where from, never who it is about."""
+    if kind not in KINDS:
+        raise ValueError(f"object type {kind!r} is not one of {', '.join(KINDS)}")
+    when = uploaded_at.isoformat() if isinstance(uploaded_at, datetime) else str(uploaded_at)
+    meta = {
+        "type": kind,
+        "uploaded_at": when,
+        "filename": filename,
+        "sha256": sha256,
+    }
+    if record_id:
+        meta["record-id"] = record_id
+    if device_serial:
+        meta["device-serial"] = device_serial
+    return {key: _ascii_safe(value) for key, value in meta.items()}
