@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint demo bench install-dev clean
+.PHONY: test lint demo bench install-dev clean install
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# On a board, as root: service user, venv under /opt/device-agent, unit, settings (docs/operations.md).
+install:
+	sh systemd/install.sh

@@ -1,0 +1,72 @@
+#!/bin/sh
+# Install device-agent on a board: service user, venv under /opt/device-agent, unit, settings.
+# Run from a checkout as root: `sudo sh systemd/install.sh` (or `sudo make install`).
+# DESTDIR=/some/dir stages every file under that folder instead (for packaging and tests);
+# SKIP_USER=1, SKIP_PIP=1, SKIP_SYSTEMCTL=1 skip those steps. Safe to run again: an existing
+# env file and credentials are kept.
+set -eu
+
+DESTDIR="${DESTDIR:-}"
+PYTHON="${PYTHON:-python3}"
+USER_NAME=device-agent
+PREFIX=/opt/device-agent
+SRC="$(cd "$(dirname "$0")/.." && pwd)"
+ETC="$DESTDIR/etc/device-agent"
+
+say() { printf 'install: %s\n' "$*"; }
+
+if [ -z "$DESTDIR" ] && [ "$(id -u)" != 0 ]; then
+    echo "install: run as root (sudo sh systemd/install.sh), or set DESTDIR to stage" >&2
+    exit 2
+fi
+
+if [ "${SKIP_USER:-}" != 1 ] && [ -z "$DESTDIR" ]; then
+    if ! id "$USER_NAME" >/dev/null 2>&1; then
+        say "creating system user $USER_NAME (group dialout for the serial port)"
+        useradd --system --user-group --groups dialout --home-dir /var/lib/device-agent \
+            --no-create-home --shell /usr/sbin/nologin "$USER_NAME"
+    else
+        usermod -a -G dialout "$USER_NAME"
+    fi
+fi
+
+say "copying the source to $DESTDIR$PREFIX/src"
+mkdir -p "$DESTDIR$PREFIX/src" "$DESTDIR$PREFIX/docs"
+tar -C "$SRC" --exclude=.venv --exclude=.git --exclude=__pycache__ --exclude='*.egg-info' \
+    --exclude=.pytest_cache --exclude=state --exclude=reports -cf - \
+    pyproject.toml README.md device_agent | tar -C "$DESTDIR$PREFIX/src" -xf -
+cp "$SRC"/docs/*.md "$DESTDIR$PREFIX/docs/" 2>/dev/null || true
+
+if [ "${SKIP_PIP:-}" != 1 ]; then
+    say "creating the venv $DESTDIR$PREFIX/venv"
+    "$PYTHON" -m venv "$DESTDIR$PREFIX/venv"
+    "$DESTDIR$PREFIX/venv/bin/python" -m pip install --quiet "$DESTDIR$PREFIX/src"
+fi
+
+say "installing the unit"
+install -D -m 0644 "$SRC/systemd/device-agent.service" \
+    "$DESTDIR/etc/systemd/system/device-agent.service"
+
+install -d -m 0700 "$ETC" "$ETC/credentials"
+if [ ! -e "$ETC/device-agent.env" ]; then
+    say "writing the example settings $ETC/device-agent.env (edit it: bucket, serial)"
+    install -m 0600 "$SRC/systemd/device-agent.env.example" "$ETC/device-agent.env"
+else
+    say "keeping the existing $ETC/device-agent.env"
+fi
+for key in AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY; do
+    if [ ! -e "$ETC/credentials/$key" ]; then
+        (umask 077 && : > "$ETC/credentials/$key")
+    fi
+    chmod 0600 "$ETC/credentials/$key"
+done
+
+say "installing the field-command wrapper /usr/local/bin/device-agent"
+install -D -m 0755 "$SRC/systemd/device-agent-wrapper.sh" "$DESTDIR/usr/local/bin/device-agent"
+
+if [ "${SKIP_SYSTEMCTL:-}" != 1 ] && [ -z "$DESTDIR" ]; then
+    systemctl daemon-reload
+    systemctl enable device-agent.service
+    say "enabled; after editing $ETC/device-agent.env run: systemctl start device-agent"
+fi
+say "done"
