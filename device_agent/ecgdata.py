@@ -1,0 +1,391 @@
+"""The `ecg_data_{stamp}.json` document: numpy-vectorised `dumps` and its inverse `loads`.
+
+Document (canonical compact JSON, UTF-8, keys in this order; `loads(dumps(r)) == r`):
+
+- `timestamp`: `"YYYY-MM-DD HH:MM:SS"`, the wall clock of `acquired_at` (legacy key).
+- `sampling_rate`: int, Hz (legacy key).
+- `leads`: `{name: [int uV, ...]}` in `lead_names` order; a lost sample is `null` (legacy key).
+- `acquired_at`: ISO 8601 with UTC offset, microseconds when non-zero (`datetime.isoformat`).
+- `duration_s` (float), `samples_per_lead` (int), `units` (`"uV"`).
+- `lead_order`: the lead names again; `derived_leads`: those of them computed, not measured.
+- `adc`: `{bits, baseline: [counts per measured lead], counts_per_mv, byte_order}` or `null`.
+- `device`: `{serial, model, agent_version}`; `record_id`: UUID string or `null`.
+- `quality`: `{frames_expected, frames_received, frames_lost, lost_fraction,
+  gaps: [{start_sample, length, start_s}],
+  electrodes_off: [{electrode, start_sample, length, start_s, end_s}],
+  flat_leads, saturated_leads, mains_noise_uv (null if unknown), bad_frames, verdict, reasons}`.
+- `measurements`: `record.measurements` as given (JSON types; NaN/inf become `null`).
+
+Derived values (`duration_s`, `lost_fraction`, `start_s`, `end_s`, `derived_leads`) are
+written for readers and ignored by `loads`. A non-finite float is never written (JSON has
+no NaN): it becomes `null`.
+
+Legacy files `{"timestamp", "sampling_rate", "leads"}` (no `units` key) load too: their
+`timestamp` becomes a naive `acquired_at` (the legacy app stored no offset). Their leads are
+taken as microvolts when every value is a JSON integer, and as millivolts (scaled by 1000
+and rounded to the nearest microvolt) when any value in any lead is a JSON float, because
+the legacy app wrote floats in mV. Leads of unequal length are padded with lost samples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from datetime import datetime
+from functools import cache
+from typing import Any
+
+import numpy as np
+
+from device_agent.record import (
+    DERIVED_LEADS,
+    AdcInfo,
+    DeviceInfo,
+    ElectrodeOff,
+    Gap,
+    Quality,
+    Record,
+)
+
+log = logging.getLogger(__name__)
+
+UNITS = "uV"
+_TABLE_LO, _TABLE_HI = -32768, 32767  # int16: every value the board can produce
+_NULL = _TABLE_HI - _TABLE_LO + 1  # table index of the `null,` entry
+_TABLE_WIDTH = 7  # len("-32768,")
+
+
+def _compact(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+@cache
+def _table(width: int) -> np.ndarray:
+    """Pre-formatted `"<value>,"` for every int16 value, then `"null,"`, as S{width}.
+
+    Entries longer than `width` are truncated; callers pick a width that fits every
+    value they index.
+    """
+    values = np.arange(_TABLE_LO, _TABLE_HI + 1, dtype=np.int32).astype(f"S{_TABLE_WIDTH}")
+    full = np.append(np.char.add(values, b","), np.array([b"null,"], dtype=f"S{_TABLE_WIDTH}"))
+    return full.astype(f"S{width}")
+
+
+def _text_width(value: int) -> int:
+    return len(str(value))
+
+
+def _encode_leads(samples: np.ndarray, missing: np.ndarray) -> tuple[memoryview, np.ndarray]:
+    """All leads as `v,v,...,` in one buffer, and each lead's byte length (commas included)."""
+    n_leads, n = samples.shape
+    if samples.size == 0:
+        return memoryview(b""), np.zeros(n_leads, dtype=np.int64)
+    any_missing = bool(missing.any())
+    lo, hi = int(samples.min()), int(samples.max())
+    if lo >= _TABLE_LO and hi <= _TABLE_HI:
+        width = max(_text_width(lo), _text_width(hi), 4 if any_missing else 1) + 1
+        # In range, so the offset cannot overflow even in int16/int32.
+        index = samples - np.asarray(_TABLE_LO, dtype=samples.dtype)
+        if samples.dtype.itemsize < 4:
+            index = samples.astype(np.int32) - _TABLE_LO
+        if any_missing:
+            index[missing] = _NULL
+        gathered = _table(width)[index]
+    else:
+        gathered, width = _encode_wide(samples, missing, any_missing)
+    raw = gathered.view(np.uint8).reshape(n_leads, n * width)
+    keep = raw != 0  # pad bytes of the fixed-width entries
+    lengths = keep.sum(axis=1)
+    return memoryview(raw[keep]), lengths
+
+
+def _encode_wide(
+    samples: np.ndarray, missing: np.ndarray, any_missing: bool
+) -> tuple[np.ndarray, int]:
+    """The slower path for records holding values outside int16: those formatted apart."""
+    outside = (samples < _TABLE_LO) | (samples > _TABLE_HI)
+    outside &= ~missing
+    texts = samples[outside].astype("S21")  # int64's longest is 20 characters
+    width = max(_TABLE_WIDTH, int(np.char.str_len(texts).max(initial=0)) + 1)
+    index = np.clip(samples, _TABLE_LO, _TABLE_HI).astype(np.int64) - _TABLE_LO
+    if any_missing:
+        index[missing] = _NULL
+    gathered = _table(_TABLE_WIDTH)[index].astype(f"S{width}")
+    gathered[outside] = np.char.add(texts, b",")
+    return gathered, width
+
+
+def _finite(value: float | None) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _jsonable(value: Any) -> Any:
+    """Measurements made JSON-safe: numpy scalars/arrays unwrapped, NaN/inf as None."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return _finite(value)
+    return value
+
+
+def _quality_doc(quality: Quality, rate: int) -> dict[str, Any]:
+    return {
+        "frames_expected": int(quality.frames_expected),
+        "frames_received": int(quality.frames_received),
+        "frames_lost": int(quality.frames_lost),
+        "lost_fraction": float(quality.lost_fraction),
+        "gaps": [
+            {"start_sample": int(g.start), "length": int(g.length), "start_s": g.start / rate}
+            for g in quality.gaps
+        ],
+        "electrodes_off": [
+            {
+                "electrode": str(e.electrode),
+                "start_sample": int(e.start),
+                "length": int(e.length),
+                "start_s": e.start / rate,
+                "end_s": (e.start + e.length) / rate,
+            }
+            for e in quality.electrodes_off
+        ],
+        "flat_leads": [str(x) for x in quality.flat_leads],
+        "saturated_leads": [str(x) for x in quality.saturated_leads],
+        "mains_noise_uv": _finite(quality.mains_noise_uv),
+        "bad_frames": int(quality.bad_frames),
+        "verdict": str(quality.verdict),
+        "reasons": [str(x) for x in quality.reasons],
+    }
+
+
+def _adc_doc(adc: AdcInfo | None) -> dict[str, Any] | None:
+    if adc is None:
+        return None
+    return {
+        "bits": int(adc.bits),
+        "baseline": [_finite(b) for b in adc.baseline],
+        "counts_per_mv": _finite(adc.counts_per_mv),
+        "byte_order": str(adc.byte_order),
+    }
+
+
+def _check(record: Record) -> None:
+    names = record.lead_names
+    where = f"record {record.record_id or record.acquired_at.isoformat()}"
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: lead names repeat ({', '.join(names)}); each must be unique")
+    if record.samples.ndim != 2 or record.samples.shape[0] != len(names):
+        raise ValueError(
+            f"{where}: samples shape {record.samples.shape} does not match {len(names)} leads"
+        )
+    if record.missing.shape != record.samples.shape:
+        raise ValueError(
+            f"{where}: missing mask shape {record.missing.shape} differs from samples "
+            f"{record.samples.shape}"
+        )
+    if record.samples.dtype.kind not in "iu":
+        raise ValueError(f"{where}: samples are {record.samples.dtype}; integer uV expected")
+    if int(record.sampling_rate) <= 0:
+        raise ValueError(f"{where}: sampling rate {record.sampling_rate} must be positive")
+
+
+def dumps(record: Record) -> bytes:
+    """The record as canonical compact JSON bytes (the `ecg_data_{stamp}.json` content)."""
+    _check(record)
+    rate = int(record.sampling_rate)
+    at = record.acquired_at
+    head = _compact(
+        {
+            "timestamp": f"{at.year:04d}-{at.month:02d}-{at.day:02d} "
+            f"{at.hour:02d}:{at.minute:02d}:{at.second:02d}",
+            "sampling_rate": rate,
+        }
+    )
+    tail = _compact(
+        {
+            "acquired_at": at.isoformat(),
+            "duration_s": record.n_samples / rate,
+            "samples_per_lead": record.n_samples,
+            "units": UNITS,
+            "lead_order": list(record.lead_names),
+            "derived_leads": [n for n in record.lead_names if n in DERIVED_LEADS],
+            "adc": _adc_doc(record.adc),
+            "device": {
+                "serial": str(record.device.serial),
+                "model": str(record.device.model),
+                "agent_version": str(record.device.agent_version),
+            },
+            "record_id": None if record.record_id is None else str(record.record_id),
+            "quality": _quality_doc(record.quality, rate),
+            "measurements": _jsonable(record.measurements),
+        }
+    )
+    body, lengths = _encode_leads(record.samples, np.asarray(record.missing, dtype=bool))
+    parts: list[bytes | memoryview] = [head[:-1].encode(), b',"leads":{']
+    start = 0
+    for i, name in enumerate(record.lead_names):
+        end = start + int(lengths[i])
+        key = _compact(name).encode()
+        parts.append(key + b":[" if i == 0 else b"]," + key + b":[")
+        parts.append(body[start : max(start, end - 1)])  # drop the lead's last comma
+        start = end
+    parts.append(b"]}," if record.lead_names else b"},")
+    parts.append(tail[1:].encode())
+    return b"".join(parts)
+
+
+# --- loads -------------------------------------------------------------------------------
+
+
+def _lead_array(values: Any, name: str, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """A JSON lead list as (numbers, missing): int64 or float64 numbers, 0 where null."""
+    if not isinstance(values, list):
+        raise ValueError(f"{source}: lead {name} is {type(values).__name__}, not an array")
+    try:
+        arr = np.array(values)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{source}: lead {name} is not a flat array of numbers") from exc
+    if arr.dtype.kind in "iuf" and arr.ndim == 1:
+        return arr, np.zeros(arr.shape, dtype=bool)
+    if arr.ndim == 0 and not values:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
+    if arr.dtype != object or arr.ndim != 1:
+        raise ValueError(f"{source}: lead {name} holds {arr.dtype} values, not numbers or null")
+    missing = np.equal(arr, None)
+    arr[missing] = 0
+    numbers = np.array(arr.tolist())  # numpy infers int64 or float64 from the values
+    if numbers.dtype.kind not in "iuf":
+        raise ValueError(f"{source}: lead {name} holds values that are not numbers")
+    return numbers, missing
+
+
+def _to_uv(numbers: np.ndarray, scale: float) -> np.ndarray:
+    if numbers.dtype.kind == "f":
+        if not np.isfinite(numbers).all():
+            raise ValueError("non-finite lead value")
+        numbers = np.rint(numbers * scale).astype(np.int64)
+    elif scale != 1:
+        numbers = numbers.astype(np.int64) * int(scale)
+    return numbers
+
+
+def _samples(
+    doc: dict[str, Any], names: tuple[str, ...], legacy: bool, source: str
+) -> tuple[np.ndarray, np.ndarray]:
+    leads = doc.get("leads") or {}
+    if not isinstance(leads, dict):
+        raise ValueError(f"{source}: 'leads' must be an object of lead name -> array")
+    arrays = [_lead_array(leads.get(name, []), name, source) for name in names]
+    units = doc.get("units")
+    if units is None:
+        # Legacy: floats anywhere mean the whole file is in mV (see module docstring).
+        scale = 1000.0 if any(a.dtype.kind == "f" for a, _ in arrays) else 1.0
+    elif units in ("uV", "µV"):
+        scale = 1.0
+    elif units == "mV":
+        scale = 1000.0
+    else:
+        raise ValueError(f"{source}: units {units!r} not understood; 'uV' or 'mV' expected")
+    lengths = {len(a) for a, _ in arrays}
+    n = max(lengths, default=int(doc.get("samples_per_lead") or 0))
+    if len(lengths) > 1 and not legacy:
+        raise ValueError(f"{source}: leads differ in length ({sorted(lengths)}); file is damaged")
+    samples = np.zeros((len(names), n), dtype=np.int64)
+    missing = np.ones((len(names), n), dtype=bool)
+    for row, (numbers, lost) in enumerate(arrays):
+        try:
+            samples[row, : len(numbers)] = _to_uv(numbers, scale)
+        except ValueError as exc:
+            raise ValueError(f"{source}: lead {names[row]}: {exc}") from exc
+        missing[row, : len(numbers)] = lost
+    samples[missing] = 0
+    if samples.size and np.iinfo(np.int32).min <= samples.min() and samples.max() <= np.iinfo(
+        np.int32
+    ).max:
+        samples = samples.astype(np.int32)
+    return samples, missing
+
+
+def _acquired_at(doc: dict[str, Any], source: str) -> datetime:
+    text = doc.get("acquired_at")
+    try:
+        if text is not None:
+            return datetime.fromisoformat(text)
+        return datetime.strptime(doc["timestamp"], "%Y-%m-%d %H:%M:%S")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{source}: no readable acquired_at/timestamp "
+            f"(acquired_at={text!r}, timestamp={doc.get('timestamp')!r})"
+        ) from exc
+
+
+def _quality(q: dict[str, Any] | None) -> Quality:
+    if not q:
+        return Quality()
+    return Quality(
+        frames_expected=q.get("frames_expected", 0),
+        frames_received=q.get("frames_received", 0),
+        frames_lost=q.get("frames_lost", 0),
+        gaps=tuple(Gap(g["start_sample"], g["length"]) for g in q.get("gaps", ())),
+        electrodes_off=tuple(
+            ElectrodeOff(e["electrode"], e["start_sample"], e["length"])
+            for e in q.get("electrodes_off", ())
+        ),
+        flat_leads=tuple(q.get("flat_leads", ())),
+        saturated_leads=tuple(q.get("saturated_leads", ())),
+        mains_noise_uv=q.get("mains_noise_uv"),
+        bad_frames=q.get("bad_frames", 0),
+        verdict=q.get("verdict", Quality.verdict),
+        reasons=tuple(q.get("reasons", ())),
+    )
+
+
+def loads(data: bytes | str, *, source: str = "ecg_data document") -> Record:
+    """Read an ecg_data document (ours or the legacy `{timestamp, sampling_rate, leads}`)."""
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        raise ValueError(f"{source}: not valid JSON ({exc}); the file is damaged") from exc
+    if not isinstance(doc, dict):
+        raise ValueError(f"{source}: top level is {type(doc).__name__}, not an object")
+    legacy = "units" not in doc
+    leads = doc.get("leads") or {}
+    names = tuple(doc.get("lead_order") or (leads if isinstance(leads, dict) else ()))
+    if isinstance(leads, dict) and set(leads) - set(names):
+        raise ValueError(f"{source}: leads {sorted(set(leads) - set(names))} not in lead_order")
+    try:
+        rate = int(doc["sampling_rate"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: sampling_rate missing or not an integer") from exc
+    samples, missing = _samples(doc, names, legacy, source)
+    adc = doc.get("adc")
+    device = doc.get("device") or {}
+    try:
+        return Record(
+            acquired_at=_acquired_at(doc, source),
+            sampling_rate=rate,
+            samples=samples,
+            missing=missing,
+            lead_names=names,
+            record_id=doc.get("record_id"),
+            device=DeviceInfo(**device),
+            adc=None if adc is None else AdcInfo(
+                bits=adc["bits"],
+                counts_per_mv=adc["counts_per_mv"],
+                byte_order=adc["byte_order"],
+                baseline=tuple(adc["baseline"]),
+            ),
+            quality=_quality(doc.get("quality")),
+            measurements=doc.get("measurements") or {},
+        )
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{source}: a required field is missing or mistyped ({exc})") from exc
