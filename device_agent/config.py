@@ -167,6 +167,8 @@ KEYS: tuple[_Key, ...] = (
     _Key("REPORT_PAPER", "report_paper", _choice("a4", "letter"), "a4"),
     _Key("REPORT_GRID", "report_grid", _choice("red", "grey"), "red"),
     _Key("LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"), "info"),
+    _Key("CLOCK_CHECK", "clock_check", _choice("ntp", "floor"), "ntp",
+         help="ntp: name records only after NTP sync; floor: trust a clock past 2024 (RTC)"),
 )
 _BY_ENV = {k.env: k for k in KEYS}
 
@@ -210,6 +212,7 @@ class Settings:
     report_paper: str
     report_grid: str
     log_level: str
+    clock_check: str
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def redacted(self) -> list[tuple[str, str, str]]:
