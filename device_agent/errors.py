@@ -64,3 +64,9 @@ class UsersFileError(AgentError, ValueError):
     """users.json is corrupt or half-written; it is never reset, a person must look."""
 
     exit_code = 1
+
+
+class PatientDetailsError(AgentError, ValueError):
+    """The patient block of a capture request is malformed; nothing was written."""
+
+    exit_code = 2
