@@ -66,7 +66,7 @@ def _imported_modules(args: list[str], cwd: Path) -> set[str]:
     return set(json.loads(proc.stderr.strip().splitlines()[-1]))
 
 
-@pytest.mark.parametrize("args", [["--help"], ["config"]])
+@pytest.mark.parametrize("args", [["--help"], ["config"], ["status"], ["status", "--json"]])
 def test_light_commands_import_no_heavy_library(tmp_path: Path, args: list[str]):
     modules = _imported_modules(["--env-file", str(tmp_path / "none"), *args], tmp_path)
     heavy = {m for m in modules if m.split(".")[0] in {"numpy", "boto3", "botocore",
