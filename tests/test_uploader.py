@@ -1,0 +1,330 @@
+"""Uploads against moto's real HTTP server: layout-exact keys, no duplicates, no overwrites."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import socket
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+from device_agent import keys
+from device_agent.config import load_settings
+from device_agent.errors import UploadError
+from device_agent.package import build_package
+from device_agent.uploader import (
+    ALREADY_DELIVERED,
+    COLLISION,
+    CREATED,
+    REPLACED,
+    Uploader,
+    classify_error,
+    make_client,
+    upload_package,
+)
+from tests.test_package import FAKES, make_record
+
+SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec"
+IST = timezone(timedelta(hours=5, minutes=30))
+PATIENT = {"first_name": "Zyxwa", "last_name": "Qwertzuiop", "age": "73", "gender": "M",
+           "patient_name": "Zyxwa Qwertzuiop", "doctor": "Dr. Synthetic"}
+ALLOWED_META = {"type", "uploaded_at", "filename", "sha256", "record-id", "device-serial"}
+
+
+def _settings(tmp_path, endpoint, **extra):
+    env = {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_S3_REGION": "us-east-1",
+           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "STATE_DIR": str(tmp_path), "S3_CONNECT_TIMEOUT_S": "2", "S3_READ_TIMEOUT_S": "5",
+           **extra}
+    return load_settings(env_file=None, environ={}, overrides=env)
+
+
+@pytest.fixture
+def settings(tmp_path, s3_endpoint, s3_bucket):
+    return _settings(tmp_path, s3_endpoint, AWS_S3_BUCKET=s3_bucket)
+
+
+@pytest.fixture
+def client(settings):
+    return make_client(settings)
+
+
+@pytest.fixture
+def uploader(client, s3_bucket):
+    return Uploader(client, bucket=s3_bucket)
+
+
+def _listed(client, bucket):
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _layout_package_keys(date_prefix: str, stamp: str) -> list[str]:
+    """Example 2 of the layout document (plus our manifest), date and stamp substituted."""
+    layout = (SPEC / "aws-s3-folder-structure.md").read_text(encoding="utf-8")
+    example = layout.split("### Example 2", 1)[1].split("###", 1)[0]
+    names = re.findall(r"[\w.]+_20260124_121815\.\w+", example)
+    assert len(names) == 3, names
+    fmt = (SPEC / "package-format.md").read_text(encoding="utf-8")
+    manifest = re.search(r"\{stamp\}/(manifest_\{stamp\}\.json)", fmt).group(1)
+    names.append(manifest.replace("{stamp}", "20260124_121815"))
+    return sorted(
+        f"ecg-reports/2026/01/24/20260124_121815/{n}"
+        .replace("2026/01/24", date_prefix).replace("20260124_121815", stamp)
+        for n in names
+    )
+
+
+@pytest.mark.functional
+def test_package_lands_with_exact_layout_and_clean_metadata(tmp_path, settings, client,
+                                                            uploader, s3_bucket):
+    when = datetime(2026, 11, 27, 9, 5, 3, tzinfo=IST)
+    info = build_package(make_record(when=when, record_id="rec-1"), PATIENT, tmp_path / "r",
+                         settings, **FAKES)
+    order = []
+    results = upload_package(uploader, info, on_delivered=lambda f, r: order.append(f.kind))
+    assert _listed(client, s3_bucket) == _layout_package_keys("2026/11/27", "20261127_090503")
+    assert {r.outcome for r in results} == {CREATED}
+    assert order[-1] == "manifest" and sorted(order[:3]) == sorted(f.kind for f in info.files)
+
+    for f in (*info.files, info.manifest):
+        head = client.head_object(Bucket=s3_bucket, Key=info.key(f), ChecksumMode="ENABLED")
+        meta = head["Metadata"]
+        assert set(meta) <= ALLOWED_META and meta["type"] == f.kind
+        assert meta["sha256"] == f.sha256 and meta["filename"] == f.name
+        assert meta["record-id"] == "rec-1" and meta["device-serial"] == "ECG-0042"
+        flat = " ".join(meta.values())
+        for identity in ("Zyxwa", "Qwertzuiop", "Synthetic"):
+            assert identity not in flat
+        assert "73" not in meta.values() and not {"age", "name", "patient"} & set(meta)
+        assert head["ServerSideEncryption"] == "AES256"
+        assert base64.b64decode(head["ChecksumSHA256"]).hex() == f.sha256
+
+
+@pytest.mark.functional
+def test_same_put_twice_is_already_delivered(uploader, client, s3_bucket):
+    key, body = "ecg-reports/2026/01/24/ECG_Report_20260124_121815.pdf", b"%PDF one"
+    meta = {"type": "ecg_report_pdf"}
+    first = uploader.put_new(key, body, sha256=_sha(body), metadata=meta,
+                             content_type="application/pdf")
+    again = uploader.put_new(key, body, sha256=_sha(body), metadata=meta,
+                             content_type="application/pdf")
+    assert (first.outcome, again.outcome) == (CREATED, ALREADY_DELIVERED)
+    assert again.key == key and again.etag == first.etag
+    assert _listed(client, s3_bucket) == [key]
+
+
+@pytest.mark.functional
+def test_lost_response_then_botocore_retry_ends_already_delivered(uploader, client, s3_bucket):
+    """The first PUT lands but its answer is dropped; botocore's retry gets a 412."""
+    lost = []
+
+    def drop_first_success(response, attempts, **kwargs):
+        if response is not None and attempts == 1 and response[0].status_code == 200:
+            lost.append(attempts)
+            return 0  # "retry now", as if the 200 never arrived
+        return None
+
+    client.meta.events.register("needs-retry.s3.PutObject", drop_first_success)
+    body = b'{"ecg": 1}'
+    key = "ecg-reports/2026/01/24/20260124_121815/ecg_data_20260124_121815.json"
+    result = uploader.put_new(key, body, sha256=_sha(body), metadata={},
+                              content_type="application/json")
+    assert lost == [1]
+    assert result.outcome == ALREADY_DELIVERED and result.key == key
+    assert _listed(client, s3_bucket) == [key]
+
+
+@pytest.mark.functional
+def test_different_file_at_same_key_is_kept_under_disambiguated_key(uploader, client,
+                                                                    s3_bucket, caplog):
+    key = "ecg-reports/2026/01/24/20260124_121815/ECG_Report_20260124_121815.pdf"
+    client.put_object(Bucket=s3_bucket, Key=key, Body=b"other device's report")
+    body = b"%PDF ours"
+    result = uploader.put_new(key, body, sha256=_sha(body), metadata={},
+                              content_type="application/pdf")
+    alt = keys.disambiguated_key(key, _sha(body))
+    assert result.outcome == COLLISION and result.requested_key == key and result.key == alt
+    assert "holds a different file" in caplog.text
+    assert client.get_object(Bucket=s3_bucket, Key=key)["Body"].read() == b"other device's report"
+    assert client.get_object(Bucket=s3_bucket, Key=alt)["Body"].read() == body
+    # a retry of the collided upload is stable: same alternative key, still two objects
+    again = uploader.put_new(key, body, sha256=_sha(body), metadata={},
+                             content_type="application/pdf")
+    assert (again.outcome, again.key) == (COLLISION, alt)
+    assert _listed(client, s3_bucket) == sorted([key, alt])
+
+
+@pytest.mark.functional
+def test_modified_report_replaces_only_with_matching_etag(uploader, client, s3_bucket):
+    key = "ecg-reports/2026/01/24/ECG_Report_20260124_121815.pdf"
+    v1, v2 = b"%PDF v1", b"%PDF v2 amended"
+    first = uploader.put_new(key, v1, sha256=_sha(v1), metadata={},
+                             content_type="application/pdf")
+    with pytest.raises(UploadError) as refused:
+        uploader.replace(key, v2, sha256=_sha(v2), metadata={}, content_type="application/pdf",
+                         if_match='"0123456789abcdef0123456789abcdef"')
+    assert not refused.value.retryable and refused.value.code == "PreconditionFailed"
+    assert key in str(refused.value) and s3_bucket in str(refused.value)
+    assert client.get_object(Bucket=s3_bucket, Key=key)["Body"].read() == v1
+    done = uploader.replace(key, v2, sha256=_sha(v2), metadata={},
+                            content_type="application/pdf", if_match=first.etag)
+    assert done.outcome == REPLACED and done.etag != first.etag
+    assert client.get_object(Bucket=s3_bucket, Key=key)["Body"].read() == v2
+
+
+@pytest.mark.functional
+def test_sse_kms_is_requested_with_the_key_id(client, s3_bucket):
+    kms = Uploader(client, bucket=s3_bucket, sse="aws:kms", kms_key_id="alias/ecg-test")
+    body = b"{}"
+    kms.put_new("ecg-reports/k.json", body, sha256=_sha(body), metadata={},
+                content_type="application/json")
+    head = client.head_object(Bucket=s3_bucket, Key="ecg-reports/k.json")
+    assert head["ServerSideEncryption"] == "aws:kms"
+    assert head["SSEKMSKeyId"].endswith("alias/ecg-test")
+
+
+@pytest.mark.functional
+def test_manifest_not_sent_when_a_data_file_fails(tmp_path, settings, client, uploader,
+                                                  s3_bucket):
+    info = build_package(make_record(record_id="rec-2"), PATIENT, tmp_path / "r", settings,
+                         **FAKES)
+    pdf = next(f for f in info.files if f.kind == "ecg_report_pdf")
+    pdf.path.write_bytes(b"%PDF tampered after packaging")
+    delivered = []
+    with pytest.raises(UploadError) as failed:
+        upload_package(uploader, info, on_delivered=lambda f, r: delivered.append(f.kind))
+    assert failed.value.code == "LocalFileChanged" and not failed.value.retryable
+    listed = _listed(client, s3_bucket)
+    assert not any("manifest_" in k for k in listed)
+    assert info.key(pdf) not in listed
+    assert sorted(delivered) == ["ecg_12lead_data", "patient_details"]
+
+
+@pytest.mark.functional
+def test_skip_sends_only_the_rest_and_manifest(tmp_path, settings, client, uploader, s3_bucket):
+    info = build_package(make_record(record_id="rec-3"), PATIENT, tmp_path / "r", settings,
+                         **FAKES)
+    done = {f.name for f in info.files if f.kind != "ecg_report_pdf"}
+    results = upload_package(uploader, info, skip=done)
+    assert [r.key.rsplit("/", 1)[1] for r in results] == [
+        f"ECG_Report_{info.stamp}.pdf", f"manifest_{info.stamp}.json"]
+
+
+# --- classify_error: one place decides retryable vs permanent ---------------------------------
+
+
+@pytest.mark.functional
+def test_missing_bucket_is_permanent_and_named(tmp_path, s3_endpoint, s3_env):
+    settings = _settings(tmp_path, s3_endpoint, AWS_S3_BUCKET="no-such-bucket-here")
+    up = Uploader.from_settings(settings)
+    with pytest.raises(UploadError) as err:
+        up.put_new("ecg-reports/x.json", b"{}", sha256=_sha(b"{}"), metadata={},
+                   content_type="application/json")
+    assert err.value.code == "NoSuchBucket" and not err.value.retryable
+    assert "s3://no-such-bucket-here/ecg-reports/x.json" in str(err.value)
+    assert "AWS_S3_BUCKET" in str(err.value)
+    with pytest.raises(UploadError) as err:
+        up.check_bucket()
+    assert err.value.code == "NoSuchBucket"
+
+
+@pytest.mark.functional
+def test_wrong_credentials_are_permanent(tmp_path, s3_endpoint, s3_bucket, monkeypatch):
+    import moto.settings
+
+    # make moto's server check credentials (it accepts any by default)
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    settings = _settings(tmp_path, s3_endpoint, AWS_S3_BUCKET=s3_bucket,
+                         AWS_ACCESS_KEY_ID="AKIAWRONGWRONGWRONG0",
+                         AWS_SECRET_ACCESS_KEY="not-the-secret-value")
+    up = Uploader.from_settings(settings)
+    with pytest.raises(UploadError) as err:
+        up.put_new("ecg-reports/x.json", b"{}", sha256=_sha(b"{}"), metadata={},
+                   content_type="application/json")
+    assert err.value.code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied")
+    assert not err.value.retryable
+    assert "not-the-secret-value" not in str(err.value)
+    assert s3_bucket in str(err.value)
+
+
+@pytest.mark.functional
+def test_connection_refused_is_retryable(tmp_path, s3_env):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again when the block ends: nobody listens
+    settings = _settings(tmp_path, f"http://127.0.0.1:{port}", AWS_S3_BUCKET="bkt",
+                         S3_MAX_ATTEMPTS="1")
+    up = Uploader.from_settings(settings)
+    with pytest.raises(UploadError) as err:
+        up.put_new("ecg-reports/x.json", b"{}", sha256=_sha(b"{}"), metadata={},
+                   content_type="application/json")
+    assert err.value.retryable and err.value.code == "ConnectionError"
+    assert "s3://bkt/ecg-reports/x.json" in str(err.value)
+
+
+def _client_error(code: str, status: int) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "m"},
+                        "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "retryable"),
+    [
+        ("SlowDown", 503, True),
+        ("ServiceUnavailable", 503, True),
+        ("InternalError", 500, True),
+        ("RequestTimeout", 400, True),
+        ("OperationAborted", 409, True),
+        ("SomethingNew", 502, True),
+        ("SomethingNew", 409, True),
+        ("TooManyRequests", 429, True),
+        ("AccessDenied", 403, False),
+        ("NoSuchBucket", 404, False),
+        ("InvalidAccessKeyId", 403, False),
+        ("SignatureDoesNotMatch", 403, False),
+        ("KMS.NotFoundException", 400, False),
+        ("SomethingNew", 400, False),
+    ],
+)
+def test_classify_client_errors(code, status, retryable):
+    err = classify_error(_client_error(code, status), bucket="b", key="ecg-reports/k")
+    assert err.retryable is retryable and err.code == code
+    assert "s3://b/ecg-reports/k" in str(err) and f"HTTP {status}" in str(err)
+
+
+def test_classify_transport_errors():
+    timeout = classify_error(ReadTimeoutError(endpoint_url="http://x"), bucket="b", key="k")
+    refused = classify_error(EndpointConnectionError(endpoint_url="http://x"), bucket="b",
+                             key="k")
+    assert timeout.retryable and timeout.code == "Timeout"
+    assert refused.retryable and refused.code == "ConnectionError"
+    assert not classify_error(ValueError("bug"), bucket="b", key="k").retryable
+
+
+def test_make_client_uses_standard_retries_and_timeouts(tmp_path):
+    settings = _settings(tmp_path, "http://127.0.0.1:9", S3_MAX_ATTEMPTS="7")
+    config = make_client(settings).meta.config
+    assert config.retries == {"mode": "standard", "total_max_attempts": 7}
+    assert config.connect_timeout == 2 and config.read_timeout == 5
+
+
+def test_boto3_is_not_imported_by_keys_or_package():
+    import subprocess
+    import sys
+
+    code = ("import sys, device_agent.keys, device_agent.package, device_agent.uploader;"
+            "print('boto3' in sys.modules, 'numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False", "False"]
+    assert boto3  # the tests themselves use it
