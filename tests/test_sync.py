@@ -152,7 +152,7 @@ def test_second_drainer_is_refused_or_waits(env):
     other = DrainLock(env.settings.state_dir)
     assert other.acquire()
     try:
-        with pytest.raises(OutboxBusy, match="outbox.lock"):
+        with pytest.raises(OutboxBusy, match=r"outbox\.lock"):
             env.loop.run_once(wait=False)
         releaser = threading.Timer(0.3, other.release)
         releaser.start()
