@@ -143,6 +143,8 @@ class FrameDecoder:
         self.garbage_bytes = 0
         self.bytes_fed = 0
         self.wraps_from_timing = 0
+        self.resyncs = 0  # runs of bytes that formed no frame (bad frames, junk)
+        self._in_junk = False
 
     def feed(self, data: bytes | bytearray | memoryview, arrival: float | None = None) -> Frames:
         """Decode every complete frame in tail + data; keep an incomplete end for next time."""
@@ -155,6 +157,7 @@ class FrameDecoder:
         if starts.size:
             settled = max(settled, int(starts[-1]) + FRAME_LEN)
         self.garbage_bytes += settled - FRAME_LEN * int(starts.size)
+        self._count_resyncs(starts, settled)
         self._tail = buf[settled:].copy()
         if starts.size == 0:
             return replace(Frames.empty(), arrival=arrival)
@@ -162,6 +165,18 @@ class FrameDecoder:
         position = self._place(counter.astype(np.int64), arrival)
         self.frames_decoded += int(starts.size)
         return Frames(position, counter, checksum, counts, flags, arrival)
+
+    def _count_resyncs(self, starts: np.ndarray, settled: int) -> None:
+        ends = starts + FRAME_LEN
+        gaps = starts - np.concatenate(([0], ends[:-1]))
+        final = settled - (int(ends[-1]) if starts.size else 0)
+        sizes = np.append(gaps, final)
+        runs = int(np.count_nonzero(sizes))
+        if self._in_junk and sizes[0] > 0:
+            runs -= 1  # the same run continues from the previous feed
+        self.resyncs += runs
+        if starts.size or settled:
+            self._in_junk = final > 0
 
     def _place(self, counter: np.ndarray, arrival: float | None) -> np.ndarray:
         prev = self._last_counter
