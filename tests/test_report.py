@@ -1,0 +1,316 @@
+"""The PDF report: true scale measured in rasterised pixels, page sizes, honesty, the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_qrs import wfdb_record
+
+from device_agent import report
+from device_agent.cli import main
+from device_agent.record import LEAD_ORDER, ElectrodeOff, Quality, Record
+
+DPI = 300
+PX_PER_MM = DPI / 25.4  # 11.81
+PATIENT = {"first_name": "Testa", "last_name": "Synthetica", "age": 59, "gender": "Female",
+           "doctor": "Dr Example", "Org.": "Test Clinic"}
+
+needs_poppler = pytest.mark.skipif(shutil.which("pdftoppm") is None,
+                                   reason="pdftoppm missing: apt-get install poppler-utils")
+
+
+def _raster(pdf: bytes, tmp_path, dpi: int = DPI) -> np.ndarray:
+    """Page 1 as an (h, w, 3) uint8 array, via pdftoppm's PPM output."""
+    src = tmp_path / "page.pdf"
+    src.write_bytes(pdf)
+    subprocess.run(["pdftoppm", "-r", str(dpi), "-singlefile", str(src), str(tmp_path / "p")],
+                   check=True, timeout=60)
+    data = (tmp_path / "p.ppm").read_bytes()
+    magic, width, height, maxval, pixels = data.split(maxsplit=4)
+    assert magic == b"P6" and maxval == b"255"
+    return np.frombuffer(pixels, np.uint8).reshape(int(height), int(width), 3)
+
+
+def _text(pdf: bytes, tmp_path) -> str:
+    src = tmp_path / "text.pdf"
+    src.write_bytes(pdf)
+    out = subprocess.run(["pdftotext", "-layout", str(src), "-"], check=True, timeout=60,
+                         capture_output=True)
+    return out.stdout.decode()
+
+
+def _px(mm: float) -> float:
+    return mm * PX_PER_MM
+
+
+def _line_centres(profile: np.ndarray, threshold: float) -> np.ndarray:
+    """Centres of runs of profile entries above threshold (one run per drawn line)."""
+    above = np.concatenate(([False], profile > threshold, [False]))
+    edges = np.flatnonzero(np.diff(above.astype(int)))
+    return np.array([(a + b - 1) / 2.0 for a, b in zip(edges[::2], edges[1::2], strict=True)])
+
+
+def _pitch_px(centres: np.ndarray) -> float:
+    """Least-squares line spacing: robust to the pixel rounding of each line."""
+    diffs = np.diff(centres)
+    median = np.median(diffs)
+    step = diffs[(diffs > 0.5 * median) & (diffs < 1.5 * median)].mean()  # not pixel-rounded
+    index = np.rint((centres - centres[0]) / step)
+    assert np.all(np.diff(index) >= 1), "two line runs map to the same grid line"
+    return float(np.polyfit(index, centres, 1)[0])
+
+
+def _grid_box(page: np.ndarray, paper: str = "a4") -> tuple[slice, slice]:
+    geo = report.layout(paper)
+    x0, y0, w, h = geo["grid_mm"]
+    height_px = page.shape[0]
+    rows = slice(int(height_px - _px(y0 + h)) + 3, int(height_px - _px(y0)) - 3)
+    cols = slice(int(_px(x0)) + 3, int(_px(x0 + w)) - 3)
+    return rows, cols
+
+
+def _flat_record(fs: int = 500, seconds: float = 10.0) -> Record:
+    n = int(fs * seconds)
+    return Record(datetime(2026, 11, 27, 8, 0, tzinfo=UTC), fs, np.zeros((12, n), np.int32),
+                  np.zeros((12, n), bool), record_id="flat-test")
+
+
+@pytest.fixture(scope="module")
+def hr06000():
+    from conftest import ECG_DATA
+
+    return wfdb_record(ECG_DATA / "HR06000")
+
+
+# --- vector output -------------------------------------------------------------------------
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.one_of(st.floats(-5000, 5000), st.just(float("nan"))), min_size=1,
+                max_size=60))
+def test_path_ops_round_trip_and_break_at_nan(values):
+    y = np.array(values)
+    x = np.arange(y.size) * 1.7
+    ops = report.path_ops(x, y)
+    rows = [line.split() for line in ops.splitlines()]
+    finite = np.isfinite(y)
+    assert len(rows) == finite.sum()
+    got = np.array([[float(a), float(b)] for a, b, _ in rows]).reshape(-1, 2)
+    assert np.allclose(got[:, 0] * report.UNIT, x[finite], atol=report.UNIT / 2 + 1e-9)
+    assert np.allclose(got[:, 1] * report.UNIT, y[finite], atol=report.UNIT / 2 + 1e-9)
+    # a new sub-path starts at the first point and after every NaN run
+    starts = finite & np.concatenate(([True], ~finite[:-1]))
+    assert [r[2] for r in rows] == ["m" if s else "l" for s in starts[finite]]
+
+
+def test_page_is_a4_or_letter_landscape(hr06000):
+    for paper, (w, h) in (("a4", (841.89, 595.28)), ("letter", (792.0, 612.0))):
+        pdf = report.render_pdf(hr06000, PATIENT, paper=paper)
+        box = re.search(rb"/MediaBox \[\s*0 0 ([\d.]+) ([\d.]+)\s*\]", pdf)
+        assert box, "no MediaBox"
+        assert float(box[1]) == pytest.approx(w, abs=0.01)
+        assert float(box[2]) == pytest.approx(h, abs=0.01)
+
+
+def test_page_is_compressed_and_small(hr06000):
+    pdf = report.render_pdf(hr06000, PATIENT)
+    assert pdf.startswith(b"%PDF-")
+    assert b"/FlateDecode" in pdf and b"ASCII85" not in pdf
+    assert len(pdf) < 120_000, len(pdf)
+
+
+def test_unknown_paper_or_grid_is_refused(hr06000):
+    with pytest.raises(ValueError, match="paper"):
+        report.render_pdf(hr06000, None, paper="a3")
+    with pytest.raises(ValueError, match="grid"):
+        report.render_pdf(hr06000, None, grid="blue")
+
+
+def test_lost_samples_break_the_trace(hr06000):
+    missing = hr06000.missing.copy()
+    missing[:, 1100:1200] = True  # inside column 0 (and the rhythm strip)
+    gappy = Record(hr06000.acquired_at, 500, np.where(missing, 0, hr06000.samples), missing)
+    geo = report.layout("a4")
+    ops_full, _ = report._trace_ops(hr06000, geo, 210.0)
+    ops_gap, _ = report._trace_ops(gappy, geo, 210.0)
+    moves = lambda ops: sum(1 for line in ops.splitlines() if line.endswith("m"))  # noqa: E731
+    assert moves(ops_full) == 13  # one sub-path per trace
+    # lead I, II, III in column 0 and the II rhythm strip each break once
+    assert moves(ops_gap) == 13 + 4
+
+
+# --- true scale in pixels ------------------------------------------------------------------
+
+
+@pytest.mark.functional
+@needs_poppler
+def test_rasterised_page_is_true_scale(hr06000, tmp_path):
+    pdf = report.render_pdf(hr06000, PATIENT)
+    page = _raster(pdf, tmp_path)
+    assert page.shape[0] == pytest.approx(210 / 25.4 * DPI, abs=1)  # pdftoppm rounds up
+    assert page.shape[1] == pytest.approx(297 / 25.4 * DPI, abs=1)
+    rows, cols = _grid_box(page)
+    box = page[rows, cols].astype(int)
+    r, g = box[..., 0], box[..., 1]
+    grid_any = (r > 180) & (r - g > 20)
+    grid_major = (r > 180) & (g < 130)
+    for axis, span_mm in ((0, 260), (1, 160)):  # vertical lines, then horizontal
+        mask_all, mask_major = grid_any, grid_major
+        profile_all = mask_all.mean(axis=axis)
+        profile_major = mask_major.mean(axis=axis)
+        minor = _line_centres(profile_all, 0.6)
+        major = _line_centres(profile_major, 0.6)
+        assert _pitch_px(minor) == pytest.approx(PX_PER_MM, abs=0.03)
+        assert _pitch_px(major) == pytest.approx(5 * PX_PER_MM, abs=0.1)
+        assert len(minor) >= span_mm - 2  # every mm line seen (edges may be cropped)
+        assert (major[-1] - major[0]) / PX_PER_MM == pytest.approx(
+            5 * round((major[-1] - major[0]) / PX_PER_MM / 5), abs=0.2)
+
+    # calibration pulse on the top row: 10 mm tall, 5 mm wide (line centre to line centre)
+    geo = report.layout("a4")
+    black = page.astype(int).sum(axis=2) < 200
+    height_px = page.shape[0]
+    base = geo["baselines_mm"][0]
+    top_px, base_px = height_px - _px(base + 10), height_px - _px(base)
+    band = slice(int(top_px - _px(5)), int(base_px + _px(5)))
+    cx = geo["cal_x0_mm"]
+    before = _line_centres(black[band, int(_px(cx - 0.5))], 0.5) + band.start
+    middle = _line_centres(black[band, int(_px(cx + 3.5))], 0.5) + band.start
+    assert len(before) == 1 and len(middle) == 1
+    assert (before[0] - middle[0]) / PX_PER_MM == pytest.approx(10.0, abs=0.1)
+    half_up = black[int((before[0] + middle[0]) / 2), int(_px(cx - 2)) : int(_px(cx + 7.5))]
+    edges = _line_centres(half_up, 0.5)
+    assert len(edges) == 2
+    assert (edges[1] - edges[0]) / PX_PER_MM == pytest.approx(5.0, abs=0.1)
+
+
+@pytest.mark.functional
+@needs_poppler
+def test_trace_is_25_mm_per_s_and_10_mm_per_mv(tmp_path):
+    record = _flat_record()
+    samples = record.samples.copy()
+    t = np.arange(5000) / 500
+    spikes = np.zeros(5000)
+    for second in range(10):  # 1 mV triangles, 40 ms wide, every second from 0.5 s
+        spikes += np.clip(1.0 - np.abs(t - second - 0.5) / 0.02, 0, None) * 1000
+    samples[LEAD_ORDER.index("II")] = np.rint(spikes).astype(np.int32)
+    record = Record(record.acquired_at, 500, samples, record.missing, record_id="spikes")
+    page = _raster(report.render_pdf(record, None, grid="grey"), tmp_path)
+    geo = report.layout("a4")
+    black = page.astype(int).sum(axis=2) < 200
+    height_px = page.shape[0]
+    base = geo["baselines_mm"][3]  # the rhythm strip
+    # the row 5 mm above the baseline is crossed only by the spikes
+    row = black[int(height_px - _px(base + 5))]
+    spike_x = _line_centres(row[int(_px(geo["trace_x0_mm"])) :], 0.5)
+    assert len(spike_x) == 2 * 10  # rising and falling edge of each spike
+    centres = (spike_x[::2] + spike_x[1::2]) / 2
+    assert np.median(np.diff(centres)) / PX_PER_MM == pytest.approx(25.0, abs=0.1)
+    assert centres[0] / PX_PER_MM == pytest.approx(0.5 * 25.0, abs=0.2)
+    column = black[:, int(_px(geo["trace_x0_mm"]) + centres[3])]
+    peak_row = np.flatnonzero(column[: int(height_px - _px(base))])
+    peak_row = peak_row[peak_row > height_px - _px(base + 15)].min()
+    baseline_row = height_px - _px(base)
+    # the apex is rounded by the 0.22 mm stroke: its top edge sits half a stroke above 10 mm
+    assert (baseline_row - peak_row) / PX_PER_MM == pytest.approx(10.0, abs=0.3)
+    # a grey grid has no coloured pixel at all
+    pixels = page.astype(int)
+    assert np.max(pixels.max(axis=2) - pixels.min(axis=2)) < 16
+
+
+# --- what the page says --------------------------------------------------------------------
+
+
+@pytest.mark.functional
+@needs_poppler
+def test_header_and_footer_say_what_was_measured(hr06000, tmp_path):
+    text = _text(report.render_pdf(hr06000, PATIENT), tmp_path)
+    assert "Testa Synthetica" in text and "Age 59" in text and "Sex Female" in text
+    assert "2026-11-27 09:30:00 UTC+01:00" in text
+    match = re.search(r"HR (\d+) bpm\s+RR (\d+) ms", text)
+    assert match and 65 <= int(match[1]) <= 72
+    assert "25 mm/s" in text and "10 mm/mV" in text and "500 Hz" in text
+    assert "Record test-HR06000" in text and "Quality: ok" in text
+    for lead in LEAD_ORDER:
+        assert re.search(rf"(^|\s){lead}(\s|$)", text, re.M), lead
+
+
+@pytest.mark.functional
+@needs_poppler
+def test_no_rate_prints_a_dash_and_the_reason_and_warnings(tmp_path):
+    record = _flat_record()
+    quality = Quality(frames_expected=5000, frames_received=4990, frames_lost=10,
+                      electrodes_off=(ElectrodeOff("V2", 0, 5000),), flat_leads=("V2",),
+                      mains_noise_uv=42.0, verdict="warning")
+    missing = record.missing.copy()
+    missing[:, 100:110] = True
+    record = Record(record.acquired_at, 500, record.samples, missing, quality=quality)
+    text = _text(report.render_pdf(record, None), tmp_path)
+    assert "HR -" in text and "RR -" in text and "bpm" not in text.split("RR -")[0][-30:]
+    assert "Heart rate not measured: lead II is flat" in text
+    assert "electrode off: V2" in text and "flat: V2" in text
+    assert "lost samples: 10" in text and "mains noise 42 uV" in text
+    assert "Quality: warning" in text
+
+
+def test_patient_line_tolerates_missing_keys():
+    assert report._patient_line(None).startswith("-")
+    assert report._patient_line({"patient_name": "P-17", "age": None}) == (
+        "P-17    Age -    Sex -")
+
+
+def test_missing_leads_are_labelled_not_invented(hr06000):
+    keep = [i for i, n in enumerate(LEAD_ORDER) if n not in ("V3", "II")]
+    partial = Record(hr06000.acquired_at, 500, hr06000.samples[keep], hr06000.missing[keep],
+                     lead_names=tuple(LEAD_ORDER[i] for i in keep))
+    _, labels = report._trace_ops(partial, report.layout("a4"), 210.0)
+    absent = {name for name, _, _, gone in labels if gone}
+    assert absent == {"V3", "II"}
+    assert report.render_pdf(partial, None).startswith(b"%PDF-")
+    assert report._qrs_result(partial, 50.0).reason == "lead II not recorded"
+
+
+# --- the CLI -------------------------------------------------------------------------------
+
+
+@pytest.mark.functional
+def test_cli_report_rerenders_from_stored_files(hr06000, tmp_path, capsys):
+    from device_agent import ecgdata
+
+    data = tmp_path / "ecg_data_20261127_093000.json"
+    data.write_bytes(ecgdata.dumps(hr06000))
+    details = tmp_path / "patient_details_20261127_093000.json"
+    details.write_text(json.dumps(PATIENT))
+    out = tmp_path / "out" / "report.pdf"
+    out.parent.mkdir()
+    argv = ["--env-file", str(tmp_path / "none.env"), "--debug", "--set", "REPORT_PAPER=letter",
+            "report", "--input", str(data), "--patient", str(details), "--out", str(out)]
+    assert main(argv) == 0
+    pdf = out.read_bytes()
+    assert pdf.startswith(b"%PDF-") and b"792 612" in pdf
+    assert [p.name for p in out.parent.iterdir()] == ["report.pdf"]  # no temp file left
+    captured = capsys.readouterr()  # main() logs to stderr through its own handler
+    assert str(out) in captured.out and "report for record" in captured.err
+    assert "Testa" not in captured.err + captured.out
+    assert "Synthetica" not in captured.err + captured.out
+
+
+@pytest.mark.functional
+def test_cli_report_names_the_bad_file(tmp_path, capsys):
+    bad = tmp_path / "ecg_data_bad.json"
+    bad.write_text("{not json")
+    out = tmp_path / "x.pdf"
+    argv = ["--env-file", str(tmp_path / "none.env"), "report", "--input", str(bad),
+            "--out", str(out)]
+    assert main(argv) == 1
+    assert str(bad) in capsys.readouterr().err and not out.exists()
+    assert main([*argv[:3], "--input", str(tmp_path / "absent.json"), "--out", str(out)]) == 1
+    assert "absent.json" in capsys.readouterr().err
