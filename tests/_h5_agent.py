@@ -1,0 +1,108 @@
+"""A capture-and-sync agent process for the crash campaign (run as a subprocess, then killed).
+
+`python tests/_h5_agent.py --state DIR --endpoint URL --bucket B --records N` captures
+records 0..N-1 (real PTB-XL recordings standing in for the board, one stamp per index)
+into STATE_DIR/records with build_package, syncing after each capture, then drains until
+the outbox is empty. It is safe to SIGKILL at any moment and to start again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from datetime import datetime, timedelta
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+ECG = REPO.parent / "shared" / "data" / "ecg"
+RECORDINGS = ("HR06000", "HR06001", "HR06002", "HR06003", "HR06004", "HR06005")
+BASE = datetime(2026, 11, 27, 9, 0, 0).astimezone()
+
+
+def settings_for(state: Path, endpoint: str, bucket: str, **extra: str):
+    from device_agent.config import load_settings
+
+    values = {
+        "STATE_DIR": str(state), "REPORTS_DIR": str(state / "reports"),
+        "USERS_FILE": str(state / "users.json"), "AWS_S3_BUCKET": bucket,
+        "AWS_S3_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "S3_CONNECT_TIMEOUT_S": "1", "S3_READ_TIMEOUT_S": "5", "S3_MAX_ATTEMPTS": "1",
+        "RETRY_MAX_BACKOFF_S": "1", "SYNC_INTERVAL_S": "0.1", "DEVICE_SERIAL": "SN-CRASH-01",
+        "CLOCK_CHECK": "floor",
+    }
+    values.update(extra)
+    return load_settings(env_file=None, environ={}, overrides=values)
+
+
+def make_record(index: int, serial: str):
+    """Record `index`: a real recording as the board would deliver it, stamped BASE + index s."""
+    import numpy as np
+
+    from device_agent import wfdb
+    from device_agent.record import LEAD_ORDER, DeviceInfo, Record
+
+    rec = wfdb.read_record(ECG / f"{RECORDINGS[index % len(RECORDINGS)]}.hea")
+    samples = np.vstack([np.rint(rec.lead(n)).astype(np.int32) for n in LEAD_ORDER])
+    return Record(acquired_at=BASE + timedelta(seconds=index), sampling_rate=500,
+                  samples=samples, missing=np.zeros(samples.shape, dtype=bool),
+                  device=DeviceInfo(serial=serial, model="ECG12-PI"))
+
+
+def captured_stamps(records: Path) -> set[str]:
+    return {p.name.split("_", 1)[1].removesuffix(".json")
+            for p in records.glob("*/manifest_*.json")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--state", type=Path, required=True)
+    parser.add_argument("--endpoint", required=True)
+    parser.add_argument("--bucket", required=True)
+    parser.add_argument("--records", type=int, required=True)
+    parser.add_argument("--pace", type=float, default=0.0,
+                        help="seconds a capture takes on the simulated board")
+    parser.add_argument("--serve", action="store_true",
+                        help="after the captures keep syncing like `run` until killed")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="agent %(levelname)s %(name)s: %(message)s")
+
+    from device_agent.outbox import Outbox
+    from device_agent.package import build_package, load_package
+    from device_agent.sync import SyncLoop, build_uploader
+
+    settings = settings_for(args.state, args.endpoint, args.bucket)
+    records = args.state / "records"
+    stop = threading.Event()
+    with Outbox.open(settings) as outbox:
+        loop = SyncLoop(settings, outbox=outbox, uploader=build_uploader(settings), stop=stop,
+                        backoff_base_s=0.2, load_package=load_package)
+        for index in range(args.records):
+            if (BASE + timedelta(seconds=index)).strftime("%Y%m%d_%H%M%S") in \
+                    captured_stamps(records):
+                continue
+            stop.wait(args.pace)  # the acquisition itself
+            info = build_package(make_record(index, settings.device_serial),
+                                 {"first_name": "Synthetic", "last_name": f"P{index}",
+                                  "age": 50, "gender": "F"}, records, settings)
+            outbox.add_package(info)
+            loop.run_once(wait=True)
+            stop.wait(args.pace)
+        while args.serve:
+            loop.run_once(wait=True)
+            stop.wait(settings.sync_interval_s)
+        for _ in range(200):
+            if loop.run_once(wait=True).pending == 0:
+                break
+            stop.wait(0.1)
+        left = outbox.stats().pending
+    print(f"done pending={left}", flush=True)
+    return 0 if left == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
