@@ -127,6 +127,12 @@ def cmd_capture(settings: Any, args: Any) -> int:
 
     patient = _read_patient(getattr(args, "patient", None))
     validate_patient(patient)  # refuse a bad patient file before occupying the board
+    if not getattr(args, "direct", False):
+        from device_agent.service import capture_via_service
+
+        handed = capture_via_service(settings, args, patient)  # None: no service runs
+        if handed is not None:
+            return handed
     out = args.out or settings.state_dir / "records"
     progress = _progress_bar if sys.stdout.isatty() else None
     record = capture_record(settings.serial_port, settings, seconds=settings.capture_seconds,

@@ -1,0 +1,307 @@
+"""The service: READY/WATCHDOG/STATUS on a real socket, status with it up/down/unplugged,
+captures handed over through the spool, and (functional) the whole thing end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from device_agent.config import load_settings
+from device_agent.notify import Notifier
+from device_agent.service import Service, capture_via_service
+from device_agent.spool import ServiceLock, Spool, running_pid
+from device_agent.status import collect_status
+from tests.conftest import wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class FakeLink:
+    connected: bool
+    last_byte_at: float | None = None
+    frames_decoded: int = 0
+    reconnects: int = 0
+    last_error: str | None = None
+
+
+class FakeReader:
+    def __init__(self, connected: bool) -> None:
+        self.state = FakeLink(connected, time.monotonic() if connected else None, 1234, 0,
+                              None if connected else "No such file or directory")
+        self.started = self.stopped = False
+
+    def start(self):
+        self.started = True
+        return self
+
+    def stop(self):
+        self.stopped = True
+
+
+class FakeSync:
+    def __init__(self) -> None:
+        self.passes = 0
+
+    def run_once(self, *, wait: bool = True):
+        self.passes += 1
+        return SimpleNamespace(summary=lambda: f"pass {self.passes}", errors=[])
+
+
+class FakeClock:
+    def state(self):
+        return SimpleNamespace(synced=True, reason="test")
+
+
+def _settings(tmp_path: Path, **env: str):
+    base = {"STATE_DIR": str(tmp_path / "state"), "ECG_SERIAL_PORT": str(tmp_path / "ttyX"),
+            "CLOUD_UPLOAD_ENABLED": "false", "SYNC_INTERVAL_S": "0.1", "DISK_RESERVE_MB": "0",
+            "ECG_CAPTURE_SECONDS": "1"}
+    base.update(env)
+    return load_settings(env_file=None, environ={}, overrides=base)
+
+
+class Harness:
+    """A Service on fakes, running on a thread, notifying a real datagram socket."""
+
+    def __init__(self, tmp_path: Path, *, connected: bool, capture=None) -> None:
+        self.settings = _settings(tmp_path)
+        self.sock_path = str(tmp_path / "notify.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.sock_path)
+        self.sock.setblocking(False)
+        self.messages: list[str] = []
+        self.stop = threading.Event()
+        self.reader = FakeReader(connected)
+        self.sync = FakeSync()
+        self.notifier = Notifier(self.sock_path, watchdog_s=0.05)
+        self.lock = ServiceLock(self.settings.state_dir).acquire()
+        self.service = Service(self.settings, reader=self.reader, sync_loop=self.sync,
+                               capture=capture or (lambda r: {"ok": True, "folder": "/f"}),
+                               notifier=self.notifier, stop=self.stop)
+        self.exit_code: int | None = None
+        self.thread = threading.Thread(target=self._run, name="service-under-test")
+
+    def _run(self) -> None:
+        self.exit_code = self.service.run()
+
+    def __enter__(self) -> Harness:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.lock.release()
+        self.notifier.close()
+        self.received()
+        self.sock.close()
+
+    def received(self) -> list[str]:
+        while self.sock.fileno() != -1:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except BlockingIOError:
+                break
+        return self.messages
+
+
+def test_ready_watchdog_status_in_order_and_stop_within_a_second(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr("device_agent.service.PUBLISH_EVERY_S", 0.1)
+    with Harness(tmp_path, connected=True) as h:
+        wait_until(lambda: sum(m == "WATCHDOG=1" for m in h.received()) >= 3, timeout=10,
+                   what="three watchdog pings")
+        h.reader.state.frames_decoded = 99999  # not in STATUS; the queue depth is
+        box = Path(h.settings.state_dir) / "spool"
+        assert box.is_dir()
+        t0 = time.monotonic()
+        h.stop.set()
+        h.thread.join(timeout=5)
+        stopped_in = time.monotonic() - t0
+    msgs = h.received()
+    assert msgs[0].startswith("READY=1\nSTATUS=board connected; queue 0 pending")
+    assert msgs[-1] == "STOPPING=1"
+    assert set(msgs[1:-1]) <= {"WATCHDOG=1"} | {m for m in msgs if m.startswith("STATUS=")}
+    assert stopped_in < 1.0, f"took {stopped_in:.2f}s to stop"
+    assert h.exit_code == 0 and h.reader.started and h.reader.stopped
+    assert h.sync.passes >= 1
+
+
+def test_status_update_follows_a_capture(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr("device_agent.service.PUBLISH_EVERY_S", 0.1)
+    result = {"ok": True, "folder": "/r/20261127_101010", "verdict": "ok",
+              "record_id": "rec-1", "queued": True}
+    with Harness(tmp_path, connected=True, capture=lambda r: result) as h:
+        wait_until(lambda: h.received(), what="READY")
+        spool = Spool(h.settings.state_dir)
+        req = spool.submit(seconds=1, patient=None, no_upload=False, timeout_s=10)
+        assert spool.wait(req, timeout_s=10) == result
+        wait_until(lambda: any("last capture" in m and " ok;" in m for m in h.received()),
+                   what="a STATUS line with the capture")
+        s = collect_status(h.settings, clock=FakeClock())
+    assert s["last_capture"]["record_id"] == "rec-1"
+    assert s["last_capture"]["verdict"] == "ok"
+
+
+def test_status_json_with_service_up(tmp_path: Path):
+    with Harness(tmp_path, connected=True) as h:
+        wait_until(lambda: h.received(), what="READY")
+        s = collect_status(h.settings, clock=FakeClock())
+        assert s["service"]["running"] and s["service"]["pid"] == os.getpid()
+        assert s["service"]["state"] == "running"
+        assert s["port"]["connected"] is True and s["port"]["frames_flowing"] is True
+        assert s["port"]["frames"] == 1234
+        json.dumps(s)  # valid JSON all the way down
+    s = collect_status(h.settings, clock=FakeClock())
+    assert s["service"]["running"] is False and s["service"]["state"] == "stopped"
+
+
+def test_port_unplugged_at_boot_ready_anyway_and_status_says_so(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr("device_agent.service.READY_GRACE_S", 0.3)
+    with Harness(tmp_path, connected=False,
+                 capture=lambda r: pytest.fail("captured without a board")) as h:
+        wait_until(lambda: h.received(), what="READY")
+        assert h.received()[0].startswith(
+            f"READY=1\nSTATUS=waiting for board on {h.settings.serial_port}")
+        s = collect_status(h.settings, clock=FakeClock())
+        assert s["service"]["running"] is True
+        assert s["port"]["present"] is False and s["port"]["connected"] is False
+        assert s["port"]["frames_flowing"] is False
+        assert "No such file" in s["port"]["error"]
+        assert h.thread.is_alive(), "an absent board must not stop the service"
+
+
+def test_capture_without_board_is_answered_clearly(tmp_path: Path):
+    from device_agent.service import PackageCapture
+    from device_agent.spool import Request
+
+    reader = FakeReader(False)
+    cap = PackageCapture(_settings(tmp_path), reader, outbox=None)
+    out = cap(Request(id="x", seconds=1, patient=None, no_upload=True, deadline=time.time() + 9))
+    assert out["ok"] is False and out["exit_code"] == 3
+    assert "not connected" in out["error"] and "USB cable" in out["error"]
+
+
+def test_capture_via_service_prints_folder_and_maps_errors(tmp_path: Path, capsys):
+    failing = {"ok": False, "exit_code": 3, "error": "the board is not connected on /dev/x"}
+    with Harness(tmp_path, connected=True, capture=lambda r: failing) as h:
+        wait_until(lambda: h.received(), what="READY")
+        args = SimpleNamespace(out=None, no_upload=True)
+        with pytest.raises(Exception, match="not connected") as info:
+            capture_via_service(h.settings, args, None)
+        assert info.value.exit_code == 3
+    assert capture_via_service(h.settings, SimpleNamespace(out=None), None) is None, \
+        "no service: the caller captures itself"
+
+
+def test_second_service_refused(tmp_path: Path):
+    settings = _settings(tmp_path)
+    with ServiceLock(settings.state_dir):
+        from device_agent.cli import main
+
+        env = tmp_path / ".env"
+        env.write_text(f"STATE_DIR={settings.state_dir}\nCLOUD_UPLOAD_ENABLED=false\n")
+        assert main(["--env-file", str(env), "run"]) == 4
+
+
+# --- end to end: the real service in a subprocess, a simulated board, moto's S3 ----------
+
+@pytest.mark.functional
+def test_capture_while_run_is_active_goes_through_the_service(
+        tmp_path: Path, ecg_data_dir: Path, s3_endpoint: str, s3_bucket: str):
+    import boto3
+
+    from device_agent.simulator import BoardSimulator
+
+    link = tmp_path / "ttyBOARD"
+    state = tmp_path / "state"
+    env_file = tmp_path / "agent.env"
+    env_file.write_text("\n".join([
+        f"STATE_DIR={state}", f"REPORTS_DIR={tmp_path / 'reports'}",
+        f"USERS_FILE={tmp_path / 'users.json'}", f"ECG_SERIAL_PORT={link}",
+        "ECG_COUNTS_PER_MV=400", "ECG_CAPTURE_SECONDS=2", "SYNC_INTERVAL_S=0.5",
+        f"AWS_S3_BUCKET={s3_bucket}", "AWS_S3_REGION=us-east-1",
+        f"AWS_ENDPOINT_URL_S3={s3_endpoint}", "S3_MAX_ATTEMPTS=2", "DISK_RESERVE_MB=0",
+        "CLOCK_CHECK=floor", "DEVICE_SERIAL=TEST-0001", "",
+    ]))
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(0.2)
+    messages: list[str] = []
+
+    def drain() -> list[str]:
+        while True:
+            try:
+                messages.append(sock.recv(4096).decode())
+            except (TimeoutError, BlockingIOError):
+                return messages
+
+    sim = BoardSimulator(ecg_data_dir / "HR06000", link, counts_per_mv=400, speed=1.0,
+                         loop=True)
+    sim.start()
+    env = {**os.environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "1000000"}
+    env.pop("WATCHDOG_PID", None)
+    cli = [sys.executable, "-m", "device_agent", "--env-file", str(env_file)]
+    service = subprocess.Popen([*cli, "run"], env=env, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: any(m.startswith("READY=1") for m in drain()), timeout=30,
+                   what="READY=1 from the service")
+        assert "board connected" in next(m for m in messages if m.startswith("READY=1"))
+        wait_until(lambda: drain().count("WATCHDOG=1") >= 2, timeout=10, what="watchdog pings")
+        assert running_pid(state) == service.pid
+
+        proc = subprocess.run([*cli, "capture"], env=os.environ, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert "handing the capture" in proc.stderr
+        folder = Path(proc.stdout.strip().splitlines()[-1])
+        assert folder.parent == state / "records" and folder.is_dir()
+        stamp = folder.name
+        assert (folder / f"ecg_data_{stamp}.json").is_file()
+
+        s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+
+        def delivered():
+            keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
+            return [k for k in keys if stamp in k]
+
+        keys = wait_until(lambda: len(delivered()) == 4 and delivered(), timeout=30,
+                          what="the package in the bucket")
+        assert any(k.endswith(f"ECG_Report_{stamp}.pdf") for k in keys)
+
+        status = subprocess.run([*cli, "status", "--json"], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=30)
+        doc = json.loads(status.stdout)
+        assert status.returncode == 0 and doc["service"]["state"] == "running"
+        assert doc["port"]["frames_flowing"] is True
+        assert doc["last_capture"]["folder"] == str(folder)
+        assert doc["outbox"]["pending"] == 0 and doc["outbox"]["delivered"] == 4
+        assert any("last capture" in m and "ok" in m for m in drain() if m.startswith("STATUS="))
+
+        t0 = time.monotonic()
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(timeout=10) == 0, service.stderr.read()
+        assert time.monotonic() - t0 < 2.0
+        assert drain()[-1] == "STOPPING=1"
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.wait(timeout=10)
+        for stream in (service.stdout, service.stderr):
+            stream.close()
+        sim.stop()
+        sock.close()
+    assert running_pid(state) is None
