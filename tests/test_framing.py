@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -21,7 +23,7 @@ def _stream(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def _decode(data: bytes, cuts: list[int] | None = None, **kw) -> tuple[Frames, FrameDecoder]:
     dec = FrameDecoder(**kw)
     bounds = [0, *sorted(set(c for c in (cuts or []) if 0 < c < len(data))), len(data)]
-    out = [dec.feed(data[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    out = [dec.feed(data[a:b]) for a, b in itertools.pairwise(bounds)]
     return Frames.concat(out), dec
 
 

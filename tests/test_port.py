@@ -16,7 +16,7 @@ from tests.conftest import wait_until
 
 def test_bad_path_fails_fast_with_a_clear_message(tmp_path):
     reader = SerialReader(str(tmp_path / "ttyUSB9"))
-    with pytest.raises(SerialLinkError, match="ttyUSB9.*check the board"):
+    with pytest.raises(SerialLinkError, match=r"ttyUSB9.*check the board"):
         reader.start(fail_fast=True)
 
 

@@ -8,7 +8,13 @@ import numpy as np
 
 from device_agent.config import load_settings
 from device_agent.record import (
-    ELECTRODES, LEAD_ORDER, VERDICT_OK, VERDICT_REJECTED, VERDICT_WARN, build_record, runs,
+    ELECTRODES,
+    LEAD_ORDER,
+    VERDICT_OK,
+    VERDICT_REJECTED,
+    VERDICT_WARN,
+    build_record,
+    runs,
 )
 
 AT = datetime(2026, 11, 27, 12, 0, 0, tzinfo=timezone(timedelta(hours=1)))
