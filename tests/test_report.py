@@ -94,11 +94,11 @@ def hr06000():
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.one_of(st.floats(-5000, 5000), st.just(float("nan"))), min_size=1,
+@given(st.lists(st.one_of(st.floats(0, 999.9), st.just(float("nan"))), min_size=1,
                 max_size=60))
 def test_path_ops_round_trip_and_break_at_nan(values):
     y = np.array(values)
-    x = np.arange(y.size) * 1.7
+    x = np.arange(y.size) * 16.7
     ops = report.path_ops(x, y)
     rows = [line.split() for line in ops.splitlines()]
     finite = np.isfinite(y)
@@ -109,6 +109,11 @@ def test_path_ops_round_trip_and_break_at_nan(values):
     # a new sub-path starts at the first point and after every NaN run
     starts = finite & np.concatenate(([True], ~finite[:-1]))
     assert [r[2] for r in rows] == ["m" if s else "l" for s in starts[finite]]
+
+
+def test_path_ops_clips_to_the_page_range():
+    ops = report.path_ops(np.array([-3.0, 2000.0]), np.array([5.0, -1.0]))
+    assert ops == "   0   50 m\n9999    0 l\n"
 
 
 def test_page_is_a4_or_letter_landscape(hr06000):
