@@ -170,6 +170,16 @@ def _resolve(command: str):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        return _run(parser, args)
+    finally:
+        # In-process callers (tests, the demo) get their logging back as it was.
+        root.handlers[:], root.level = saved[0], saved[1]
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     setup_logging("debug" if args.debug else "info")
     if not args.command:
         parser.print_help()
