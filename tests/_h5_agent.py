@@ -67,21 +67,27 @@ def main() -> int:
     parser.add_argument("--pace", type=float, default=0.0,
                         help="seconds a capture takes on the simulated board")
     parser.add_argument("--serve", action="store_true",
-                        help="after the captures keep syncing like `run` until killed")
+                        help="after the captures keep syncing like `run` until stopped")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="extra settings")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="agent %(levelname)s %(name)s: %(message)s")
 
     from device_agent.outbox import Outbox
     from device_agent.package import build_package, load_package
-    from device_agent.sync import SyncLoop, build_uploader
+    from device_agent.sync import SyncLoop, build_uploader, install_signal_handlers
 
-    settings = settings_for(args.state, args.endpoint, args.bucket)
+    extra = dict(item.split("=", 1) for item in args.overrides)
+    settings = settings_for(args.state, args.endpoint, args.bucket, **extra)
     records = args.state / "records"
     stop = threading.Event()
+    install_signal_handlers(stop)  # SIGTERM ends the --serve loop within a second
     with Outbox.open(settings) as outbox:
         loop = SyncLoop(settings, outbox=outbox, uploader=build_uploader(settings), stop=stop,
                         backoff_base_s=0.2, load_package=load_package)
         for index in range(args.records):
+            if stop.is_set():
+                break
             if (BASE + timedelta(seconds=index)).strftime("%Y%m%d_%H%M%S") in \
                     captured_stamps(records):
                 continue
@@ -92,10 +98,10 @@ def main() -> int:
             outbox.add_package(info)
             loop.run_once(wait=True)
             stop.wait(args.pace)
-        while args.serve:
+        while args.serve and not stop.is_set():
             loop.run_once(wait=True)
             stop.wait(settings.sync_interval_s)
-        for _ in range(200):
+        for _ in range(0 if stop.is_set() else 200):
             if loop.run_once(wait=True).pending == 0:
                 break
             stop.wait(0.1)

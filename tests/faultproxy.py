@@ -1,0 +1,186 @@
+"""A fault-injecting TCP proxy on 127.0.0.1 in front of an HTTP server (moto), for tests.
+
+Modes (switch with `set_mode`, which also drops every open connection so kept-alive ones
+see the new mode): "pass" relays bytes; "refuse" stops listening (connection refused);
+"slowdown" answers each request with 503 SlowDown; "reset" resets connections mid-request,
+or after relaying a request but before its answer (the answer is lost, the write happened).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import select
+import socket
+import struct
+import threading
+
+_SLOWDOWN = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s")
+_SLOWDOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                  b"<Message>Please reduce your request rate.</Message></Error>")
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0), as a middlebox or a dying link would."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+class FaultProxy:
+    """Proxy 127.0.0.1:port -> upstream; `with FaultProxy(...) as p:` joins every thread."""
+
+    def __init__(self, upstream_port: int, *, seed: int = 0) -> None:
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.mode = "pass"
+        self.rng = random.Random(seed)
+        self.counts = {"accepted": 0, "refused_periods": 0, "slowdowns": 0, "resets": 0,
+                       "lost_answers": 0}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._conns: set[socket.socket] = set()
+        self._threads: list[threading.Thread] = []
+        self._listener: socket.socket | None = None
+        self.port = self._listen(0)
+        self._acceptor = threading.Thread(target=self._accept_loop, name="faultproxy-accept")
+        self._acceptor.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _listen(self, port: int) -> int:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(64)
+        sock.settimeout(0.05)
+        self._listener = sock
+        return sock.getsockname()[1]
+
+    def set_mode(self, mode: str) -> None:
+        """Switch fault mode and drop open connections."""
+        assert mode in ("pass", "refuse", "slowdown", "reset")
+        with self._lock:
+            previous, self.mode = self.mode, mode
+            if mode == "refuse" and self._listener is not None:
+                self._listener.close()
+                self._listener = None
+                self.counts["refused_periods"] += 1
+            elif previous == "refuse" and mode != "refuse":
+                self._listen(self.port)
+            conns, self._conns = self._conns, set()
+        for conn in conns:
+            _reset(conn)
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            listener = self._listener
+            if listener is None:
+                self._stop.wait(0.05)
+                continue
+            try:
+                client, _ = listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.counts["accepted"] += 1
+            t = threading.Thread(target=self._serve, args=(client, self.mode),
+                                 name="faultproxy-conn", daemon=True)
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+            t.start()
+
+    def _serve(self, client: socket.socket, mode: str) -> None:
+        client.settimeout(5)
+        with self._lock:
+            self._conns.add(client)
+        try:
+            if mode == "slowdown":
+                self._read_head(client)
+                self.counts["slowdowns"] += 1
+                client.sendall(_SLOWDOWN % (len(_SLOWDOWN_BODY), _SLOWDOWN_BODY))
+                client.close()
+            elif mode == "reset":
+                self._reset_mid_request(client)
+            else:
+                self._relay(client)
+        except OSError:
+            _reset(client)
+        finally:
+            with self._lock:
+                self._conns.discard(client)
+
+    def _read_head(self, client: socket.socket) -> bytes:
+        data = b""
+        while b"\r\n\r\n" not in data and len(data) < 65536:
+            chunk = client.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    def _reset_mid_request(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(self.upstream, timeout=5)
+        try:
+            if self.rng.random() < 0.5:
+                # the headers and part of the body reach S3, then the link dies
+                self._relay(client, upstream=upstream, cut_body_at=512)
+            else:
+                # the whole request reaches S3 (the write happens); its answer is lost
+                self._relay(client, upstream=upstream, drop_answer=True)
+                self.counts["lost_answers"] += 1
+        finally:
+            self.counts["resets"] += 1
+            _reset(client)
+            _reset(upstream)
+
+    def _relay(self, client: socket.socket, *, upstream: socket.socket | None = None,
+               drop_answer: bool = False, cut_body_at: int | None = None) -> None:
+        upstream = upstream or socket.create_connection(self.upstream, timeout=5)
+        sent = b""
+        try:
+            while not self._stop.is_set():
+                ready, _, _ = select.select([client, upstream], [], [], 0.1)
+                for sock in ready:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    if sock is client:
+                        if cut_body_at is not None:
+                            sent += data
+                            head_end = sent.find(b"\r\n\r\n")
+                            if head_end >= 0 and len(sent) > head_end + 4 + cut_body_at:
+                                upstream.sendall(data[:len(data) - (len(sent) - head_end
+                                                                    - 4 - cut_body_at)])
+                                return  # mid-body: the rest never arrives
+                        upstream.sendall(data)
+                    elif (drop_answer or cut_body_at is not None) and \
+                            data.startswith(b"HTTP/1.1 100"):
+                        client.sendall(data)  # "100 Continue" lets the body follow
+                    elif drop_answer:
+                        return  # S3 answered: never let the client see it
+                    else:
+                        client.sendall(data)
+        finally:
+            upstream.close()
+            with contextlib.suppress(OSError):
+                client.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._acceptor.join(timeout=5)
+        with self._lock:
+            if self._listener is not None:
+                self._listener.close()
+            conns, self._conns = self._conns, set()
+        for conn in conns:
+            _reset(conn)
+        for t in self._threads:
+            t.join(timeout=5)
+
+    def __enter__(self) -> FaultProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
