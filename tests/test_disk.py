@@ -86,3 +86,59 @@ def test_real_enospc_on_tiny_tmpfs_is_recognised_and_nothing_lost(tiny_fs):
     assert not list(tiny_fs.glob(".*.tmp")), "a failed atomic write must leave no temp file"
     with pytest.raises(DiskSpaceError):
         ensure_free_space(SimpleNamespace(disk_reserve_mb=2), tiny_fs)
+
+
+@pytest.mark.functional
+def test_service_survives_a_full_disk_and_loses_nothing(tiny_fs, tmp_path):
+    import random
+    import threading
+
+    from device_agent.package import load_package
+    from device_agent.sync import SyncLoop
+    from tests.conftest import wait_until
+    from tests.test_sync import FakeUploader, _real_package
+
+    settings = _settings(tmp_path, state_dir=tiny_fs / "state",
+                         reports_dir=tiny_fs / "reports",
+                         users_file=tmp_path / "users.json", sync_interval_s=0.05,
+                         retry_max_backoff_s=1.0, clock_check="floor")
+    settings.reports_dir.mkdir(parents=True)
+    uploader = FakeUploader()
+    stop = threading.Event()
+    with Outbox.open(settings) as box:
+        loop = SyncLoop(settings, outbox=box, uploader=uploader, stop=stop,
+                        rng=random.Random(1), backoff_base_s=0.1, load_package=load_package)
+        pkg = _real_package(settings.state_dir / "records", "20260124_121815", 1)
+        pdf = settings.reports_dir / "ECG_Report_20260124_130000.pdf"
+        pdf.write_bytes(b"%PDF dropped by the legacy app")
+        os.utime(pdf, (time.time() - 60, time.time() - 60))
+        filler = tiny_fs / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:  # fill the disk to the last byte
+            for _ in range(100_000):
+                os.write(fd, b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        results = [loop.run_once() for _ in range(3)]
+        errors = [e for r in results for e in r.errors]
+        assert errors, "a pass on a full disk must report it"
+        assert any("disk full" in e and "nothing stored was lost" in e for e in errors), errors
+        assert all("\n" not in e for e in errors)
+        assert pkg.folder.exists() and pdf.exists()
+
+        runner = threading.Thread(target=loop.run, name="sync-run")
+        runner.start()
+        try:
+            time.sleep(0.3)  # a few passes on the full disk: the loop must keep going
+            assert runner.is_alive(), "the service must keep running on a full disk"
+            filler.unlink()
+            wait_until(lambda: box.stats().pending == 0 and box.stats().delivered == 5,
+                       timeout=15, what="delivery once space is back")
+        finally:
+            stop.set()
+            runner.join(timeout=5)
+        keys = sorted(uploader.objects)
+        assert len(keys) == 5 and not [k for k in keys if k.endswith("__dup")]
+        assert (settings.reports_dir / "upload_log.json").exists()

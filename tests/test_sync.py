@@ -214,3 +214,45 @@ def test_run_stops_within_a_second_even_with_an_upload_in_flight(env):
     wait_until(lambda: not [t for t in threading.enumerate()
                             if t.name.startswith("sync-upload")], what="workers to end")
     assert not env.outbox.delivered(), "an abandoned upload is not marked delivered"
+
+
+def test_signups_queued_once_stamp_kept_and_no_password(env):
+    users = env.settings.users_file
+    users.write_text(json.dumps({
+        "ptr": {"password": "hunter2", "full_name": "Synthetic One",
+                "registration_date": "2026-01-24 12:04:19"},
+        "Dívyansh": {"password": "s3cret", "full_name": "Synthetic Two"},
+    }))
+    result = env.loop.run_once()
+    assert result.signups_queued == 2 and result.delivered == 2
+    keys = sorted(env.uploader.objects)
+    assert keys[0] == "ecg-reports/2026/01/24/user_signup_ptr_20260124_120419.json"
+    stamped = [k for k in keys if "Divyansh" in k]
+    assert len(stamped) == 1
+    for body, _ in env.uploader.objects.values():
+        assert b"password" not in body and b"hunter2" not in body and b"s3cret" not in body
+    # the legacy app adds a user: only the new one is queued; the stamped one keeps its stamp
+    doc = json.loads(users.read_text())
+    doc["third"] = {"full_name": "Synthetic Three", "registration_date": "2026-02-01 08:00:00"}
+    users.write_text(json.dumps(doc))
+    assert env.loop.run_once().signups_queued == 1
+    assert env.loop.run_once().signups_queued == 0
+    assert len([k for k in env.uploader.objects if "Divyansh" in k]) == 1
+
+
+def test_corrupt_users_file_is_reported_skipped_and_never_reset(env, caplog):
+    _real_package(env.records, "20260124_121815", 1)
+    users = env.settings.users_file
+    half = b'[{"username": "ptr", "full_na'
+    users.write_bytes(half)
+    result = env.loop.run_once()
+    assert result.delivered == 4, "a bad users.json must not stop deliveries"
+    assert len(result.errors) == 1 and str(users) in result.errors[0]
+    assert "\n" not in result.errors[0]
+    assert users.read_bytes() == half, "users.json must never be reset"
+    env.loop.run_once()
+    assert sum("users file" in r.message for r in caplog.records) == 1, "reported once"
+    users.write_text(json.dumps([{"username": "ptr", "registration_date":
+                                  "2026-01-24 12:04:19"}]))
+    result = env.loop.run_once()
+    assert result.errors == [] and result.signups_queued == 1 and result.delivered == 1
