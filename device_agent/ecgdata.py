@@ -33,7 +33,7 @@ import json
 import logging
 import math
 from datetime import datetime
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 import numpy as np
@@ -52,68 +52,96 @@ log = logging.getLogger(__name__)
 
 UNITS = "uV"
 _TABLE_LO, _TABLE_HI = -32768, 32767  # int16: every value the board can produce
-_NULL = _TABLE_HI - _TABLE_LO + 1  # table index of the `null,` entry
-_TABLE_WIDTH = 7  # len("-32768,")
+_NULL = _TABLE_HI - _TABLE_LO + 1  # table index of the `null` entry
+_LAST = _NULL + 1  # offset of the second half of the table: entries ending a lead with `]`
+_WORD = 8  # bytes per table entry: len("-32768,") fits, so one entry is one uint64
+_NUL = b"\0"
 
 
-def _compact(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_compact = _COMPACT.encode
 
 
 @cache
-def _table(width: int) -> np.ndarray:
-    """Pre-formatted `"<value>,"` for every int16 value, then `"null,"`, as S{width}.
+def _table() -> np.ndarray:
+    """uint64 words holding `"<v>,"` for every int16 v, `"null,"`, then the same ending `]`.
 
-    Entries longer than `width` are truncated; callers pick a width that fits every
-    value they index.
+    Text is NUL-padded to 8 bytes; JSON text never holds a raw NUL, so removing every NUL
+    byte from a stream of these words (one C pass: bytes.translate) leaves compact JSON.
     """
-    values = np.arange(_TABLE_LO, _TABLE_HI + 1, dtype=np.int32).astype(f"S{_TABLE_WIDTH}")
-    full = np.append(np.char.add(values, b","), np.array([b"null,"], dtype=f"S{_TABLE_WIDTH}"))
-    return full.astype(f"S{width}")
+    text = np.append(np.arange(_TABLE_LO, _TABLE_HI + 1).astype("S6"), np.array([b"null"]))
+    table = np.concatenate([np.char.add(text, b","), np.char.add(text, b"]")])
+    return table.astype(f"S{_WORD}").view(np.uint64)
 
 
-def _text_width(value: int) -> int:
-    return len(str(value))
-
-
-def _encode_leads(samples: np.ndarray, missing: np.ndarray) -> tuple[memoryview, np.ndarray]:
-    """All leads as `v,v,...,` in one buffer, and each lead's byte length (commas included)."""
-    n_leads, n = samples.shape
-    if samples.size == 0:
-        return memoryview(b""), np.zeros(n_leads, dtype=np.int64)
-    any_missing = bool(missing.any())
-    lo, hi = int(samples.min()), int(samples.max())
-    if lo >= _TABLE_LO and hi <= _TABLE_HI:
-        width = max(_text_width(lo), _text_width(hi), 4 if any_missing else 1) + 1
-        # In range, so the offset cannot overflow even in int16/int32.
-        index = samples - np.asarray(_TABLE_LO, dtype=samples.dtype)
-        if samples.dtype.itemsize < 4:
-            index = samples.astype(np.int32) - _TABLE_LO
-        if any_missing:
-            index[missing] = _NULL
-        gathered = _table(width)[index]
-    else:
-        gathered, width = _encode_wide(samples, missing, any_missing)
-    raw = gathered.view(np.uint8).reshape(n_leads, n * width)
-    keep = raw != 0  # pad bytes of the fixed-width entries
-    lengths = keep.sum(axis=1)
-    return memoryview(raw[keep]), lengths
-
-
-def _encode_wide(
-    samples: np.ndarray, missing: np.ndarray, any_missing: bool
-) -> tuple[np.ndarray, int]:
-    """The slower path for records holding values outside int16: those formatted apart."""
+def _wide_words(samples: np.ndarray, missing: np.ndarray) -> np.ndarray:
+    """The slower path for values outside int16 (not from the board, but legal): 3 words each."""
     outside = (samples < _TABLE_LO) | (samples > _TABLE_HI)
     outside &= ~missing
-    texts = samples[outside].astype("S21")  # int64's longest is 20 characters
-    width = max(_TABLE_WIDTH, int(np.char.str_len(texts).max(initial=0)) + 1)
-    index = np.clip(samples, _TABLE_LO, _TABLE_HI).astype(np.int64) - _TABLE_LO
-    if any_missing:
-        index[missing] = _NULL
-    gathered = _table(_TABLE_WIDTH)[index].astype(f"S{width}")
-    gathered[outside] = np.char.add(texts, b",")
-    return gathered, width
+    index = np.clip(samples, _TABLE_LO, _TABLE_HI).astype(np.intp) - _TABLE_LO
+    index[missing] = _NULL
+    index[:, -1] += _LAST
+    text = np.take(_table(), index).view(f"S{_WORD}").astype("S24")
+    ends = np.full(samples.shape, b",", dtype="S1")
+    ends[:, -1] = b"]"
+    text[outside] = np.char.add(samples[outside].astype("S21"), ends[outside])
+    return text.view(np.uint64).reshape(samples.shape[0], -1)
+
+
+def _words(nbytes: int) -> int:
+    return -(-nbytes // _WORD)
+
+
+@lru_cache(maxsize=8)
+def _layout(names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The table extended with each lead's opening words (`{"I":[`, `,"II":[`, ...).
+
+    Returns the extended table and the (n_leads, k) indices of those words in it, so one
+    `take` writes keys and values of every lead in a single pass.
+    """
+    keys = [(("{" if i == 0 else ",") + _compact(n) + ":[").encode() for i, n in enumerate(names)]
+    k = max(_words(len(key)) for key in keys)
+    opening = np.zeros((len(keys), k * _WORD), dtype=np.uint8)
+    for row, key in enumerate(keys):
+        opening[row, : len(key)] = np.frombuffer(key, dtype=np.uint8)
+    base = _table()
+    table = np.concatenate((base, opening.view(np.uint64).ravel()))
+    return table, len(base) + np.arange(len(keys) * k).reshape(len(keys), k)
+
+
+def _document(
+    head: bytes, names: tuple[str, ...], samples: np.ndarray, missing: np.ndarray, tail: bytes
+) -> bytes:
+    """head + the `leads` object + tail, built as one stream of NUL-padded words, NULs removed."""
+    n_leads, n = samples.shape
+    if n_leads == 0 or n == 0:
+        keys = [(("," if i else "{") + _compact(x) + ":[]") for i, x in enumerate(names)]
+        return b"".join((head, ("".join(keys) + "}" if keys else "{}").encode(), tail))
+    table, key_index = _layout(names)
+    k = key_index.shape[1]
+    wide = None
+    if int(samples.min()) >= _TABLE_LO and int(samples.max()) <= _TABLE_HI:
+        index = np.empty((n_leads, k + n), dtype=np.intp)
+        index[:, :k] = key_index
+        np.subtract(samples, _TABLE_LO, out=index[:, k:], dtype=np.intp)
+        if missing.any():
+            index[:, k:][missing] = _NULL
+        index[:, -1] += _LAST
+    else:
+        wide = np.concatenate((table[key_index], _wide_words(samples, missing)), axis=1)
+    row = k + n if wide is None else wide.shape[1]
+    first = _words(len(head))
+    size = first + n_leads * row + 1
+    buf = bytearray(_WORD * size + len(tail))
+    buf[: len(head)] = head
+    body = np.frombuffer(buf, dtype=np.uint64, count=size)[first:-1].reshape(n_leads, row)
+    if wide is None:
+        table.take(index, out=body, mode="clip")
+    else:
+        body[...] = wide
+    buf[_WORD * (size - 1)] = ord("}")
+    buf[_WORD * size :] = tail
+    return bytes(buf.translate(None, _NUL))
 
 
 def _finite(value: float | None) -> float | None:
@@ -229,18 +257,13 @@ def dumps(record: Record) -> bytes:
             "measurements": _jsonable(record.measurements),
         }
     )
-    body, lengths = _encode_leads(record.samples, np.asarray(record.missing, dtype=bool))
-    parts: list[bytes | memoryview] = [head[:-1].encode(), b',"leads":{']
-    start = 0
-    for i, name in enumerate(record.lead_names):
-        end = start + int(lengths[i])
-        key = _compact(name).encode()
-        parts.append(key + b":[" if i == 0 else b"]," + key + b":[")
-        parts.append(body[start : max(start, end - 1)])  # drop the lead's last comma
-        start = end
-    parts.append(b"]}," if record.lead_names else b"},")
-    parts.append(tail[1:].encode())
-    return b"".join(parts)
+    return _document(
+        (head[:-1] + ',"leads":').encode(),
+        tuple(record.lead_names),
+        record.samples,
+        np.asarray(record.missing, dtype=bool),
+        ("," + tail[1:]).encode(),
+    )
 
 
 # --- loads -------------------------------------------------------------------------------
