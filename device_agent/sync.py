@@ -97,12 +97,22 @@ def build_uploader(settings: Any) -> Any:
     return Uploader.from_settings(settings)
 
 
-def install_signal_handlers(stop: threading.Event) -> None:
-    """SIGTERM/SIGINT/SIGHUP only set `stop` (call from the main thread of the CLI/service)."""
+def install_signal_handlers(stop: threading.Event) -> dict[int, Any]:
+    """SIGTERM/SIGINT/SIGHUP only set `stop`; returns the previous handlers to restore."""
     def handler(signum: int, frame: Any) -> None:
         stop.set()
 
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is not threading.main_thread():
+        return previous  # signals can only be handled on the main thread
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def restore_signal_handlers(previous: dict[int, Any]) -> None:
+    """Put back what install_signal_handlers replaced."""
+    for sig, handler in previous.items():
         signal.signal(sig, handler)
 
 
@@ -433,11 +443,14 @@ def cmd_sync(settings: Any, args: Any) -> int:
     from device_agent.cli import echo
 
     stop = threading.Event()
-    install_signal_handlers(stop)
     uploader = build_uploader(settings) if settings.cloud_upload_enabled else None
-    with Outbox.open(settings) as outbox:
-        loop = SyncLoop(settings, outbox=outbox, uploader=uploader, stop=stop)
-        result = loop.run_once(wait=bool(getattr(args, "wait", False)))
+    previous = install_signal_handlers(stop)
+    try:
+        with Outbox.open(settings) as outbox:
+            loop = SyncLoop(settings, outbox=outbox, uploader=uploader, stop=stop)
+            result = loop.run_once(wait=bool(getattr(args, "wait", False)))
+    finally:
+        restore_signal_handlers(previous)
     echo(f"sync: {result.summary()}")
     for message in result.errors:
         echo(f"  {message}", err=True)

@@ -122,7 +122,9 @@ def test_crash_campaign_bounded(tmp_path, s3_endpoint, s3_bucket, capsys):
 
 @pytest.mark.slow
 @pytest.mark.functional
-def test_crash_campaign_full(tmp_path, s3_endpoint, s3_bucket, capsys):
+def test_crash_campaign_full(tmp_path, s3_endpoint, s3_bucket, capsys, request):
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("the full campaign (~70 s) runs with -m slow")
     numbers = _run(tmp_path, s3_endpoint, s3_bucket, kills=120, records=60, seed=11,
                    pace=0.1, capsys=capsys)
     assert numbers["kills"] == 120

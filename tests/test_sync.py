@@ -256,3 +256,30 @@ def test_corrupt_users_file_is_reported_skipped_and_never_reset(env, caplog):
                                   "2026-01-24 12:04:19"}]))
     result = env.loop.run_once()
     assert result.errors == [] and result.signups_queued == 1 and result.delivered == 1
+
+
+@pytest.mark.functional
+def test_cli_sync_once_against_moto_and_busy_exit_code(tmp_path, s3_endpoint, s3_bucket,
+                                                       capsys):
+    from device_agent.cli import main
+
+    state = tmp_path / "state"
+    _real_package(state / "records", "20260124_121815", 1)
+    flags = ["--env-file", str(tmp_path / "none.env")]
+    for key, value in {"STATE_DIR": state, "REPORTS_DIR": tmp_path / "reports",
+                       "USERS_FILE": tmp_path / "users.json", "AWS_S3_BUCKET": s3_bucket,
+                       "AWS_ENDPOINT_URL_S3": s3_endpoint, "AWS_S3_REGION": "us-east-1",
+                       "CLOCK_CHECK": "floor"}.items():
+        flags += ["--set", f"{key}={value}"]
+    assert main([*flags, "sync", "--once"]) == 0
+    assert "delivered 4" in capsys.readouterr().out
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    assert client.list_objects_v2(Bucket=s3_bucket)["KeyCount"] == 4
+    lock = DrainLock(state)
+    assert lock.acquire()
+    try:
+        assert main([*flags, "sync", "--once"]) == 4
+    finally:
+        lock.release()
