@@ -110,14 +110,24 @@ def _read_patient(path: Path | None) -> dict | None:
         ) from exc
 
 
-def _progress_bar(done: int, total: int) -> None:
-    width = 30
-    filled = width * done // max(total, 1)
-    sys.stderr.write(f"\rcapturing [{'#' * filled}{'.' * (width - filled)}] "
-                     f"{100 * done // max(total, 1):3d}%")
-    if done >= total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+class ProgressBar:
+    """Capture progress on stderr, redrawn only when the percentage changes."""
+
+    def __init__(self, width: int = 30) -> None:
+        self.width = width
+        self._last = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        percent = 100 * done // max(total, 1)
+        if percent == self._last:
+            return
+        self._last = percent
+        filled = self.width * done // max(total, 1)
+        sys.stderr.write(f"\rcapturing [{'#' * filled}{'.' * (self.width - filled)}] "
+                         f"{percent:3d}%")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
 
 
 def cmd_capture(settings: Any, args: Any) -> int:
@@ -134,7 +144,7 @@ def cmd_capture(settings: Any, args: Any) -> int:
         if handed is not None:
             return handed
     out = args.out or settings.state_dir / "records"
-    progress = _progress_bar if sys.stdout.isatty() else None
+    progress = ProgressBar() if sys.stdout.isatty() else None
     record = capture_record(settings.serial_port, settings, seconds=settings.capture_seconds,
                             progress=progress)
     info = build_package(record, patient, Path(out), settings)
