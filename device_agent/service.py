@@ -95,7 +95,7 @@ class Service:
         return (f"{board}; queue {outbox['pending']} pending/{outbox['failed']} failed; "
                 f"last capture {last_cap}; last upload {outbox['last_upload_at'] or 'never'}")
 
-    def publish(self, *, ready: bool = False) -> None:
+    def publish(self, *, ready: bool = False, notify: bool = True) -> None:
         """Rewrite status.json and send STATUS= (only when it changed), or READY=1 with it."""
         port = self.port_state()
         outbox = outbox_summary(self.state_dir)
@@ -109,7 +109,7 @@ class Service:
             log.warning("cannot write %s/status.json: %s", self.state_dir, exc)
         if ready:
             self.notifier.ready(line)
-        else:
+        elif notify:
             self.notifier.status(line)
 
     # --- threads -----------------------------------------------------------------------------
@@ -230,7 +230,7 @@ class Service:
                                 thread.name)
         self.phase = "stopped"
         with contextlib.suppress(Exception):
-            self.publish()
+            self.publish(notify=False)  # nothing may follow STOPPING=1
 
 
 def install_stop_handlers(stop: threading.Event) -> dict[int, Any]:
