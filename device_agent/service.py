@@ -252,6 +252,7 @@ class PackageCapture:
 
     def __call__(self, request: Request) -> dict[str, Any]:
         from device_agent.capture import capture_record
+        from device_agent.disk import ensure_free_space
         from device_agent.package import build_package, validate_patient
         from device_agent.record import VERDICT_REJECTED
 
@@ -261,11 +262,12 @@ class PackageCapture:
                     "error": f"the board is not connected on {self.settings.serial_port} "
                              f"({self.reader.state.last_error or 'absent'}): check its USB "
                              "cable and power, then capture again"}
+        records_root = Path(self.settings.state_dir) / "records"
+        ensure_free_space(self.settings, Path(self.settings.state_dir))
         seconds = request.seconds or self.settings.capture_seconds
         kwargs = {} if self.clock is None else {"clock": self.clock.now}
         record = capture_record(self.reader, self.settings, seconds=seconds, **kwargs)
-        info = build_package(record, request.patient,
-                             Path(self.settings.state_dir) / "records", self.settings)
+        info = build_package(record, request.patient, records_root, self.settings)
         quality = record.quality
         result = {"folder": str(info.folder), "record_id": record.record_id,
                   "verdict": quality.verdict, "warnings": list(quality.reasons),

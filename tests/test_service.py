@@ -193,6 +193,18 @@ def test_capture_without_board_is_answered_clearly(tmp_path: Path):
     assert "not connected" in out["error"] and "USB cable" in out["error"]
 
 
+def test_capture_refused_under_the_disk_reserve(tmp_path: Path):
+    from device_agent.errors import DiskSpaceError
+    from device_agent.service import PackageCapture
+    from device_agent.spool import Request
+
+    cap = PackageCapture(_settings(tmp_path, DISK_RESERVE_MB="999999"), FakeReader(True),
+                         outbox=None)
+    with pytest.raises(DiskSpaceError, match="DISK_RESERVE_MB"):
+        cap(Request(id="x", seconds=1, patient=None, no_upload=True,
+                    deadline=time.time() + 9))
+
+
 def test_capture_via_service_prints_folder_and_maps_errors(tmp_path: Path, capsys):
     failing = {"ok": False, "exit_code": 3, "error": "the board is not connected on /dev/x"}
     with Harness(tmp_path, connected=True, capture=lambda r: failing) as h:
