@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -130,10 +131,137 @@ class ProgressBar:
         sys.stderr.flush()
 
 
+@dataclass(frozen=True)
+class CaptureOutcome:
+    """What became of one capture: a package (maybe queued), or a record held for the clock."""
+
+    record: Record
+    info: Any | None = None  # package.PackageInfo; None while held
+    held: Path | None = None
+    queued: bool = False
+
+    @property
+    def folder(self) -> Path:
+        return self.info.folder if self.info is not None else self.held
+
+    @property
+    def rejected(self) -> bool:
+        return self.record.quality.verdict == VERDICT_REJECTED
+
+
+def capture_package(
+    source: SerialReader | str,
+    settings: Any,
+    patient: dict | None,
+    *,
+    out_root: Path | None = None,
+    outbox: Any | None = None,
+    clock: Any | None = None,
+    seconds: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    no_upload: bool = False,
+) -> CaptureOutcome:
+    """Capture, then package and queue; with an unsynchronised clock, hold the record instead.
+
+    The CLI and the service both come through here, so disk reserve, clock and rejection
+    rules are the same whoever asked for the capture.
+    """
+    from device_agent.clock import HoldTicket, clock_from_settings
+    from device_agent.disk import ensure_free_space
+    from device_agent.package import build_package
+
+    out_root = Path(out_root or Path(settings.state_dir) / "records")
+    clock = clock or clock_from_settings(settings)
+    ensure_free_space(settings, Path(settings.state_dir))
+    ticket = None if clock.synced() else HoldTicket.now(clock)
+    record = capture_record(source, settings, seconds=seconds, clock=clock.now,
+                            progress=progress)
+    if ticket is not None:
+        held = hold_record(settings, record, patient, ticket, out_root=out_root,
+                           no_upload=no_upload)
+        return CaptureOutcome(record, held=held)
+    info = build_package(record, patient, out_root, settings)
+    queued = False
+    if record.quality.verdict != VERDICT_REJECTED and not no_upload and outbox is not None:
+        outbox.add_package(info)
+        queued = True
+    return CaptureOutcome(record, info=info, queued=queued)
+
+
+HELD_WARNING = ("the clock is not synchronised, so the record cannot be named yet; it is held "
+                "and will be packaged and queued once the clock is known (device-agent status "
+                "shows the clock)")
+
+
+def rejection_message(settings: Any, outcome: CaptureOutcome) -> str:
+    """One line for a rejected capture: why, where its files are kept, what to do."""
+    return (f"capture from {settings.serial_port} rejected: "
+            f"{'; '.join(outcome.record.quality.reasons)}. Files kept in {outcome.folder} "
+            "(marked rejected, not queued); check the cable and capture again")
+
+
+def held_dir(settings: Any) -> Path:
+    """Where records captured before the clock was synchronised wait for their names."""
+    return Path(settings.state_dir) / "held"
+
+
+def hold_record(settings: Any, record: Record, patient: dict | None, ticket: Any, *,
+                out_root: Path, no_upload: bool) -> Path:
+    """Park a record (JSON, patient block, request) until the clock can name it."""
+    from device_agent.clock import hold
+    from device_agent.ecgdata import dumps
+
+    request = {"out_root": str(out_root), "no_upload": no_upload}
+    return hold(held_dir(settings), {
+        "ecg_data.json": dumps(record),
+        "patient.json": json.dumps(patient).encode("utf-8"),
+        "request.json": json.dumps(request).encode("utf-8"),
+    }, ticket)
+
+
+def release_held(settings: Any, *, outbox: Any, clock: Any) -> list[Any]:
+    """Name, package and queue held records once the clock is known; returns the packages.
+
+    Idempotent across crashes: build_package reuses the folder of the same record id and
+    add_package ignores a package it already has; the held copy goes only after both.
+    Records held in an earlier boot can never be dated from the monotonic clock: they move to
+    STATE_DIR/undated/ for a person to decide, and are never named from a guess.
+    """
+    import dataclasses
+    import shutil
+
+    from device_agent.clock import ready
+    from device_agent.ecgdata import loads
+    from device_agent.package import build_package
+
+    stampable, orphaned = ready(held_dir(settings), clock)
+    for folder in orphaned:
+        undated = Path(settings.state_dir) / "undated" / folder.name
+        undated.parent.mkdir(parents=True, exist_ok=True)
+        folder.rename(undated)
+        log.error("held capture %s was taken before a reboot with the clock unsynchronised; "
+                  "its time cannot be known. Moved to %s: name it by hand or discard it",
+                  folder.name, undated)
+    released = []
+    for folder, when in stampable:
+        record = loads((folder / "ecg_data.json").read_bytes(), source=str(folder))
+        record = dataclasses.replace(record, acquired_at=when.astimezone())
+        patient = json.loads((folder / "patient.json").read_bytes())
+        request = json.loads((folder / "request.json").read_bytes())
+        info = build_package(record, patient, Path(request["out_root"]), settings)
+        if record.quality.verdict != VERDICT_REJECTED and not request["no_upload"]:
+            outbox.add_package(info)
+        shutil.rmtree(folder)
+        log.info("held capture named %s now that the clock is synchronised", info.stamp)
+        released.append(info)
+    return released
+
+
 def cmd_capture(settings: Any, args: Any) -> int:
     """`device-agent capture`: one record from the board into OUT/{stamp}/, then the outbox."""
     from device_agent.cli import echo
-    from device_agent.package import build_package, validate_patient
+    from device_agent.outbox import Outbox
+    from device_agent.package import validate_patient
 
     patient = _read_patient(getattr(args, "patient", None))
     validate_patient(patient)  # refuse a bad patient file before occupying the board
@@ -143,25 +271,19 @@ def cmd_capture(settings: Any, args: Any) -> int:
         handed = capture_via_service(settings, args, patient)  # None: no service runs
         if handed is not None:
             return handed
-    out = args.out or settings.state_dir / "records"
     progress = ProgressBar() if sys.stdout.isatty() else None
-    record = capture_record(settings.serial_port, settings, seconds=settings.capture_seconds,
-                            progress=progress)
-    info = build_package(record, patient, Path(out), settings)
-    q = record.quality
-    if q.verdict == VERDICT_REJECTED:
-        echo(str(info.folder))
-        raise CaptureRejected(
-            f"capture from {settings.serial_port} rejected: {'; '.join(q.reasons)}. Files kept "
-            f"in {info.folder} (marked rejected, not queued); check the cable and capture again"
-        )
-    for reason in q.reasons:
+    with Outbox.open(settings) as outbox:
+        outcome = capture_package(settings.serial_port, settings, patient, out_root=args.out,
+                                  outbox=outbox, seconds=settings.capture_seconds,
+                                  progress=progress, no_upload=args.no_upload)
+    if outcome.rejected:
+        echo(str(outcome.folder))
+        raise CaptureRejected(rejection_message(settings, outcome))
+    for reason in outcome.record.quality.reasons:
         echo(f"warning: {reason}", err=True)
-    if not args.no_upload:
-        from device_agent.outbox import Outbox
-
-        with Outbox.open(settings) as outbox:
-            outbox.add_package(info)
-        echo(f"queued {info.stamp} for upload", err=True)
-    echo(str(info.folder))
+    if outcome.held is not None:
+        echo(f"warning: {HELD_WARNING}", err=True)
+    elif outcome.queued:
+        echo(f"queued {outcome.info.stamp} for upload", err=True)
+    echo(str(outcome.folder))
     return 0

@@ -251,10 +251,8 @@ class PackageCapture:
     clock: Any = None
 
     def __call__(self, request: Request) -> dict[str, Any]:
-        from device_agent.capture import capture_record
-        from device_agent.disk import ensure_free_space
-        from device_agent.package import build_package, validate_patient
-        from device_agent.record import VERDICT_REJECTED
+        from device_agent.capture import capture_package, rejection_message
+        from device_agent.package import validate_patient
 
         validate_patient(request.patient)
         if not self.reader.state.connected:
@@ -262,29 +260,23 @@ class PackageCapture:
                     "error": f"the board is not connected on {self.settings.serial_port} "
                              f"({self.reader.state.last_error or 'absent'}): check its USB "
                              "cable and power, then capture again"}
-        records_root = Path(self.settings.state_dir) / "records"
-        ensure_free_space(self.settings, Path(self.settings.state_dir))
-        seconds = request.seconds or self.settings.capture_seconds
-        kwargs = {} if self.clock is None else {"clock": self.clock.now}
-        record = capture_record(self.reader, self.settings, seconds=seconds, **kwargs)
-        info = build_package(record, request.patient, records_root, self.settings)
-        quality = record.quality
-        result = {"folder": str(info.folder), "record_id": record.record_id,
+        outcome = capture_package(self.reader, self.settings, request.patient,
+                                  outbox=self.outbox, clock=self.clock,
+                                  seconds=request.seconds or self.settings.capture_seconds,
+                                  no_upload=request.no_upload)
+        quality = outcome.record.quality
+        result = {"folder": str(outcome.folder), "record_id": outcome.record.record_id,
                   "verdict": quality.verdict, "warnings": list(quality.reasons),
-                  "queued": False}
-        if quality.verdict == VERDICT_REJECTED:
+                  "queued": outcome.queued, "held": outcome.held is not None}
+        if outcome.rejected:
             return {**result, "ok": False, "exit_code": 1,
-                    "error": f"capture from {self.settings.serial_port} rejected: "
-                             f"{'; '.join(quality.reasons)}. Files kept in {info.folder} "
-                             "(marked rejected, not queued); check the cable and capture again"}
-        if not request.no_upload:
-            self.outbox.add_package(info)
-            result["queued"] = True
+                    "error": rejection_message(self.settings, outcome)}
         return {**result, "ok": True, "exit_code": 0}
 
 
 def capture_via_service(settings: Any, args: Any, patient: dict[str, Any] | None) -> int | None:
     """Hand `capture` to a running service and wait; None when no service runs (capture here)."""
+    from device_agent.capture import HELD_WARNING
     from device_agent.cli import echo
 
     pid = running_pid(Path(settings.state_dir))
@@ -303,6 +295,8 @@ def capture_via_service(settings: Any, args: Any, patient: dict[str, Any] | None
     for warning in result.get("warnings") or ():
         if result.get("ok"):
             echo(f"warning: {warning}", err=True)
+    if result.get("held"):
+        echo(f"warning: {HELD_WARNING}", err=True)
     if result.get("queued"):
         echo("queued for upload by the service", err=True)
     if result.get("folder"):
@@ -330,7 +324,7 @@ def cmd_run(settings: Any, args: Any) -> int:
             uploader = build_uploader(settings) if settings.cloud_upload_enabled else None
             reader = SerialReader.from_settings(settings)
             loop = SyncLoop(settings, outbox=outbox, uploader=uploader, stop=stop, clock=clock)
-            capture = PackageCapture(settings, reader, outbox)
+            capture = PackageCapture(settings, reader, outbox, clock)
             service = Service(settings, reader=reader, sync_loop=loop, capture=capture,
                               notifier=notifier, stop=stop, clock=clock)
             return service.run()

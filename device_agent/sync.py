@@ -175,6 +175,7 @@ class SyncLoop:
         try:
             result = PassResult()
             steps: list[tuple[str, Callable[[PassResult], None]]] = [
+                ("release held", self._release_held),
                 ("reconcile", self._reconcile), ("scan reports", self._scan_reports),
                 ("read users", self._scan_users), ("drain", self._drain),
                 ("upload log", self._write_log), ("prune", self._prune),
@@ -203,6 +204,14 @@ class SyncLoop:
         return f"{step}: {exc}"
 
     # --- finding work ----------------------------------------------------------------------
+
+    def _release_held(self, result: PassResult) -> None:
+        """Records captured before the clock was known get their names once it is."""
+        from device_agent.capture import held_dir, release_held
+
+        if held_dir(self.settings).is_dir():
+            result.packages_queued += len(release_held(self.settings, outbox=self.outbox,
+                                                       clock=self.clock))
 
     def _reconcile(self, result: PassResult) -> None:
         folders, _ = self.outbox.reconcile(self.records_root, load_package=self.load_package)
