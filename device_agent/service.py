@@ -44,6 +44,20 @@ HANDOFF_EXTRA_S = 30.0  # beyond the capture length: wait for a silent board, bu
 CaptureFn = Callable[[Request], dict[str, Any]]
 
 
+def release_memory() -> None:
+    """Hand the heap a capture used (frames, JSON text, PDF paths) back to the OS.
+
+    A capture allocates a few MB in bursts; glibc keeps freed arenas mapped, and on a
+    small board the service's resident size is what counts (README, performance).
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _now_iso() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
 
@@ -146,6 +160,7 @@ class Service:
             log.error("cannot write the result of capture request %s: %s", request.id, exc)
         log.info("capture request %s: %s", request.id,
                  result.get("folder") or result.get("error"))
+        release_memory()
 
     def _serve_spool(self) -> None:
         if self._capture_thread is not None and not self._capture_thread.is_alive():
