@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+
+from device_agent.record import LEAD_ORDER, DeviceInfo, Record
 
 _GAIN_RE = re.compile(r"^(?P<gain>[-+0-9.eE]+)(?:\((?P<baseline>[-+0-9]+)\))?(?:/(?P<units>\S+))?$")
 
@@ -74,3 +77,37 @@ def read_record(path: Path | str) -> WfdbRecord:
             scale = {"mv": 1000.0, "uv": 1.0, "v": 1e6}.get(units, 1000.0)
             signals[row_of[index]] = (raw[column].astype(np.float64) - baseline) / gain * scale
     return WfdbRecord(name, fs, tuple(names), signals, comments)
+
+
+def to_record(
+    source: WfdbRecord | Path | str,
+    *,
+    seconds: float | None = None,
+    rate: int | None = None,
+    acquired_at: datetime | None = None,
+    record_id: str | None = None,
+    device: DeviceInfo | None = None,
+) -> Record:
+    """A WFDB recording (or its path) as a 12-lead Record: LEAD_ORDER, int32 uV, none missing.
+
+    `seconds` keeps the first seconds; `rate` FFT-resamples to that rate; `acquired_at`
+    defaults to now (UTC).
+    """
+    src = source if isinstance(source, WfdbRecord) else read_record(source)
+    fs = int(src.sampling_rate)
+    n = None if seconds is None else int(seconds * fs)
+    rows = np.stack([src.lead(name)[:n] for name in LEAD_ORDER])
+    if rate is not None and rate != fs:
+        n_out = round(rows.shape[1] * rate / fs)
+        spectrum = np.fft.rfft(rows, axis=1)[:, : n_out // 2 + 1]
+        rows = np.fft.irfft(spectrum, n_out, axis=1) * (n_out / rows.shape[1])
+        fs = rate
+    samples = np.rint(rows).astype(np.int32)
+    return Record(
+        acquired_at=acquired_at if acquired_at is not None else datetime.now(UTC),
+        sampling_rate=fs,
+        samples=samples,
+        missing=np.zeros(samples.shape, dtype=bool),
+        record_id=record_id,
+        device=device if device is not None else DeviceInfo(),
+    )

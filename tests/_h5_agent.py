@@ -41,16 +41,12 @@ def settings_for(state: Path, endpoint: str, bucket: str, **extra: str):
 
 def make_record(index: int, serial: str):
     """Record `index`: a real recording as the board would deliver it, stamped BASE + index s."""
-    import numpy as np
-
     from device_agent import wfdb
-    from device_agent.record import LEAD_ORDER, DeviceInfo, Record
+    from device_agent.record import DeviceInfo
 
-    rec = wfdb.read_record(ECG / f"{RECORDINGS[index % len(RECORDINGS)]}.hea")
-    samples = np.vstack([np.rint(rec.lead(n)).astype(np.int32) for n in LEAD_ORDER])
-    return Record(acquired_at=BASE + timedelta(seconds=index), sampling_rate=500,
-                  samples=samples, missing=np.zeros(samples.shape, dtype=bool),
-                  device=DeviceInfo(serial=serial, model="ECG12-PI"))
+    return wfdb.to_record(ECG / f"{RECORDINGS[index % len(RECORDINGS)]}.hea",
+                          acquired_at=BASE + timedelta(seconds=index),
+                          device=DeviceInfo(serial=serial, model="ECG12-PI"))
 
 
 def captured_stamps(records: Path) -> set[str]:

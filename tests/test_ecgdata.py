@@ -20,7 +20,7 @@ from device_agent.record import (
     Quality,
     Record,
 )
-from device_agent.wfdb import read_record
+from device_agent.wfdb import read_record, to_record
 
 INT16 = (-32768, 32767)
 INT32 = (-(2**31), 2**31 - 1)
@@ -326,8 +326,8 @@ def test_damaged_documents_raise_one_clear_error(data, match):
 
 def real_record(path) -> Record:
     wf = read_record(path)
-    samples = np.rint(np.stack([wf.lead(n) for n in LEAD_ORDER])).astype(np.int32)
-    return make_record(samples, sampling_rate=int(wf.sampling_rate), record_id=wf.name)
+    return to_record(wf, acquired_at=datetime(2026, 1, 24, 12, 18, 15, tzinfo=TZ),
+                     record_id=wf.name)
 
 
 @pytest.mark.parametrize("name", ["HR06000", "HR06003", "s0010_re"])

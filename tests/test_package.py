@@ -14,8 +14,8 @@ from device_agent.config import load_settings
 from device_agent.errors import PatientDetailsError
 from device_agent.fsutil import sha256_file
 from device_agent.package import build_package, load_package, validate_patient
-from device_agent.record import LEAD_ORDER, DeviceInfo, Record
-from device_agent.wfdb import read_record
+from device_agent.record import DeviceInfo, Record
+from device_agent.wfdb import to_record
 
 IST = timezone(timedelta(hours=5, minutes=30))
 PATIENT = {"first_name": "Test", "last_name": "Patient-7", "age": "45", "gender": "F",
@@ -27,14 +27,14 @@ def make_record(ecg_data_dir: Path | None = None, *, when: datetime | None = Non
                 record_id: str | None = None) -> Record:
     """A 12-lead record: real HR06000 if the data dir is given, else a short synthetic one."""
     when = when or datetime(2026, 1, 24, 12, 18, 15, tzinfo=IST)
+    device = DeviceInfo("ECG-0042", "ECG12-PI", "test")
     if ecg_data_dir is not None:
-        wf = read_record(ecg_data_dir / "HR06000")
-        samples = np.rint(np.stack([wf.lead(n) for n in LEAD_ORDER])).astype(np.int32)
-    else:
-        samples = (np.arange(12 * 500, dtype=np.int32).reshape(12, 500) % 97) - 48
+        return to_record(ecg_data_dir / "HR06000", acquired_at=when, record_id=record_id,
+                         device=device)
+    samples = (np.arange(12 * 500, dtype=np.int32).reshape(12, 500) % 97) - 48
     return Record(acquired_at=when, sampling_rate=500, samples=samples,
                   missing=np.zeros(samples.shape, dtype=bool), record_id=record_id,
-                  device=DeviceInfo("ECG-0042", "ECG12-PI", "test"))
+                  device=device)
 
 
 def fake_dumps(record) -> bytes:

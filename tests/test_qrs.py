@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from device_agent import qrs
-from device_agent.record import LEAD_ORDER, Record
-from device_agent.wfdb import read_record
+from device_agent.record import Record
+from device_agent.wfdb import read_record, to_record
 
 # README reference rates (two detectors agree on these), as (low, high) bpm.
 REFERENCE_BPM = {
@@ -30,21 +30,9 @@ TOLERANCE_BPM = 3.0
 def wfdb_record(path, *, seconds: float = 10.0, rate: int | None = None) -> Record:
     """The first `seconds` of a WFDB record as a Record (optionally FFT-resampled to `rate`)."""
     src = read_record(path)
-    fs = int(src.sampling_rate)
-    rows = np.stack([src.lead(name)[: int(seconds * fs)] for name in LEAD_ORDER])
-    if rate is not None and rate != fs:
-        n_out = int(seconds * rate)
-        spectrum = np.fft.rfft(rows, axis=1)[:, : n_out // 2 + 1]
-        rows = np.fft.irfft(spectrum, n_out, axis=1) * (n_out / rows.shape[1])
-        fs = rate
-    samples = np.rint(rows).astype(np.int32)
-    return Record(
-        acquired_at=datetime(2026, 11, 27, 9, 30, 0, tzinfo=timezone(timedelta(hours=1))),
-        sampling_rate=fs,
-        samples=samples,
-        missing=np.zeros(samples.shape, dtype=bool),
-        record_id=f"test-{src.name}",
-    )
+    return to_record(src, seconds=seconds, rate=rate, record_id=f"test-{src.name}",
+                     acquired_at=datetime(2026, 11, 27, 9, 30, 0,
+                                          tzinfo=timezone(timedelta(hours=1))))
 
 
 def _within_reference(name: str, bpm: float | None) -> bool:
