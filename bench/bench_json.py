@@ -10,10 +10,8 @@ Baselines are measured in the same run on the same document (HR06000, 12 x 5000 
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
-from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -21,10 +19,13 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _common import median_s, print_rows  # noqa: E402
 
 from device_agent import ecgdata  # noqa: E402
-from device_agent.record import LEAD_ORDER, AdcInfo, DeviceInfo, Quality, Record  # noqa: E402
-from device_agent.wfdb import read_record  # noqa: E402
+from device_agent.record import AdcInfo, DeviceInfo, Quality, Record  # noqa: E402
+from device_agent.wfdb import to_record  # noqa: E402
 
 RECORD = REPO.parent / "shared" / "data" / "ecg" / "HR06000"
 REPEATS = 200
@@ -32,29 +33,18 @@ REPEATS = 200
 
 def real_record(path: Path = RECORD) -> Record:
     """A 12-lead Record built from a real WFDB recording (uV, LEAD_ORDER)."""
-    wf = read_record(path)
-    samples = np.rint(np.stack([wf.lead(name) for name in LEAD_ORDER])).astype(np.int32)
-    return Record(
+    record = to_record(
+        path,
         acquired_at=datetime(2026, 1, 24, 12, 18, 15, 250000, tzinfo=timezone(timedelta(hours=1))),
-        sampling_rate=int(wf.sampling_rate),
-        samples=samples,
-        missing=np.zeros(samples.shape, dtype=bool),
         record_id="6f1c2a9e-8d4b-4c4e-9a51-0d2b7f3e5a10",
         device=DeviceInfo(serial="ECG-0001", model="bench", agent_version="0.1.0"),
+    )
+    return replace(
+        record,
         adc=AdcInfo(baseline=(2048.0,) * 8),
         quality=Quality(frames_expected=5000, frames_received=5000, mains_noise_uv=4.2),
         measurements={"heart_rate_bpm": {"value": 68.5, "method": "bench"}},
     )
-
-
-def _median_s(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm caches (the lookup table is built once per process)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _row(metric: str, value: float, baseline: float, note: str) -> dict:
@@ -81,8 +71,8 @@ def run(repeats: int = REPEATS) -> list[dict]:
 
     assert stdlib_dumps() == ours, "baseline document differs from ours"
     rows = []
-    t_ours = _median_s(lambda: ecgdata.dumps(record), repeats)
-    t_std = _median_s(stdlib_dumps, repeats)
+    t_ours = median_s(lambda: ecgdata.dumps(record), repeats)
+    t_std = median_s(stdlib_dumps, repeats)
     rows.append(_row("dumps ms (vs stdlib json.dumps + tolist)", t_ours, t_std, "target >= 10x"))
     try:
         import orjson
@@ -96,30 +86,20 @@ def run(repeats: int = REPEATS) -> list[dict]:
             return orjson.dumps(d, option=orjson.OPT_SERIALIZE_NUMPY)
 
         assert json.loads(orjson_dumps()) == doc, "orjson document differs from ours"
-        t_orj = _median_s(orjson_dumps, repeats)
+        t_orj = median_s(orjson_dumps, repeats)
         rows.append(_row("dumps ms (vs orjson OPT_SERIALIZE_NUMPY)", t_ours, t_orj,
                          "target ratio >= 0.5 (within 2x)"))
-    t_load = _median_s(lambda: ecgdata.loads(ours), repeats)
+    t_load = median_s(lambda: ecgdata.loads(ours), repeats)
 
     def stdlib_loads() -> list:
         d = json.loads(ours)
         return [np.array(d["leads"][n], dtype=np.int32) for n in record.lead_names]
 
-    t_std_load = _median_s(stdlib_loads, repeats)
+    t_std_load = median_s(stdlib_loads, repeats)
     rows.append(_row("loads ms (vs json.loads + np.array)", t_load, t_std_load,
                      f"{len(ours)} bytes, 12 x {record.n_samples} samples"))
     return rows
 
 
-def main() -> int:
-    rows = run()
-    print("| benchmark | metric | value | baseline | ratio | note |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['benchmark']} | {r['metric']} | {r['value']} | {r['baseline']} "
-              f"| {r['ratio']} | {r['note']} |")
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    print_rows(run())

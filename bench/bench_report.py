@@ -15,10 +15,7 @@ Times are medians of repeated runs in one process; ratio = baseline / ours.
 from __future__ import annotations
 
 import io
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -26,10 +23,13 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _common import median_s, print_rows  # noqa: E402
 
 from device_agent import report  # noqa: E402
-from device_agent.record import LEAD_ORDER, Record  # noqa: E402
-from device_agent.wfdb import read_record  # noqa: E402
+from device_agent.record import Record  # noqa: E402
+from device_agent.wfdb import to_record  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "ecg"
 PATIENT = {"first_name": "Bench", "last_name": "Synthetic", "age": 59, "gender": "Female"}
@@ -37,12 +37,8 @@ PATIENT = {"first_name": "Bench", "last_name": "Synthetic", "age": 59, "gender":
 
 def real_record(name: str = "HR06000", seconds: float = 10.0) -> Record:
     """The first `seconds` of a real WFDB recording as a Record (uV, LEAD_ORDER)."""
-    wf = read_record(DATA / name)
-    n = int(seconds * wf.sampling_rate)
-    samples = np.rint(np.stack([wf.lead(x)[:n] for x in LEAD_ORDER])).astype(np.int32)
-    return Record(datetime(2026, 11, 27, 9, 30, tzinfo=timezone(timedelta(hours=1))),
-                  int(wf.sampling_rate), samples, np.zeros(samples.shape, bool),
-                  record_id=f"bench-{name}")
+    return to_record(DATA / name, seconds=seconds, record_id=f"bench-{name}",
+                     acquired_at=datetime(2026, 11, 27, 9, 30, tzinfo=timezone(timedelta(hours=1))))
 
 
 def _traces(record: Record) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -136,16 +132,6 @@ def matplotlib_pdf(record: Record) -> bytes:
     return buf.getvalue()
 
 
-def _median_s(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm up imports and caches
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _row(metric: str, value: float, baseline: float | None, note: str) -> dict:
     ratio = round(baseline / value, 2) if baseline else None
     return {"benchmark": "report", "metric": metric, "value": round(value, 2),
@@ -157,8 +143,8 @@ def run(repeats: int = 15) -> list[dict]:
     """Median render times (ms) and file sizes (KB) of ours and both baselines."""
     record = real_record()
     ours = report.render_pdf(record, PATIENT)
-    t_ours = _median_s(lambda: report.render_pdf(record, PATIENT), repeats) * 1000
-    t_point = _median_s(lambda: per_point_pdf(record), repeats) * 1000
+    t_ours = median_s(lambda: report.render_pdf(record, PATIENT), repeats) * 1000
+    t_point = median_s(lambda: per_point_pdf(record), repeats) * 1000
     rows = [_row("render ms (vs reportlab lineTo per point)", t_ours, t_point,
                  f"12 x 5000 samples, {len(per_point_pdf(record)) / 1024:.0f} KB per-point")]
     try:
@@ -168,28 +154,18 @@ def run(repeats: int = 15) -> list[dict]:
                      "baseline": None, "ratio": None, "note": "matplotlib not installed"})
         mpl_size = None
     else:
-        t_mpl = _median_s(lambda: matplotlib_pdf(record), max(3, repeats // 3)) * 1000
+        t_mpl = median_s(lambda: matplotlib_pdf(record), max(3, repeats // 3)) * 1000
         rows.append(_row("render ms (vs matplotlib savefig pdf)", t_ours, t_mpl,
                          "target ratio >= 3"))
         mpl_size = len(matplotlib_pdf(record)) / 1024
     rows.append(_row("PDF KB (vs matplotlib)", len(ours) / 1024, mpl_size,
                      "target < 120 KB at 500 Hz; matplotlib drops points (path.simplify)"))
     fast = real_record("s0010_re")  # 1000 Hz: twice the points
-    t_fast = _median_s(lambda: report.render_pdf(fast, PATIENT), repeats) * 1000
+    t_fast = median_s(lambda: report.render_pdf(fast, PATIENT), repeats) * 1000
     rows.append(_row("render ms, 10 s at 1000 Hz (s0010_re)", t_fast, None,
                      f"{len(report.render_pdf(fast, PATIENT)) / 1024:.0f} KB"))
     return rows
 
 
-def main() -> int:
-    rows = run()
-    print("| benchmark | metric | value | baseline | ratio | note |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['benchmark']} | {r['metric']} | {r['value']} | {r['baseline']} "
-              f"| {r['ratio']} | {r['note']} |")
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    print_rows(run())
