@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import print_rows
 
 from device_agent.framing import FrameDecoder
 from device_agent.simulator import FaultSpec, Truth, encode_frames, inject
@@ -86,6 +89,4 @@ def run() -> list[dict]:
 
 
 if __name__ == "__main__":
-    for row in run():
-        print(f"{row['metric']:<40} {row['value']:>9}x real time   pure Python "
-              f"{row['baseline']:>6}x   ratio {row['ratio']:>7}")
+    print_rows(run())

@@ -23,6 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import print_rows  # noqa: E402
 
 from device_agent.config import load_settings  # noqa: E402
 from device_agent.demo import default_record  # noqa: E402
@@ -184,6 +187,4 @@ def run() -> list[dict]:
 
 
 if __name__ == "__main__":
-    for row in run():
-        print(" | ".join(str(row[k]) for k in ("benchmark", "metric", "value", "baseline",
-                                               "ratio", "note")))
+    print_rows(run())
