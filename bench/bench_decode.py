@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_rows
 
 from device_agent.framing import FrameDecoder
+from device_agent.port import READ_CHUNK
 from device_agent.simulator import FaultSpec, Truth, encode_frames, inject
 
 SECONDS = 60
@@ -76,6 +77,7 @@ def run() -> list[dict]:
     py_t, py_out = _median_time(python_decode, data)
     rows = []
     for chunk, label in ((len(data), "whole 60 s buffer"), (4096, "4 KiB reads"),
+                         (READ_CHUNK, f"{READ_CHUNK} B reads (50 ms of link, as the reader reads)"),
                          (220, "220 B reads (20 ms of link)")):
         np_t, n = _median_time(_numpy_decode, data, chunk)
         if n != len(py_out):
