@@ -260,6 +260,11 @@ class Uploader:
             return None, "missing"
         if head["sha256"]:
             return head["sha256"], head["sha256_source"]
+        sha256 = self.download_sha256(key)
+        return (sha256, "get") if sha256 is not None else (None, "missing")
+
+    def download_sha256(self, key: str) -> str | None:
+        """SHA-256 of an object's body, streamed (None if it is gone)."""
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
             digest = hashlib.sha256()
@@ -267,9 +272,9 @@ class Uploader:
                 digest.update(chunk)
         except Exception as exc:
             if _is_not_found(exc):
-                return None, "missing"
+                return None
             raise classify_error(exc, bucket=self.bucket, key=key) from exc
-        return digest.hexdigest(), "get"
+        return digest.hexdigest()
 
     def _put_if_absent(self, key: str, body: bytes, sha256: str, metadata: Mapping[str, str],
                        content_type: str) -> tuple[str | None, str]:

@@ -8,7 +8,6 @@ downloaded and hashed: our own `sha256` metadata is never trusted as proof of co
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterable
@@ -62,7 +61,7 @@ def _check(uploader: Any, item: Any) -> Finding:
     if head["sha256"] and head["sha256_source"] == "checksum":
         actual, method = head["sha256"], "checksum"
     else:
-        actual, method = _get_sha256(uploader, key), "get"
+        actual, method = uploader.download_sha256(key), "get"
         if actual is None:
             return Finding(key, MISSING, size, None, sha, None, "get", source)
     if head["size"] != size:
@@ -72,21 +71,6 @@ def _check(uploader: Any, item: Any) -> Finding:
     else:
         status = OK
     return Finding(key, status, size, head["size"], sha, actual, method, source)
-
-
-def _get_sha256(uploader: Any, key: str) -> str | None:
-    from device_agent.uploader import _is_not_found, classify_error
-
-    try:
-        body = uploader.client.get_object(Bucket=uploader.bucket, Key=key)["Body"]
-        digest = hashlib.sha256()
-        for chunk in iter(lambda: body.read(1 << 20), b""):
-            digest.update(chunk)
-    except Exception as exc:
-        if _is_not_found(exc):
-            return None
-        raise classify_error(exc, bucket=uploader.bucket, key=key) from exc
-    return digest.hexdigest()
 
 
 def verify_objects(uploader: Any, items: Iterable[Any], *, max_workers: int = 4

@@ -1,44 +1,20 @@
-"""Helpers for the outbox/sync tests: small packages on disk shaped like package.PackageInfo."""
+"""Helpers for the outbox/sync tests: small real packages on disk without rendering a record."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-
-@dataclass(frozen=True)
-class FakeFile:
-    name: str
-    kind: str
-    path: Path
-    size: int
-    sha256: str
+from device_agent.package import PackageFile, PackageInfo
 
 
-@dataclass(frozen=True)
-class FakePackage:
-    """Duck-types package.PackageInfo for outbox tests that must not depend on rendering."""
-
-    folder: Path
-    stamp: str
-    date_prefix: str
-    record_id: str
-    device_serial: str
-    files: tuple[FakeFile, ...]
-    manifest: FakeFile
-
-    def key(self, file: FakeFile) -> str:
-        return f"ecg-reports/{self.date_prefix}/{self.stamp}/{file.name}"
-
-
-def _write(path: Path, data: bytes, kind: str) -> FakeFile:
+def _write(path: Path, data: bytes, kind: str) -> PackageFile:
     path.write_bytes(data)
-    return FakeFile(path.name, kind, path, len(data), hashlib.sha256(data).hexdigest())
+    return PackageFile(path.name, kind, path, len(data), hashlib.sha256(data).hexdigest())
 
 
-def make_package(root: Path, stamp: str = "20260124_121815", *, seed: int = 0) -> FakePackage:
+def make_package(root: Path, stamp: str = "20260124_121815", *, seed: int = 0) -> PackageInfo:
     """Write three small data files and a manifest under root/stamp (manifest last)."""
     folder = root / stamp
     folder.mkdir(parents=True, exist_ok=True)
@@ -52,11 +28,11 @@ def make_package(root: Path, stamp: str = "20260124_121815", *, seed: int = 0) -
                json.dumps({"leads": {"I": [seed] * 500}}).encode(), "ecg_12lead_data"),
     )
     date_prefix = f"{stamp[:4]}/{stamp[4:6]}/{stamp[6:8]}"
-    pkg = FakePackage(folder, stamp, date_prefix, rid, "SN-TEST", files, files[0])
+    pkg = PackageInfo(folder, stamp, date_prefix, rid, "SN-TEST", files, files[0])
     manifest_doc = {
         "record_id": rid, "stamp": stamp,
         "files": [{"key": pkg.key(f), "size": f.size, "sha256": f.sha256} for f in files],
     }
     manifest = _write(folder / f"manifest_{stamp}.json",
                       json.dumps(manifest_doc).encode(), "manifest")
-    return FakePackage(folder, stamp, date_prefix, rid, "SN-TEST", files, manifest)
+    return PackageInfo(folder, stamp, date_prefix, rid, "SN-TEST", files, manifest)
