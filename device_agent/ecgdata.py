@@ -52,9 +52,8 @@ log = logging.getLogger(__name__)
 
 UNITS = "uV"
 _TABLE_LO, _TABLE_HI = -32768, 32767  # int16: every value the board can produce
-_NULL = _TABLE_HI - _TABLE_LO + 1  # table index of the `null` entry
-_LAST = _NULL + 1  # offset of the second half of the table: entries ending a lead with `]`
 _WORD = 8  # bytes per table entry: len("-32768,") fits, so one entry is one uint64
+_NULL_TEXT = b"null"
 _NUL = b"\0"
 
 
@@ -63,84 +62,116 @@ _compact = _COMPACT.encode
 
 
 @cache
-def _table() -> np.ndarray:
-    """uint64 words holding `"<v>,"` for every int16 v, `"null,"`, then the same ending `]`.
+def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """uint64 words `"<v>,"` and `"<v>]"` for every int16 v, their text lengths, null words.
 
+    Indexed with `take(samples, mode="wrap")`: entry v for v >= 0, entry 65536 + v for v < 0.
     Text is NUL-padded to 8 bytes; JSON text never holds a raw NUL, so removing every NUL
     byte from a stream of these words (one C pass: bytes.translate) leaves compact JSON.
+    Returns (values, ends, lengths, nulls) with nulls = [`null,`, `null]`].
     """
-    text = np.append(np.arange(_TABLE_LO, _TABLE_HI + 1).astype("S6"), np.array([b"null"]))
-    table = np.concatenate([np.char.add(text, b","), np.char.add(text, b"]")])
-    return table.astype(f"S{_WORD}").view(np.uint64)
+    text = np.arange(1 << 16).astype(np.uint16).view(np.int16).astype("S6")
+    words = [np.char.add(text, sep).astype(f"S{_WORD}").view(np.uint64) for sep in (b",", b"]")]
+    lengths = np.char.str_len(text).astype(np.intp) + 1
+    nulls = np.array([_NULL_TEXT + b",", _NULL_TEXT + b"]"], dtype=f"S{_WORD}").view(np.uint64)
+    return words[0], words[1], lengths, nulls
+
+
+def _narrow_words(samples: np.ndarray, missing: np.ndarray, nulls: bool) -> np.ndarray:
+    """(n_leads, n) words, one per int16 sample; the last of each lead ends with `]`."""
+    values, ends, _, null = _tables()
+    words = values.take(samples, mode="wrap")
+    words[:, -1] = ends.take(samples[:, -1], mode="wrap")
+    if nulls:
+        words[missing] = null[0]
+        words[:, -1][missing[:, -1]] = null[1]
+    return words
 
 
 def _wide_words(samples: np.ndarray, missing: np.ndarray) -> np.ndarray:
     """The slower path for values outside int16 (not from the board, but legal): 3 words each."""
     outside = (samples < _TABLE_LO) | (samples > _TABLE_HI)
     outside &= ~missing
-    index = np.clip(samples, _TABLE_LO, _TABLE_HI).astype(np.intp) - _TABLE_LO
-    index[missing] = _NULL
-    index[:, -1] += _LAST
-    text = np.take(_table(), index).view(f"S{_WORD}").astype("S24")
+    clipped = np.clip(samples, _TABLE_LO, _TABLE_HI).astype(np.int16)
+    text = _narrow_words(clipped, missing, True).view(f"S{_WORD}").astype("S24")
     ends = np.full(samples.shape, b",", dtype="S1")
     ends[:, -1] = b"]"
     text[outside] = np.char.add(samples[outside].astype("S21"), ends[outside])
     return text.view(np.uint64).reshape(samples.shape[0], -1)
 
 
-def _words(nbytes: int) -> int:
-    return -(-nbytes // _WORD)
+@lru_cache(maxsize=64)
+def _plan(
+    names: tuple[str, ...], widths: tuple[int, ...], m: int
+) -> tuple[int, tuple[tuple[int, bytes], ...], tuple[tuple[int, int, int, int, int], ...]]:
+    """Where each lead's opening (`{"I":[`, `,"II":[`, ...) and its m words of widths[i] go.
 
-
-@lru_cache(maxsize=8)
-def _layout(names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The table extended with each lead's opening words (`{"I":[`, `,"II":[`, ...).
-
-    Returns the extended table and the (n_leads, k) indices of those words in it, so one
-    `take` writes keys and values of every lead in a single pass.
+    Openings get the same NUL-padded room, so leads of equal width are evenly spaced and
+    one strided copy writes a run of them. Returns (size, [(offset, opening)],
+    [(first lead, end lead, offset, lead stride, width)]), offsets relative to the stream.
     """
     keys = [(("{" if i == 0 else ",") + _compact(n) + ":[").encode() for i, n in enumerate(names)]
-    k = max(_words(len(key)) for key in keys)
-    opening = np.zeros((len(keys), k * _WORD), dtype=np.uint8)
-    for row, key in enumerate(keys):
-        opening[row, : len(key)] = np.frombuffer(key, dtype=np.uint8)
-    base = _table()
-    table = np.concatenate((base, opening.view(np.uint64).ravel()))
-    return table, len(base) + np.arange(len(keys) * k).reshape(len(keys), k)
+    room = max(len(key) for key in keys)
+    offsets = np.cumsum([0] + [room + m * w for w in widths]).tolist()
+    runs = []
+    first = 0
+    for i in range(1, len(widths) + 1):
+        if i == len(widths) or widths[i] != widths[first]:
+            w = widths[first]
+            runs.append((first, i, offsets[first] + room, room + m * w, w))
+            first = i
+    return offsets[-1], tuple(zip(offsets, keys, strict=False)), tuple(runs)
+
+
+@cache
+def _overlay_in_order() -> bool:
+    """Whether numpy's strided copy writes front to back here (checked once, else width 8)."""
+    words = np.arange(1, 2 * 4096 + 1, dtype=np.uint64).reshape(2, -1)  # bytes 0..1 set
+    buf = bytearray(5 * words.size + 3 + _WORD)
+    dst = np.ndarray(words.shape, dtype=np.uint64, buffer=buf, offset=3,
+                     strides=(5 * words.shape[1], 5))
+    np.copyto(dst, words)
+    got = np.frombuffer(buf, dtype=np.uint8)[3 : 3 + 5 * words.size].reshape(-1, 5)
+    return bool(np.array_equal(got, words.view(np.uint8).reshape(-1, _WORD)[:, :5]))
 
 
 def _document(
     head: bytes, names: tuple[str, ...], samples: np.ndarray, missing: np.ndarray, tail: bytes
 ) -> bytes:
-    """head + the `leads` object + tail, built as one stream of NUL-padded words, NULs removed."""
+    """head + the `leads` object + tail, built from NUL-padded words, NULs removed in one pass.
+
+    Each lead's words are written `width` bytes apart (in order, so each 8-byte word
+    overwrites the previous one's NUL padding), `width` being the lead's longest value
+    text plus its separator: typically 5 or 6 bytes, so the NUL pass reads far less than
+    8 bytes a sample.
+    """
     n_leads, n = samples.shape
     if n_leads == 0 or n == 0:
         keys = [(("," if i else "{") + _compact(x) + ":[]") for i, x in enumerate(names)]
         return b"".join((head, ("".join(keys) + "}" if keys else "{}").encode(), tail))
-    table, key_index = _layout(names)
-    k = key_index.shape[1]
-    wide = None
-    if int(samples.min()) >= _TABLE_LO and int(samples.max()) <= _TABLE_HI:
-        index = np.empty((n_leads, k + n), dtype=np.intp)
-        index[:, :k] = key_index
-        np.subtract(samples, _TABLE_LO, out=index[:, k:], dtype=np.intp)
-        if missing.any():
-            index[:, k:][missing] = _NULL
-        index[:, -1] += _LAST
+    lo, hi = samples.min(axis=1), samples.max(axis=1)
+    nulls = bool(missing.any())
+    if int(lo.min()) >= _TABLE_LO and int(hi.max()) <= _TABLE_HI and _overlay_in_order():
+        words = _narrow_words(samples, missing, nulls)
+        lengths = _tables()[2]
+        widths = np.maximum(lengths.take(lo, mode="wrap"), lengths.take(hi, mode="wrap"))
+        if nulls:
+            widths = np.where(missing.any(axis=1), np.maximum(widths, len(_NULL_TEXT) + 1), widths)
+        plan = _plan(names, tuple(widths.tolist()), n)
     else:
-        wide = np.concatenate((table[key_index], _wide_words(samples, missing)), axis=1)
-    row = k + n if wide is None else wide.shape[1]
-    first = _words(len(head))
-    size = first + n_leads * row + 1
-    buf = bytearray(_WORD * size + len(tail))
-    buf[: len(head)] = head
-    body = np.frombuffer(buf, dtype=np.uint64, count=size)[first:-1].reshape(n_leads, row)
-    if wide is None:
-        table.take(index, out=body, mode="clip")
-    else:
-        body[...] = wide
-    buf[_WORD * (size - 1)] = ord("}")
-    buf[_WORD * size :] = tail
+        words = _wide_words(samples, missing)
+        plan = _plan(names, (_WORD,) * n_leads, words.shape[1])
+    size, keys, runs = plan
+    start = len(head)
+    buf = bytearray(start + size + max(_WORD, 1 + len(tail)))
+    buf[:start] = head
+    for first, stop, offset, stride, width in runs:
+        dst = np.ndarray((stop - first, words.shape[1]), dtype=np.uint64, buffer=buf,
+                         offset=start + offset, strides=(stride, width))
+        np.copyto(dst, words[first:stop])
+    for offset, key in keys:  # after the words: a lead's last word spills NULs into them
+        buf[start + offset : start + offset + len(key)] = key
+    buf[start + size : start + size + 1 + len(tail)] = b"}" + tail
     return bytes(buf.translate(None, _NUL))
 
 

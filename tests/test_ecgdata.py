@@ -269,6 +269,79 @@ def test_rejects_what_it_cannot_write_faithfully():
         ecgdata.dumps(make_record(np.zeros((3, 2), np.int32), lead_names=LEAD_ORDER))
 
 
+# --- per-lead word width (the NUL-padded words are packed `width` bytes apart) ----------
+
+WIDTH_EDGES = [0, 9, -9, 10, -10, 99, -99, 100, -100, 999, -999, 1000, -1000, 9999, -9999,
+               10000, -10000, 32767, -32768, 32768, -32769, 2**31 - 1, -(2**31)]
+
+
+def expected_leads(record: Record) -> dict:
+    """The leads as the stdlib would write them, from Python ints (the reference)."""
+    return {
+        name: [None if lost else int(v) for v, lost in zip(row, gone, strict=True)]
+        for name, row, gone in zip(
+            record.lead_names, record.samples.tolist(), record.missing.tolist(), strict=True
+        )
+    }
+
+
+def test_narrow_packing_is_in_use_here():
+    assert ecgdata._overlay_in_order()  # else every test below ran the 8-byte fallback only
+
+
+@pytest.mark.parametrize("edge", WIDTH_EDGES)
+def test_values_at_each_width_edge(edge):
+    small = [1, -2, 3]
+    rows = [
+        [edge],  # alone: the lead's width is exactly this value's text + separator
+        [*small, edge],  # last word (ends with `]`)
+        [edge, *small],
+        [*small, 0],  # a narrow lead next to wide ones
+        [edge, -edge if abs(edge) < 2**31 else 0, 7, edge],
+    ]
+    width = max(len(r) for r in rows)
+    samples = np.array([r + [0] * (width - len(r)) for r in rows], dtype=np.int64)
+    missing = np.zeros(samples.shape, dtype=bool)
+    missing[3, 1] = missing[4, 2] = True  # nulls widen their lead to `null,`
+    samples[missing] = 0
+    for dtype in (np.int64, np.int32) if abs(edge) < 2**31 else (np.int64,):
+        record = make_record(samples.astype(dtype), missing, lead_names=("I", "II", "V1", "x", "é"))
+        out = assert_roundtrip(record)
+        assert json.loads(out)["leads"] == expected_leads(record)
+
+
+MAGNITUDES = [0, 9, 99, 999, 9999, 32767, 32768, 2**31 - 1]
+
+
+@st.composite
+def mixed_width_records(draw):
+    n_leads = draw(st.integers(1, 13))
+    n = draw(st.sampled_from([1, 2, 3, 50]))
+    names = draw(
+        st.lists(st.text(min_size=1, max_size=15), min_size=n_leads, max_size=n_leads,
+                 unique=True)
+    )
+    rows, lost = [], []
+    for _ in range(n_leads):
+        top = draw(st.sampled_from(MAGNITUDES))
+        rows.append(draw(st.lists(st.integers(-top - (top < 2**31 - 1), top),
+                                  min_size=n, max_size=n)))
+        lost.append(draw(st.lists(st.booleans(), min_size=n, max_size=n))
+                    if draw(st.integers(0, 3)) == 0 else [False] * n)
+    missing = np.array(lost, dtype=bool)
+    samples = np.where(missing, 0, np.array(rows, dtype=np.int64))
+    fits16 = samples.min() >= INT16[0] and samples.max() <= INT16[1]
+    dtype = draw(st.sampled_from([np.int16, np.int32, np.int64] if fits16 else [np.int64]))
+    return make_record(samples.astype(dtype), missing, lead_names=tuple(names))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mixed_width_records())
+def test_leads_of_mixed_widths_match_the_stdlib(record):
+    out = assert_roundtrip(record)
+    assert json.loads(out)["leads"] == expected_leads(record)
+
+
 # --- loads: legacy files and damaged input -----------------------------------------------
 
 
