@@ -460,9 +460,9 @@ def cmd_sync(settings: Any, args: Any) -> int:
             result = loop.run_once(wait=bool(getattr(args, "wait", False)))
     finally:
         restore_signal_handlers(previous)
-    echo(f"sync: {result.summary()}")
-    for message in result.errors:
-        echo(f"  {message}", err=True)
+    # each error was logged once, where it happened; the summary counts what was done
+    echo(f"sync: {result.summary()}" + (f", {len(result.errors)} error(s) above"
+                                         if result.errors else ""))
     if result.failed:
         return 1
     return 3 if result.retrying else 0
