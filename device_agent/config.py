@@ -34,30 +34,28 @@ def _bool(raw: str) -> bool:
     raise ValueError("one of true/false, yes/no, 1/0, on/off")
 
 
-def _int_range(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
+def _range(kind: type, lo: float, hi: float) -> Callable[[str], Any]:
+    """A parser for an int or float setting between lo and hi (NaN never passes)."""
+    what = f"a whole number from {lo} to {hi}" if kind is int else f"a number from {lo:g} to {hi:g}"
+
+    def parse(raw: str) -> Any:
         try:
-            value = int(raw.strip())
+            value = kind(raw.strip())
         except ValueError:
-            raise ValueError(f"a whole number from {lo} to {hi}") from None
-        if not lo <= value <= hi:
-            raise ValueError(f"a whole number from {lo} to {hi}")
+            raise ValueError(what) from None
+        if not lo <= value <= hi:  # also false for NaN
+            raise ValueError(what)
         return value
 
     return parse
+
+
+def _int_range(lo: int, hi: int) -> Callable[[str], int]:
+    return _range(int, lo, hi)
 
 
 def _float_range(lo: float, hi: float) -> Callable[[str], float]:
-    def parse(raw: str) -> float:
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise ValueError(f"a number from {lo:g} to {hi:g}") from None
-        if not lo <= value <= hi or value != value:
-            raise ValueError(f"a number from {lo:g} to {hi:g}")
-        return value
-
-    return parse
+    return _range(float, lo, hi)
 
 
 def _choice(*options: str) -> Callable[[str], str]:

@@ -117,3 +117,9 @@ def test_settings_frozen():
     s = load_settings(env_file=None, environ={})
     with pytest.raises(AttributeError):
         s.sampling_rate = 250  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e9", "abc"])
+def test_float_setting_refuses_nan_and_out_of_range(value: str):
+    with pytest.raises(ConfigError, match="SYNC_INTERVAL_S"):
+        load_settings(env_file=None, environ={"SYNC_INTERVAL_S": value})
