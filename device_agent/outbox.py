@@ -360,6 +360,20 @@ class Outbox:
                 ).fetchall()
         return [_item(r) for r in rows]
 
+    def package_items(self, package: str) -> list[Item]:
+        """Every row of one package (its three files and the manifest), oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM items WHERE package = ? ORDER BY id", (package,)).fetchall()
+        return [_item(r) for r in rows]
+
+    def update_content(self, item_id: int, *, sha256: str, size: int) -> None:
+        """Record that a not-yet-delivered file was rewritten (a manifest settled its keys)."""
+        with self._tx() as db:
+            db.execute("UPDATE items SET sha256 = ?, size = ?, updated_at = ? "
+                       "WHERE id = ? AND state != ?",
+                       (sha256, size, time.time(), item_id, DELIVERED))
+
     def delivered(self) -> list[Item]:
         """Items S3 confirmed (what `verify` checks against the bucket)."""
         return self.items(DELIVERED)

@@ -10,8 +10,10 @@ SYNC_INTERVAL_S on `stop.wait()`; signal handlers (install_signal_handlers) only
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import queue
@@ -28,6 +30,7 @@ from typing import Any
 
 from device_agent.clock import Clock, clock_from_settings
 from device_agent.errors import AgentError, OutboxBusy, UploadError
+from device_agent.fsutil import atomic_write
 from device_agent.outbox import Item, Outbox
 
 log = logging.getLogger(__name__)
@@ -311,8 +314,36 @@ class SyncLoop:
             tried.update(i.id for i in items)
             self._upload_all(items, halt, result)
 
+    def _settle_manifest(self, item: Item) -> Item:
+        """Make a manifest list where its package's files really landed, before it is sent.
+
+        Two units of a fleet can stamp a capture in the same second; the later one's files
+        then land under disambiguated keys (If-None-Match + SHA-256 compare), and a manifest
+        still naming the plain keys would vouch for the other unit's files. The rewrite is
+        a pure function of the delivered rows, so a crash anywhere in it is redone alike.
+        """
+        files = [s for s in self.outbox.package_items(item.package)
+                 if s.kind != "manifest" and s.final_key]
+        if all(s.final_key == s.key for s in files):
+            return item
+        landed = {s.filename: s.final_key for s in files}
+        doc = json.loads(item.path.read_bytes())
+        for entry in doc["files"]:
+            entry["key"] = landed.get(entry["name"], entry["key"])
+        body = json.dumps(doc, indent=2).encode("ascii")
+        sha = hashlib.sha256(body).hexdigest()
+        if sha == item.sha256:
+            return item
+        atomic_write(item.path, body)
+        self.outbox.update_content(item.id, sha256=sha, size=len(body))
+        log.warning("package %s shares its stamp with another in the bucket; its files were "
+                    "kept under distinct keys and its manifest now lists them", item.package)
+        return dataclasses.replace(item, sha256=sha, size=len(body))
+
     def _upload_all(self, items: list[Item], halt: threading.Event,
                     result: PassResult) -> None:
+        items = [self._settle_manifest(i) if i.kind == "manifest" and i.package else i
+                 for i in items]
         todo: queue.Queue[Item] = queue.Queue()
         for item in items:
             todo.put(item)
