@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open the port even if the service runs (it normally gets the request)")
 
     p = sub.add_parser("simulate", help="board simulator on a pseudo-terminal")
-    p.add_argument("--record", type=Path, required=True, help="WFDB record (.hea path or stem)")
+    p.add_argument("--record", type=Path,
+                   help="WFDB record (.hea path or stem); default: the shipped HR06000")
     p.add_argument("--link", type=Path, required=True, help="symlink to create to the pty")
     p.add_argument("--speed", type=float, default=1.0, help="times real time (default 1)")
     p.add_argument("--loop", action="store_true", help="replay the record forever")

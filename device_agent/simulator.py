@@ -174,6 +174,9 @@ def inject(
     return flat.tobytes()
 
 
+DRAIN_S = 1.0  # after the last frame is due, how long unread bytes wait for a reader
+
+
 class BoardSimulator:
     """Streams a record as board frames into a pty reached through `link_path`."""
 
@@ -289,6 +292,7 @@ class BoardSimulator:
         sent = 0
         tick = max(0.002, 0.01 / self.speed)  # about 10 ms of signal per write
         t0 = time.monotonic()
+        done_at = 0.0
         try:
             while not self._stop.is_set():
                 due = int((time.monotonic() - t0) * RATE * self.speed)
@@ -307,8 +311,15 @@ class BoardSimulator:
                     pending = self._write(pending)
                 elif self._master is None:
                     pending.clear()
-                if self.total is not None and sent >= self.total and not pending:
-                    break
+                if self.total is not None and sent >= self.total:
+                    if not pending:
+                        break
+                    # Signal over: give a reader a second to take the rest; a board nobody
+                    # reads just loses it (and the simulator must still end).
+                    done_at = done_at or time.monotonic()
+                    if time.monotonic() - done_at > DRAIN_S:
+                        self.truth.bytes_discarded += len(pending)
+                        break
                 self._stop.wait(tick)
         except OSError:
             log.exception("simulator: stopped on an error")
@@ -341,13 +352,24 @@ def cmd_simulate(settings, args) -> int:
         from device_agent.errors import ConfigError
 
         raise ConfigError(f"--faults: {exc}") from None
+    record = args.record
+    if record is None:
+        from device_agent.demo import default_record
+
+        record = default_record()
+    hea = record if Path(record).suffix == ".hea" else Path(f"{record}.hea")
+    if not hea.exists():
+        from device_agent.errors import ConfigError
+
+        raise ConfigError(f"--record {record}: no WFDB header {hea}; name a .hea file or its "
+                          "stem, or leave --record out to replay the shipped recording")
     sim = BoardSimulator(
-        args.record, args.link, counts_per_mv=settings.counts_per_mv,
+        record, args.link, counts_per_mv=settings.counts_per_mv,
         byte_order=settings.byte_order, speed=args.speed, loop=args.loop, faults=faults,
         seconds=args.seconds,
     )
     sim.start()
-    echo(f"simulating {Path(args.record).name} on {args.link} at {args.speed:g}x "
+    echo(f"simulating {Path(record).name} on {args.link} at {args.speed:g}x "
          f"(ECG_COUNTS_PER_MV={settings.counts_per_mv:g}); Ctrl-C to stop")
     try:
         while not sim.finished.wait(0.5):
@@ -356,5 +378,5 @@ def cmd_simulate(settings, args) -> int:
         sim.stop()
     t = sim.truth
     echo(f"sent {t.frames_sent} frames; lost {len(t.lost)}, damaged {len(t.damaged)}, "
-         f"garbage bytes {t.garbage_bytes}")
+         f"garbage bytes {t.garbage_bytes}, unread bytes discarded {t.bytes_discarded}")
     return 0

@@ -174,3 +174,29 @@ def test_fault_spec_parses_and_refuses_nonsense():
     assert spec.stall == (3.0, 1.5) and spec.unplug == (5.0, 1.0)
     with pytest.raises(ValueError, match="not understood"):
         FaultSpec.parse("electrode=XX@1-2")
+
+
+@pytest.mark.functional
+def test_simulate_command_ends_even_when_nobody_reads(tmp_path):
+    """`simulate --seconds N` with no reader on the pty ends, like a board nobody listens to."""
+    import subprocess
+    import sys
+
+    link = tmp_path / "tty"
+    proc = subprocess.run(
+        [sys.executable, "-m", "device_agent", "--env-file", str(tmp_path / "none"),
+         "simulate", "--link", str(link), "--speed", "20", "--seconds", "2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "sent 1000 frames" in proc.stdout
+    assert "unread bytes discarded" in proc.stdout
+    assert not link.exists(), "the simulator's link was left behind"
+
+
+def test_simulate_names_a_missing_record(tmp_path, capsys):
+    code = main(["--env-file", str(tmp_path / "none"), "simulate", "--record",
+                 str(tmp_path / "nope"), "--link", str(tmp_path / "tty")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "nope.hea" in err and len(err.strip().splitlines()) == 1
