@@ -128,20 +128,8 @@ class Service:
 
     # --- threads -----------------------------------------------------------------------------
 
-    def _sync_main(self) -> None:
-        interval = self.settings.sync_interval_s
-        while not self.stop.is_set():
-            started = time.monotonic()
-            try:
-                result = self.sync_loop.run_once(wait=True)
-                self.last_sync = {"at": _now_iso(), "summary": result.summary(),
-                                  "errors": list(result.errors)}
-            except AgentError as exc:
-                log.error("%s", exc)
-                self.last_sync = {"at": _now_iso(), "summary": None, "errors": [str(exc)]}
-            except Exception:  # the loop must survive anything one pass meets
-                log.exception("sync pass failed; the next pass tries again")
-            self.stop.wait(max(0.0, interval - (time.monotonic() - started)))
+    def _sync_done(self, summary: str | None, errors: list[str]) -> None:
+        self.last_sync = {"at": _now_iso(), "summary": summary, "errors": errors}
 
     def _capture_main(self, request: Request) -> None:
         try:
@@ -193,7 +181,8 @@ class Service:
             log.warning("answered %d capture request(s) interrupted by the last restart",
                         recovered)
         self.reader.start()
-        self._sync_thread = threading.Thread(target=self._sync_main, name="sync", daemon=True)
+        self._sync_thread = threading.Thread(target=self.sync_loop.run, name="sync", daemon=True,
+                                             kwargs={"on_pass": self._sync_done})
         self._sync_thread.start()
         try:
             deadline = time.monotonic() + READY_GRACE_S
@@ -246,14 +235,6 @@ class Service:
         self.phase = "stopped"
         with contextlib.suppress(Exception):
             self.publish(notify=False)  # nothing may follow STOPPING=1
-
-
-def install_stop_handlers(stop: threading.Event) -> dict[int, Any]:
-    """SIGTERM and SIGINT only set `stop` (main thread only); returns the previous handlers."""
-    def handler(signum: int, frame: Any) -> None:
-        stop.set()
-
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
 
 
 @dataclass
@@ -328,13 +309,19 @@ def cmd_run(settings: Any, args: Any) -> int:
     from device_agent.clock import clock_from_settings
     from device_agent.outbox import Outbox
     from device_agent.port import SerialReader
-    from device_agent.sync import SyncLoop, build_uploader
+    from device_agent.sync import (
+        SyncLoop,
+        build_uploader,
+        install_signal_handlers,
+        restore_signal_handlers,
+    )
 
     stop = threading.Event()
     notifier = Notifier.from_environ(os.environ)  # the process edge reads the environment
     clock = clock_from_settings(settings)
     with ServiceLock(settings.state_dir), Outbox.open(settings) as outbox:
-        previous = install_stop_handlers(stop)
+        # SIGHUP is left alone: under systemd it is not a request to stop
+        previous = install_signal_handlers(stop, (signal.SIGTERM, signal.SIGINT))
         try:
             uploader = build_uploader(settings) if settings.cloud_upload_enabled else None
             reader = SerialReader.from_settings(settings)
@@ -344,6 +331,5 @@ def cmd_run(settings: Any, args: Any) -> int:
                               notifier=notifier, stop=stop, clock=clock)
             return service.run()
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            restore_signal_handlers(previous)
             notifier.close()

@@ -100,15 +100,18 @@ def build_uploader(settings: Any) -> Any:
     return Uploader.from_settings(settings)
 
 
-def install_signal_handlers(stop: threading.Event) -> dict[int, Any]:
-    """SIGTERM/SIGINT/SIGHUP only set `stop`; returns the previous handlers to restore."""
+def install_signal_handlers(
+    stop: threading.Event,
+    signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP),
+) -> dict[int, Any]:
+    """The signals only set `stop` (main thread only); returns the previous handlers."""
     def handler(signum: int, frame: Any) -> None:
         stop.set()
 
     previous: dict[int, Any] = {}
     if threading.current_thread() is not threading.main_thread():
         return previous  # signals can only be handled on the main thread
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in signals:
         previous[sig] = signal.signal(sig, handler)
     return previous
 
@@ -152,8 +155,12 @@ class SyncLoop:
 
     # --- the loop --------------------------------------------------------------------------
 
-    def run(self) -> None:
-        """Pass after pass every SYNC_INTERVAL_S until `stop` is set."""
+    def run(self, *, on_pass: Callable[[str | None, list[str]], None] | None = None) -> None:
+        """Pass after pass every SYNC_INTERVAL_S until `stop` is set.
+
+        `on_pass(summary, errors)` hears how each pass went (the service publishes it);
+        summary is None when the pass could not run at all.
+        """
         interval = self.settings.sync_interval_s
         log.info("sync loop started (every %.0f s)", interval)
         while not self.stop.is_set():
@@ -161,8 +168,12 @@ class SyncLoop:
             try:
                 result = self.run_once(wait=True)
                 log.debug("sync pass: %s", result.summary())
+                if on_pass is not None:
+                    on_pass(result.summary(), list(result.errors))
             except AgentError as exc:
                 log.error("%s", exc)
+                if on_pass is not None:
+                    on_pass(None, [str(exc)])
             except Exception:  # the loop must survive anything one pass meets
                 log.exception("sync pass failed; the next pass tries again")
             self.stop.wait(max(0.0, interval - (time.monotonic() - started)))

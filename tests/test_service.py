@@ -51,8 +51,15 @@ class FakeReader:
 
 
 class FakeSync:
-    def __init__(self) -> None:
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
         self.passes = 0
+
+    def run(self, *, on_pass) -> None:
+        while not self.stop.is_set():
+            result = self.run_once()
+            on_pass(result.summary(), list(result.errors))
+            self.stop.wait(0.1)
 
     def run_once(self, *, wait: bool = True):
         self.passes += 1
@@ -84,7 +91,7 @@ class Harness:
         self.messages: list[str] = []
         self.stop = threading.Event()
         self.reader = FakeReader(connected)
-        self.sync = FakeSync()
+        self.sync = FakeSync(self.stop)
         self.notifier = Notifier(self.sock_path, watchdog_s=0.05)
         self.lock = ServiceLock(self.settings.state_dir).acquire()
         self.service = Service(self.settings, reader=self.reader, sync_loop=self.sync,
