@@ -93,9 +93,8 @@ def run_demo(settings: Any, *, out: Path, record_path: Path, speed: float,
         raise AgentError("the demo needs moto's S3 server: run 'make demo', or "
                          "pip install 'device_agent[demo]' in this environment") from exc
 
-    from device_agent.capture import ProgressBar, capture_record
+    from device_agent.capture import ProgressBar, capture_package
     from device_agent.outbox import Outbox
-    from device_agent.package import build_package
     from device_agent.port import SerialReader
     from device_agent.simulator import BoardSimulator
     from device_agent.sync import SyncLoop, build_uploader
@@ -120,22 +119,26 @@ def run_demo(settings: Any, *, out: Path, record_path: Path, speed: float,
                  f"{link.resolve()} at {speed:g}x real time (a 10 s record takes "
                  f"{10 / speed:.1f} s here)")
             reader = SerialReader.from_settings(s).start(fail_fast=True)
-            try:
-                record = capture_record(reader, s, progress=ProgressBar())
-            finally:
-                reader.stop()
+            with Outbox.open(s) as outbox:
+                try:
+                    outcome = capture_package(reader, s, DEMO_PATIENT, outbox=outbox,
+                                              progress=ProgressBar())
+                finally:
+                    reader.stop()
+        record, info = outcome.record, outcome.info
         q = record.quality
         echo(f"captured {record.n_samples} samples x 12 leads at {record.sampling_rate} Hz: "
              f"verdict {q.verdict}, {q.frames_lost} frames lost")
-
-        info = build_package(record, DEMO_PATIENT, s.state_dir / "records", s)
+        if info is None or not outcome.queued:
+            raise AgentError(f"the demo capture was not packaged and queued ({q.verdict}: "
+                             f"{'; '.join(q.reasons) or 'clock not synchronised'}); see "
+                             f"{outcome.folder}")
         hr = _heart_rate(info.folder / f"ecg_data_{info.stamp}.json")
         echo(f"package {info.stamp} written to {info.folder} "
              f"(heart rate {'-' if hr is None else f'{hr:.0f}'} bpm)")
 
         stop = threading.Event()
         with Outbox.open(s) as outbox:
-            outbox.add_package(info)
             uploader = build_uploader(s)
             result = SyncLoop(s, outbox=outbox, uploader=uploader, stop=stop).run_once()
             echo(f"sync pass: {result.summary()}")
