@@ -27,7 +27,7 @@ from device_agent import ecgdata  # noqa: E402
 from device_agent.record import AdcInfo, DeviceInfo, Quality, Record  # noqa: E402
 from device_agent.wfdb import to_record  # noqa: E402
 
-RECORD = REPO.parent / "shared" / "data" / "ecg" / "HR06000"
+RECORD = REPO / "tests" / "data" / "ecg" / "HR06000"
 REPEATS = 200
 
 

@@ -31,7 +31,7 @@ from device_agent import report  # noqa: E402
 from device_agent.record import Record  # noqa: E402
 from device_agent.wfdb import to_record  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data" / "ecg"
+DATA = REPO / "tests" / "data" / "ecg"
 PATIENT = {"first_name": "Bench", "last_name": "Synthetic", "age": 59, "gender": "Female"}
 
 

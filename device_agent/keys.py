@@ -1,6 +1,6 @@
 """S3 key naming and object metadata: pure functions, exactly the layout consumers rely on.
 
-See ../shared/spec/aws-s3-folder-structure.md. Every key lives under `ecg-reports/` and
+See docs/s3-layout.md. Every key lives under `ecg-reports/` and
 derives from the record's (or report's, or user's) own time, never the upload time, so a
 retry tomorrow produces the same key as today's attempt.
 """

@@ -2,7 +2,7 @@
 
 Traces and grid are written as PDF path operators formatted by numpy in one pass (no
 per-point Python call) and injected with `Canvas.addLiteral`; the page is zlib-compressed.
-Layout and conventions: ../shared/spec/report-layout.md.
+Layout and conventions: README.md, "The record format".
 """
 
 from __future__ import annotations

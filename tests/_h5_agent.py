@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-ECG = REPO.parent / "shared" / "data" / "ecg"
+ECG = REPO / "tests" / "data" / "ecg"
 RECORDINGS = ("HR06000", "HR06001", "HR06002", "HR06003", "HR06004", "HR06005")
 BASE = datetime(2026, 11, 27, 9, 0, 0).astimezone()
 

@@ -14,7 +14,7 @@ import pytest
 os.environ.setdefault("CLOCK_CHECK", "floor")
 
 REPO = Path(__file__).resolve().parents[1]
-ECG_DATA = REPO.parent / "shared" / "data" / "ecg"
+ECG_DATA = REPO / "tests" / "data" / "ecg"
 RECORDS = ("HR06000", "HR06001", "HR06002", "HR06003", "HR06004", "HR06005", "s0010_re")
 
 
@@ -33,7 +33,7 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: s
 @pytest.fixture
 def ecg_data_dir() -> Path:
     if not ECG_DATA.is_dir():
-        pytest.fail(f"real recordings not found at {ECG_DATA}: the checkout needs ../shared")
+        pytest.fail(f"real recordings not found at {ECG_DATA}: the checkout is incomplete")
     return ECG_DATA
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from device_agent.demo import bucket_tree
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec" / "aws-s3-folder-structure.md"
+SPEC = Path(__file__).resolve().parents[1] / "docs" / "s3-layout.md"
 
 
 def _example_tree(number: int) -> str:

@@ -29,7 +29,7 @@ from device_agent.uploader import (
 )
 from tests.test_package import FAKES, make_record
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec"
+LAYOUT = Path(__file__).resolve().parents[1] / "docs" / "s3-layout.md"
 IST = timezone(timedelta(hours=5, minutes=30))
 PATIENT = {"first_name": "Zyxwa", "last_name": "Qwertzuiop", "age": "73", "gender": "M",
            "patient_name": "Zyxwa Qwertzuiop", "doctor": "Dr. Synthetic"}
@@ -70,12 +70,11 @@ def _sha(data: bytes) -> str:
 
 def _layout_package_keys(date_prefix: str, stamp: str) -> list[str]:
     """Example 2 of the layout document (plus our manifest), date and stamp substituted."""
-    layout = (SPEC / "aws-s3-folder-structure.md").read_text(encoding="utf-8")
+    layout = LAYOUT.read_text(encoding="utf-8")
     example = layout.split("### Example 2", 1)[1].split("###", 1)[0]
     names = re.findall(r"[\w.]+_20260124_121815\.\w+", example)
     assert len(names) == 3, names
-    fmt = (SPEC / "package-format.md").read_text(encoding="utf-8")
-    manifest = re.search(r"\{stamp\}/(manifest_\{stamp\}\.json)", fmt).group(1)
+    manifest = re.search(r"`(manifest_\{stamp\}\.json)`", layout).group(1)
     names.append(manifest.replace("{stamp}", "20260124_121815"))
     return sorted(
         f"ecg-reports/2026/01/24/20260124_121815/{n}"
