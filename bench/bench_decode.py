@@ -20,7 +20,7 @@ from _common import print_rows
 
 from device_agent.framing import FrameDecoder
 from device_agent.port import READ_CHUNK
-from device_agent.simulator import FaultSpec, Truth, encode_frames, inject
+from device_agent.lab.simulator import FaultSpec, Truth, encode_frames, inject
 
 SECONDS = 60
 RATE = 500

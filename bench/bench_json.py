@@ -25,7 +25,7 @@ from _common import median_s, print_rows  # noqa: E402
 
 from device_agent import ecgdata  # noqa: E402
 from device_agent.record import AdcInfo, DeviceInfo, Quality, Record  # noqa: E402
-from device_agent.wfdb import to_record  # noqa: E402
+from device_agent.lab.wfdb import to_record  # noqa: E402
 
 RECORD = REPO / "tests" / "data" / "ecg" / "HR06000"
 REPEATS = 200

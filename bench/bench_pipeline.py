@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _common import print_rows  # noqa: E402
 
 from device_agent.config import load_settings  # noqa: E402
-from device_agent.demo import default_record  # noqa: E402
+from device_agent.lab.demo import default_record  # noqa: E402
 
 REPEATS = 9
 CAPTURES = 10
@@ -51,7 +51,7 @@ RSS_BUDGET_MB = 80.0
 def _frames_bytes(settings) -> bytes:
     import numpy as np
 
-    from device_agent.simulator import encode_frames, record_counts
+    from device_agent.lab.simulator import encode_frames, record_counts
 
     counts = record_counts(default_record(), settings.counts_per_mv)[:5000]
     frames = encode_frames(counts, np.arange(len(counts)) & 0x3F, byte_order=settings.byte_order)
@@ -149,7 +149,7 @@ def rss_rows() -> list[dict]:
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from device_agent.simulator import BoardSimulator
+    from device_agent.lab.simulator import BoardSimulator
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

@@ -28,7 +28,7 @@ log = logging.getLogger("device_agent")
 HANDLERS = {
     "config": "device_agent.cli:cmd_config",
     "capture": "device_agent.capture:cmd_capture",
-    "simulate": "device_agent.simulator:cmd_simulate",
+    "simulate": "device_agent.lab.simulator:cmd_simulate",
     "report": "device_agent.report:cmd_report",
     "run": "device_agent.service:cmd_run",
     "sync": "device_agent.sync:cmd_sync",
@@ -36,7 +36,7 @@ HANDLERS = {
     "status": "device_agent.status:cmd_status",
     "doctor": "device_agent.status:cmd_doctor",
     "queue": "device_agent.status:cmd_queue",
-    "demo": "device_agent.demo:cmd_demo",
+    "demo": "device_agent.lab.demo:cmd_demo",
 }
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from device_agent import keys
+from device_agent import s3keys
 from device_agent.errors import PatientDetailsError
 from device_agent.fsutil import atomic_write, fsync_dir, sha256_file
 
@@ -64,7 +64,7 @@ class PackageInfo:
     def key(self, file: PackageFile | str) -> str:
         """The S3 key of one of this package's files, exactly as the layout document says."""
         name = file if isinstance(file, str) else file.name
-        return keys.package_key(self.date_prefix, self.stamp, name)
+        return s3keys.package_key(self.date_prefix, self.stamp, name)
 
 
 def file_names(stamp: str) -> dict[str, str]:
@@ -172,7 +172,7 @@ def _manifest_doc(info_files: list[PackageFile], *, stamp: str, date_prefix: str
             {
                 "name": f.name,
                 "kind": f.kind,
-                "key": keys.package_key(date_prefix, stamp, f.name),
+                "key": s3keys.package_key(date_prefix, stamp, f.name),
                 "size": f.size,
                 "sha256": f.sha256,
             }
@@ -211,8 +211,8 @@ def build_package(
     serial = record.device.serial
     if not serial or serial == "unknown":
         serial = settings.device_serial
-    stamp = keys.stamp(record.acquired_at)
-    date_prefix = keys.date_prefix(record.acquired_at)
+    stamp = s3keys.stamp(record.acquired_at)
+    date_prefix = s3keys.date_prefix(record.acquired_at)
     acquired_at = record.acquired_at.isoformat()
     names = file_names(stamp)
 

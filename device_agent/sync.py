@@ -248,7 +248,7 @@ class SyncLoop:
         return digest
 
     def _scan_reports(self, result: PassResult) -> None:
-        from device_agent.keys import report_key
+        from device_agent.s3keys import report_key
 
         reports = Path(self.settings.reports_dir)
         if not reports.is_dir():
@@ -279,7 +279,7 @@ class SyncLoop:
             return
         from device_agent.errors import UsersFileError
         from device_agent.fsutil import atomic_write
-        from device_agent.keys import signup_key
+        from device_agent.s3keys import signup_key
         from device_agent.users import read_users, signup_document
 
         try:
@@ -393,7 +393,7 @@ class SyncLoop:
 
     def _upload(self, item: Item) -> Any:
         """Put one item; returns a PutResult, an UploadError, or None (not attempted)."""
-        from device_agent.keys import object_metadata
+        from device_agent.s3keys import object_metadata
 
         try:
             body = item.path.read_bytes()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from device_agent import keys
+from device_agent import s3keys
 from device_agent.errors import UploadError
 
 log = logging.getLogger(__name__)
@@ -309,7 +309,7 @@ class Uploader:
             log.info("s3://%s/%s was already delivered (an earlier answer was lost)",
                      self.bucket, key)
             return PutResult(key, key, etag, ALREADY_DELIVERED)
-        alt = keys.disambiguated_key(key, sha256)
+        alt = s3keys.disambiguated_key(key, sha256)
         etag, state = self._put_if_absent(alt, body, sha256, metadata, content_type)
         if state == "different":
             raise UploadError(f"s3://{self.bucket}/{alt}: holds yet another file; "
@@ -363,7 +363,7 @@ def upload_package(uploader: Uploader, info: Any, *,
 
     def put(file: Any) -> PutResult:
         body = file.path.read_bytes()
-        meta = keys.object_metadata(file.kind, file.name, uploaded_at=uploaded_at,
+        meta = s3keys.object_metadata(file.kind, file.name, uploaded_at=uploaded_at,
                                     record_id=info.record_id, device_serial=info.device_serial,
                                     sha256=file.sha256)
         return uploader.put_new(info.key(file), body, sha256=file.sha256, metadata=meta,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from device_agent.record import LEAD_ORDER, DeviceInfo, Record
-from device_agent.wfdb import read_record, to_record
+from device_agent.lab.wfdb import read_record, to_record
 
 AT = datetime(2026, 11, 27, 9, 30, tzinfo=timezone(timedelta(hours=1)))
 

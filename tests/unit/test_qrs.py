@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from device_agent import qrs
 from device_agent.record import Record
-from device_agent.wfdb import read_record, to_record
+from device_agent.lab.wfdb import read_record, to_record
 
 # README reference rates (two detectors agree on these), as (low, high) bpm.
 REFERENCE_BPM = {

@@ -14,8 +14,8 @@ from device_agent.config import load_settings
 from device_agent.errors import CaptureRejected, SerialLinkError
 from device_agent.port import SerialReader
 from device_agent.record import LEAD_ORDER, MEASURED_LEADS, derive_leads
-from device_agent.simulator import MID_SCALE, BoardSimulator, FaultSpec, resample
-from device_agent.wfdb import read_record
+from device_agent.lab.simulator import MID_SCALE, BoardSimulator, FaultSpec, resample
+from device_agent.lab.wfdb import read_record
 from tests.conftest import RECORDS, wait_until
 
 CPM = 400.0

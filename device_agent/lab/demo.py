@@ -96,7 +96,7 @@ def run_demo(settings: Any, *, out: Path, record_path: Path, speed: float,
     from device_agent.capture import ProgressBar, capture_package
     from device_agent.outbox import Outbox
     from device_agent.port import SerialReader
-    from device_agent.simulator import BoardSimulator
+    from device_agent.lab.simulator import BoardSimulator
     from device_agent.sync import SyncLoop, build_uploader
     from device_agent.verify import delivered_items, verify_objects
 

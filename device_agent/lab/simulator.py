@@ -26,7 +26,7 @@ import numpy as np
 
 from device_agent.framing import END, FRAME_LEN, LENGTH, OPCODE, START
 from device_agent.record import ELECTRODES, MEASURED_LEADS
-from device_agent.wfdb import read_record
+from device_agent.lab.wfdb import read_record
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +354,7 @@ def cmd_simulate(settings, args) -> int:
         raise ConfigError(f"--faults: {exc}") from None
     record = args.record
     if record is None:
-        from device_agent.demo import default_record
+        from device_agent.lab.demo import default_record
 
         record = default_record()
     hea = record if Path(record).suffix == ".hea" else Path(f"{record}.hea")

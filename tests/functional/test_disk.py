@@ -15,7 +15,7 @@ from device_agent.disk import ensure_free_space, is_disk_full, prune
 from device_agent.errors import DiskSpaceError
 from device_agent.fsutil import atomic_write
 from device_agent.outbox import Outbox
-from tests._h5_helpers import make_package
+from tests.helpers import make_package
 
 
 def _settings(tmp_path: Path, **kw):
@@ -96,7 +96,7 @@ def test_service_survives_a_full_disk_and_loses_nothing(tiny_fs, tmp_path):
     from device_agent.package import load_package
     from device_agent.sync import SyncLoop
     from tests.conftest import wait_until
-    from tests.test_sync import FakeUploader, _real_package
+    from tests.functional.test_sync import FakeUploader, _real_package
 
     settings = _settings(tmp_path, state_dir=tiny_fs / "state",
                          reports_dir=tiny_fs / "reports",

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agent import keys
+from device_agent import s3keys
 from device_agent.config import load_settings
 from device_agent.errors import PatientDetailsError
 from device_agent.fsutil import sha256_file
 from device_agent.package import build_package, load_package, validate_patient
 from device_agent.record import DeviceInfo, Record
-from device_agent.wfdb import to_record
+from device_agent.lab.wfdb import to_record
 
 IST = timezone(timedelta(hours=5, minutes=30))
 PATIENT = {"first_name": "Test", "last_name": "Patient-7", "age": "45", "gender": "F",
@@ -161,4 +161,4 @@ def test_real_record_with_real_encoder_and_detector(tmp_path, settings, ecg_data
     assert 60 < back.measurements["heart_rate_bpm"] < 75  # README: 68-69 bpm
     pdf = next(f for f in info.files if f.kind == "ecg_report_pdf")
     assert pdf.path.read_bytes().startswith(b"%PDF")
-    assert keys.stamp(back.acquired_at) == info.stamp
+    assert s3keys.stamp(back.acquired_at) == info.stamp

@@ -24,7 +24,7 @@ from device_agent.spool import ServiceLock, Spool, running_pid
 from device_agent.status import collect_status
 from tests.conftest import wait_until
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -241,7 +241,7 @@ def test_capture_while_run_is_active_goes_through_the_service(
         tmp_path: Path, ecg_data_dir: Path, s3_endpoint: str, s3_bucket: str):
     import boto3
 
-    from device_agent.simulator import BoardSimulator
+    from device_agent.lab.simulator import BoardSimulator
 
     link = tmp_path / "ttyBOARD"
     state = tmp_path / "state"

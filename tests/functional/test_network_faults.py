@@ -23,7 +23,7 @@ from device_agent.outbox import Outbox
 from tests.conftest import wait_until
 from tests.faultproxy import FaultProxy
 
-AGENT = Path(__file__).with_name("_h5_agent.py")
+AGENT = Path(__file__).resolve().parents[1] / "campaigns" / "agent_process.py"
 RECORDS = 4
 _TICK = os.sysconf("SC_CLK_TCK")
 

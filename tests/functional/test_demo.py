@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.demo import bucket_tree
+from device_agent.lab.demo import bucket_tree
 
-SPEC = Path(__file__).resolve().parents[1] / "docs" / "s3-layout.md"
+SPEC = Path(__file__).resolve().parents[2] / "docs" / "s3-layout.md"
 
 
 def _example_tree(number: int) -> str:

@@ -10,10 +10,10 @@ import numpy as np
 from device_agent.capture import capture_package, held_dir, release_held
 from device_agent.clock import Clock
 from device_agent.config import load_settings
-from device_agent.demo import default_record
+from device_agent.lab.demo import default_record
 from device_agent.framing import FrameDecoder
 from device_agent.outbox import Outbox
-from device_agent.simulator import encode_frames, record_counts
+from device_agent.lab.simulator import encode_frames, record_counts
 
 BOOT_1970 = 3600.0  # a board without an RTC boots at the epoch
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from device_agent.outbox import DELIVERED, FAILED, PENDING, Outbox
-from tests._h5_helpers import make_package
+from tests.helpers import make_package
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """A capture-and-sync agent process for the crash campaign (run as a subprocess, then killed).
 
-`python tests/_h5_agent.py --state DIR --endpoint URL --bucket B --records N` captures
+`python tests/agent_process.py --state DIR --endpoint URL --bucket B --records N` captures
 records 0..N-1 (real PTB-XL recordings standing in for the board, one stamp per index)
 into STATE_DIR/records with build_package, syncing after each capture, then drains until
 the outbox is empty. It is safe to SIGKILL at any moment and to start again.
@@ -15,7 +15,7 @@ import threading
 from datetime import datetime, timedelta
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 ECG = REPO / "tests" / "data" / "ecg"
@@ -41,7 +41,7 @@ def settings_for(state: Path, endpoint: str, bucket: str, **extra: str):
 
 def make_record(index: int, serial: str):
     """Record `index`: a real recording as the board would deliver it, stamped BASE + index s."""
-    from device_agent import wfdb
+    from device_agent.lab import wfdb
     from device_agent.record import DeviceInfo
 
     return wfdb.to_record(ECG / f"{RECORDINGS[index % len(RECORDINGS)]}.hea",

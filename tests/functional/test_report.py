@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_qrs import wfdb_record
+from tests.unit.test_qrs import wfdb_record
 
 from device_agent import report
 from device_agent.cli import main
@@ -85,7 +85,7 @@ def _flat_record(fs: int = 500, seconds: float = 10.0) -> Record:
 
 @pytest.fixture(scope="module")
 def hr06000():
-    from conftest import ECG_DATA
+    from tests.conftest import ECG_DATA
 
     return wfdb_record(ECG_DATA / "HR06000")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "device-agent.service"
 INSTALL = REPO / "systemd" / "install.sh"
 ANALYZE = shutil.which("systemd-analyze")

@@ -10,14 +10,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from device_agent import keys
+from device_agent import s3keys
 
 SAFE_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 def test_package_key_matches_layout_example():
     assert (
-        keys.package_key("2026/01/24", "20260124_121815", "ECG_Report_20260124_121815.pdf")
+        s3keys.package_key("2026/01/24", "20260124_121815", "ECG_Report_20260124_121815.pdf")
         == "ecg-reports/2026/01/24/20260124_121815/ECG_Report_20260124_121815.pdf"
     )
 
@@ -34,40 +34,40 @@ def test_package_key_matches_layout_example():
 )
 def test_package_key_rejects_malformed_parts(prefix, stamp, name):
     with pytest.raises(ValueError):
-        keys.package_key(prefix, stamp, name)
+        s3keys.package_key(prefix, stamp, name)
 
 
 def test_report_key_dates_from_name_not_mtime():
     mtime = datetime(2027, 3, 4, 5, 6, 7)
     assert (
-        keys.report_key("ECG_Report_20260124_121815.pdf", mtime)
+        s3keys.report_key("ECG_Report_20260124_121815.pdf", mtime)
         == "ecg-reports/2026/01/24/ECG_Report_20260124_121815.pdf"
     )
     assert (
-        keys.report_key("ECG_Report_20260124_121815.json", mtime)
+        s3keys.report_key("ECG_Report_20260124_121815.json", mtime)
         == "ecg-reports/2026/01/24/ECG_Report_20260124_121815.json"
     )
 
 
 def test_report_key_falls_back_to_mtime():
     mtime = datetime(2027, 3, 4, 5, 6, 7)
-    assert keys.report_key("holter.pdf", mtime) == "ecg-reports/2027/03/04/holter.pdf"
+    assert s3keys.report_key("holter.pdf", mtime) == "ecg-reports/2027/03/04/holter.pdf"
     # a stamp that is not a real date is not trusted
     assert (
-        keys.report_key("ECG_Report_20261399_250000.pdf", mtime)
+        s3keys.report_key("ECG_Report_20261399_250000.pdf", mtime)
         == "ecg-reports/2027/03/04/ECG_Report_20261399_250000.pdf"
     )
 
 
 def test_signup_key_matches_layout_examples():
     when = datetime(2026, 1, 24, 12, 4, 19)
-    assert keys.signup_key("ptr", when) == (
+    assert s3keys.signup_key("ptr", when) == (
         "ecg-reports/2026/01/24/user_signup_ptr_20260124_120419.json"
     )
-    assert keys.signup_key("Divyansh", when) == (
+    assert s3keys.signup_key("Divyansh", when) == (
         "ecg-reports/2026/01/24/user_signup_Divyansh_20260124_120419.json"
     )
-    assert keys.signup_key("12345", when) == (
+    assert s3keys.signup_key("12345", when) == (
         "ecg-reports/2026/01/24/user_signup_12345_20260124_120419.json"
     )
 
@@ -83,48 +83,48 @@ def test_signup_key_matches_layout_examples():
     ],
 )
 def test_safe_username_examples(name, expected):
-    safe = keys.safe_username(name)
+    safe = s3keys.safe_username(name)
     assert safe.startswith(expected)
     assert SAFE_RE.match(safe)
 
 
 def test_traversal_username_stays_in_its_date_folder():
-    key = keys.signup_key("../../etc/x", datetime(2026, 1, 24, 12, 4, 19))
+    key = s3keys.signup_key("../../etc/x", datetime(2026, 1, 24, 12, 4, 19))
     assert posixpath.normpath(key) == key
     assert key.startswith("ecg-reports/2026/01/24/user_signup_")
     assert key.count("/") == 4
 
 
 def test_non_latin_username_gets_stable_distinct_tokens():
-    a, b = keys.safe_username("דוד"), keys.safe_username("дмитрий")
-    assert a == keys.safe_username("דוד")
+    a, b = s3keys.safe_username("דוד"), s3keys.safe_username("дмитрий")
+    assert a == s3keys.safe_username("דוד")
     assert a != b and SAFE_RE.match(a) and SAFE_RE.match(b)
 
 
 @given(st.text(max_size=200))
 def test_safe_username_properties(name):
-    safe = keys.safe_username(name)
+    safe = s3keys.safe_username(name)
     assert SAFE_RE.match(safe)
-    assert 0 < len(safe) <= keys.USERNAME_MAX
+    assert 0 < len(safe) <= s3keys.USERNAME_MAX
     assert ".." not in safe and not safe.startswith(".")
-    assert keys.safe_username(name) == safe
+    assert s3keys.safe_username(name) == safe
 
 
 def test_disambiguated_key_is_deterministic_and_keeps_extension():
     sha = "ab" * 32
     key = "ecg-reports/2026/01/24/20260124_121815/ECG_Report_20260124_121815.pdf"
-    out = keys.disambiguated_key(key, sha)
+    out = s3keys.disambiguated_key(key, sha)
     assert out == (
         "ecg-reports/2026/01/24/20260124_121815/ECG_Report_20260124_121815__abababababab.pdf"
     )
-    assert keys.disambiguated_key(key, sha) == out
-    assert keys.disambiguated_key("ecg-reports/x", sha) == "ecg-reports/x__abababababab"
+    assert s3keys.disambiguated_key(key, sha) == out
+    assert s3keys.disambiguated_key("ecg-reports/x", sha) == "ecg-reports/x__abababababab"
     with pytest.raises(ValueError):
-        keys.disambiguated_key(key, "not-hex")
+        s3keys.disambiguated_key(key, "not-hex")
 
 
 def test_object_metadata_has_only_provenance_fields():
-    meta = keys.object_metadata(
+    meta = s3keys.object_metadata(
         "ecg_report_pdf",
         "ECG_Report_20260124_121815.pdf",
         uploaded_at=datetime(2026, 1, 24, 12, 20, tzinfo=timezone(timedelta(hours=5, minutes=30))),
@@ -143,10 +143,10 @@ def test_object_metadata_has_only_provenance_fields():
 
 
 def test_object_metadata_values_are_ascii_and_kind_checked():
-    meta = keys.object_metadata(
+    meta = s3keys.object_metadata(
         "report_json", "ECG_Report_Ü.json", uploaded_at=datetime.now(UTC), sha256="0" * 64
     )
     assert all(v.isascii() for v in meta.values())
     assert meta["filename"] == "ECG_Report_%C3%9C.json"
     with pytest.raises(ValueError):
-        keys.object_metadata("patient_name", "x", uploaded_at="now", sha256="0" * 64)
+        s3keys.object_metadata("patient_name", "x", uploaded_at="now", sha256="0" * 64)

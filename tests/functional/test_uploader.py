@@ -13,7 +13,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
-from device_agent import keys
+from device_agent import s3keys
 from device_agent.config import load_settings
 from device_agent.errors import UploadError
 from device_agent.package import build_package
@@ -27,9 +27,9 @@ from device_agent.uploader import (
     make_client,
     upload_package,
 )
-from tests.test_package import FAKES, make_record
+from tests.unit.test_package import FAKES, make_record
 
-LAYOUT = Path(__file__).resolve().parents[1] / "docs" / "s3-layout.md"
+LAYOUT = Path(__file__).resolve().parents[2] / "docs" / "s3-layout.md"
 IST = timezone(timedelta(hours=5, minutes=30))
 PATIENT = {"first_name": "Zyxwa", "last_name": "Qwertzuiop", "age": "73", "gender": "M",
            "patient_name": "Zyxwa Qwertzuiop", "doctor": "Dr. Synthetic"}
@@ -151,7 +151,7 @@ def test_different_file_at_same_key_is_kept_under_disambiguated_key(uploader, cl
     body = b"%PDF ours"
     result = uploader.put_new(key, body, sha256=_sha(body), metadata={},
                               content_type="application/pdf")
-    alt = keys.disambiguated_key(key, _sha(body))
+    alt = s3keys.disambiguated_key(key, _sha(body))
     assert result.outcome == COLLISION and result.requested_key == key and result.key == alt
     assert "holds a different file" in caplog.text
     assert client.get_object(Bucket=s3_bucket, Key=key)["Body"].read() == b"other device's report"
@@ -321,7 +321,7 @@ def test_boto3_is_not_imported_by_keys_or_package():
     import subprocess
     import sys
 
-    code = ("import sys, device_agent.keys, device_agent.package, device_agent.uploader;"
+    code = ("import sys, device_agent.s3keys, device_agent.package, device_agent.uploader;"
             "print('boto3' in sys.modules, 'numpy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()

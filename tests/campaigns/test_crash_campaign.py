@@ -1,6 +1,6 @@
 """Crash campaign: SIGKILL a capture-and-sync agent at random moments; nothing lost, nothing twice.
 
-The agent (tests/_h5_agent.py) is a subprocess; moto's S3 server lives in the test process
+The agent (tests/agent_process.py) is a subprocess; moto's S3 server lives in the test process
 (conftest s3_endpoint), so killing the agent never takes S3 down. After the kills, one run
 without kills drains what is left; then every captured record (a package folder with a
 manifest) must be in the bucket exactly once, byte-identical to its manifest.
@@ -24,7 +24,7 @@ import pytest
 
 from device_agent.outbox import Outbox
 
-AGENT = Path(__file__).with_name("_h5_agent.py")
+AGENT = Path(__file__).with_name("agent_process.py")
 
 
 def _campaign(tmp_path: Path, endpoint: str, bucket: str, *, kills: int, records: int,

@@ -16,7 +16,7 @@ from device_agent.outbox import Outbox
 from device_agent.package import load_package
 from device_agent.sync import SyncLoop
 from device_agent.uploader import Uploader, make_client
-from tests.test_sync import _real_package
+from tests.functional.test_sync import _real_package
 
 STAMP = "20260124_121815"
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from device_agent.framing import FRAME_LEN, FrameDecoder, Frames, find_frames
-from device_agent.simulator import FaultSpec, Truth, encode_frames, inject
+from device_agent.lab.simulator import FaultSpec, Truth, encode_frames, inject
 
 
 def _stream(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

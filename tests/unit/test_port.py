@@ -10,7 +10,7 @@ import serial
 
 from device_agent.errors import SerialLinkError
 from device_agent.port import SerialReader, open_port
-from device_agent.simulator import encode_frames
+from device_agent.lab.simulator import encode_frames
 from tests.conftest import wait_until
 
 

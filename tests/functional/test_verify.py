@@ -12,8 +12,8 @@ from device_agent.outbox import Outbox
 from device_agent.package import build_package
 from device_agent.uploader import Uploader, make_client, upload_package
 from device_agent.verify import MISSING, OK, SHA, SIZE, Expected, cmd_verify, verify_objects
-from tests.test_package import FAKES, make_record
-from tests.test_uploader import PATIENT, _settings
+from tests.unit.test_package import FAKES, make_record
+from tests.functional.test_uploader import PATIENT, _settings
 
 pytestmark = pytest.mark.functional
 

@@ -15,7 +15,7 @@ import pytest
 from device_agent.errors import OutboxBusy, UploadError
 from device_agent.outbox import DELIVERED, FAILED, PENDING, Outbox
 from device_agent.sync import DrainLock, SyncLoop, backoff_delay
-from tests._h5_helpers import make_package
+from tests.helpers import make_package
 from tests.conftest import wait_until
 
 

@@ -20,7 +20,7 @@ from device_agent.record import (
     Quality,
     Record,
 )
-from device_agent.wfdb import read_record, to_record
+from device_agent.lab.wfdb import read_record, to_record
 
 INT16 = (-32768, 32767)
 INT32 = (-(2**31), 2**31 - 1)
