@@ -150,6 +150,22 @@ def encode_ecg(
     uid_root: str = DEFAULT_UID_ROOT,
 ) -> bytes:
     """The record as a DICOM 12-Lead ECG Waveform Storage file (Part 10 bytes)."""
+    ds = build_dataset(record, patient, equipment=equipment, filters=filters,
+                       uid_root=uid_root)
+    out = io.BytesIO()
+    dcmwrite(out, ds, enforce_file_format=True)
+    return out.getvalue()
+
+
+def build_dataset(
+    record: Record,
+    patient: Mapping[str, Any] | None,
+    *,
+    equipment: Equipment,
+    filters: DisplayFilter | None = None,
+    uid_root: str = DEFAULT_UID_ROOT,
+) -> Dataset:
+    """The pydicom Dataset (file meta included) that encode_ecg writes."""
     _check(record, uid_root)
     ds = Dataset()
     _patient(ds, patient or {})
@@ -171,9 +187,7 @@ def encode_ecg(
     meta.ImplementationClassUID = UID(_uid(DEFAULT_UID_ROOT, "device_agent", "implementation"))
     meta.ImplementationVersionName = f"DEVAGENT_{__version__}"[:16]
     ds.file_meta = meta
-    out = io.BytesIO()
-    dcmwrite(out, ds, enforce_file_format=True)
-    return out.getvalue()
+    return ds
 
 
 def lead_step_uv(samples: np.ndarray, missing: np.ndarray) -> np.ndarray:

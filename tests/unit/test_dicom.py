@@ -370,3 +370,11 @@ def test_quantise_rounds_half_away_from_zero_and_pads_lost_samples():
     assert stored[0].tolist() == [0, 32767, -32767, 5, -5]
     assert stored[1].tolist() == [21845, -21845, 1, -1, 0]
     assert stored[2].tolist() == [20000, 1, -1, 1, PADDING_VALUE]
+
+
+def test_build_dataset_is_what_encode_ecg_writes(json_record):
+    ds = dicom.build_dataset(json_record, PATIENT, equipment=EQUIPMENT)
+    assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    out = io.BytesIO()
+    pydicom.dcmwrite(out, ds, enforce_file_format=True)
+    assert out.getvalue() == encode_ecg(json_record, PATIENT, equipment=EQUIPMENT)
