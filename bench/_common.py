@@ -26,3 +26,22 @@ def print_rows(rows: list[dict]) -> None:
     print("|" + "---|" * len(COLUMNS))
     for r in rows:
         print("| " + " | ".join(str(r[k]) for k in COLUMNS) + " |")
+
+
+def interleaved_cpu_medians(
+    contestants: dict[str, Callable[[], object]], repeats: int = 15
+) -> dict[str, float]:
+    """Median CPU seconds per call of each contestant, called round-robin `repeats` times.
+
+    Round-robin makes a slow spell of the machine (another process, a frequency change)
+    fall on every contestant alike; CPU time (time.process_time) leaves out waiting.
+    """
+    for fn in contestants.values():
+        fn()  # warm up imports and caches
+    times: dict[str, list[float]] = {name: [] for name in contestants}
+    for _ in range(max(repeats, 15)):
+        for name, fn in contestants.items():
+            t0 = time.process_time()
+            fn()
+            times[name].append(time.process_time() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
