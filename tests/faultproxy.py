@@ -3,7 +3,11 @@
 Modes (switch with `set_mode`, which also drops every open connection so kept-alive ones
 see the new mode): "pass" relays bytes; "refuse" stops listening (connection refused);
 "slowdown" answers each request with 503 SlowDown; "reset" resets connections mid-request,
-or after relaying a request but before its answer (the answer is lost, the write happened).
+or after relaying a request but before its answer (the answer is lost, the write happened);
+"drip" relays the request, then the answer one byte every `drip_interval_s`; "blackhole"
+accepts and never answers (not even a TLS handshake); "portal" answers every request with a
+captive portal's 200 OK HTML page. With `server_context` the proxy terminates TLS.
+`counts["client_gone"]` counts connections the client closed while the proxy held them.
 """
 
 from __future__ import annotations
@@ -12,13 +16,30 @@ import contextlib
 import random
 import select
 import socket
+import ssl
 import struct
 import threading
+import time
 
 _SLOWDOWN = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
              b"Connection: close\r\nContent-Length: %d\r\n\r\n%s")
 _SLOWDOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
                   b"<Message>Please reduce your request rate.</Message></Error>")
+PORTAL_HTML = (b"<!DOCTYPE html><html><head><title>Hospital Guest Wi-Fi</title></head>"
+               b"<body><h1>Welcome</h1><p>Accept the terms of use to continue.</p>"
+               b'<form method="post" action="/accept"><button>Accept</button></form>'
+               b"</body></html>")
+_PORTAL = (b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"
+           b"Connection: close\r\nContent-Length: %d\r\n\r\n%s")
+MODES = ("pass", "refuse", "slowdown", "reset", "drip", "blackhole", "portal")
+
+
+def _recv(sock: socket.socket) -> bytes:
+    """Up to 64 KiB; for TLS also what OpenSSL already decrypted (select does not see it)."""
+    data = sock.recv(65536)
+    while data and isinstance(sock, ssl.SSLSocket) and sock.pending():
+        data += sock.recv(sock.pending())
+    return data
 
 
 def _reset(sock: socket.socket) -> None:
@@ -32,12 +53,17 @@ def _reset(sock: socket.socket) -> None:
 class FaultProxy:
     """Proxy 127.0.0.1:port -> upstream; `with FaultProxy(...) as p:` joins every thread."""
 
-    def __init__(self, upstream_port: int, *, seed: int = 0) -> None:
+    def __init__(self, upstream_port: int, *, seed: int = 0,
+                 server_context: ssl.SSLContext | None = None,
+                 drip_interval_s: float = 0.5) -> None:
         self.upstream = ("127.0.0.1", upstream_port)
         self.mode = "pass"
         self.rng = random.Random(seed)
+        self.server_context = server_context
+        self.drip_interval_s = drip_interval_s
         self.counts = {"accepted": 0, "refused_periods": 0, "slowdowns": 0, "resets": 0,
-                       "lost_answers": 0}
+                       "lost_answers": 0, "client_gone": 0, "drip_bytes": 0,
+                       "drip_answer_bytes": 0, "portals": 0, "tls_failures": 0}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._conns: set[socket.socket] = set()
@@ -49,7 +75,8 @@ class FaultProxy:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.server_context is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def _listen(self, port: int) -> int:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -62,7 +89,7 @@ class FaultProxy:
 
     def set_mode(self, mode: str) -> None:
         """Switch fault mode and drop open connections."""
-        assert mode in ("pass", "refuse", "slowdown", "reset")
+        assert mode in MODES
         with self._lock:
             previous, self.mode = self.mode, mode
             if mode == "refuse" and self._listener is not None:
@@ -93,10 +120,29 @@ class FaultProxy:
 
     def _serve(self, client: socket.socket, mode: str) -> None:
         client.settimeout(5)
+        raw = client
         with self._lock:
             self._conns.add(client)
         try:
-            if mode == "slowdown":
+            if mode == "blackhole":
+                self._hold(client)
+                return
+            if self.server_context is not None:
+                try:
+                    client = self.server_context.wrap_socket(client, server_side=True)
+                except OSError:  # ssl.SSLError included
+                    self.counts["tls_failures"] += 1
+                    raise
+                with self._lock:
+                    self._conns.add(client)
+            if mode == "drip":
+                self._drip(client)
+            elif mode == "portal":
+                self._read_request(client)
+                self.counts["portals"] += 1
+                client.sendall(_PORTAL % (len(PORTAL_HTML), PORTAL_HTML))
+                client.close()
+            elif mode == "slowdown":
                 self._read_head(client)
                 self.counts["slowdowns"] += 1
                 client.sendall(_SLOWDOWN % (len(_SLOWDOWN_BODY), _SLOWDOWN_BODY))
@@ -110,6 +156,7 @@ class FaultProxy:
         finally:
             with self._lock:
                 self._conns.discard(client)
+                self._conns.discard(raw)
 
     def _read_head(self, client: socket.socket) -> bytes:
         data = b""
@@ -119,6 +166,71 @@ class FaultProxy:
                 break
             data += chunk
         return data
+
+    def _read_request(self, client: socket.socket) -> None:
+        """Read a whole request (head and Content-Length body) so closing sends no RST."""
+        data = self._read_head(client)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.strip())
+        while len(body) < length:
+            chunk = client.recv(min(65536, length - len(body)))
+            if not chunk:
+                break
+            body += chunk
+
+    def _hold(self, client: socket.socket) -> None:
+        """Accept, read and discard, never answer; count the client giving up."""
+        while not self._stop.is_set():
+            ready, _, _ = select.select([client], [], [], 0.1)
+            if not ready:
+                continue
+            try:
+                data = client.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                self.counts["client_gone"] += 1
+                return
+
+    def _drip(self, client: socket.socket) -> None:
+        """Relay the request; hand the answer back one byte per interval."""
+        upstream = socket.create_connection(self.upstream, timeout=5)
+        pending = b""
+        next_drip = time.monotonic() + self.drip_interval_s
+        try:
+            while not self._stop.is_set():
+                wait = max(0.0, min(next_drip - time.monotonic(), 0.1))
+                ready, _, _ = select.select([client, upstream], [], [], wait)
+                for sock in ready:
+                    try:
+                        data = _recv(sock)
+                    except OSError:
+                        data = b""
+                    if sock is client:
+                        if not data:
+                            self.counts["client_gone"] += 1
+                            return
+                        upstream.sendall(data)
+                    elif data:
+                        pending += data
+                        self.counts["drip_answer_bytes"] += len(data)
+                if pending and time.monotonic() >= next_drip:
+                    try:
+                        client.sendall(pending[:1])
+                    except OSError:
+                        self.counts["client_gone"] += 1
+                        return
+                    pending = pending[1:]
+                    self.counts["drip_bytes"] += 1
+                    next_drip = time.monotonic() + self.drip_interval_s
+        finally:
+            upstream.close()
+            with contextlib.suppress(OSError):
+                client.close()
 
     def _reset_mid_request(self, client: socket.socket) -> None:
         upstream = socket.create_connection(self.upstream, timeout=5)
@@ -143,7 +255,7 @@ class FaultProxy:
             while not self._stop.is_set():
                 ready, _, _ = select.select([client, upstream], [], [], 0.1)
                 for sock in ready:
-                    data = sock.recv(65536)
+                    data = _recv(sock)
                     if not data:
                         return
                     if sock is client:
