@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_rows
 
 from device_agent.framing import FrameDecoder
-from device_agent.port import READ_CHUNK
 from device_agent.lab.simulator import FaultSpec, Truth, encode_frames, inject
+from device_agent.port import READ_CHUNK
 
 SECONDS = 60
 RATE = 500

@@ -24,8 +24,8 @@ sys.path.insert(0, str(REPO / "bench"))
 from _common import median_s, print_rows  # noqa: E402
 
 from device_agent import ecgdata  # noqa: E402
-from device_agent.record import AdcInfo, DeviceInfo, Quality, Record  # noqa: E402
 from device_agent.lab.wfdb import to_record  # noqa: E402
+from device_agent.record import AdcInfo, DeviceInfo, Quality, Record  # noqa: E402
 
 RECORD = REPO / "tests" / "data" / "ecg" / "HR06000"
 REPEATS = 200

@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO / "bench"))
 from _common import median_s, print_rows  # noqa: E402
 
 from device_agent import report  # noqa: E402
-from device_agent.record import Record  # noqa: E402
 from device_agent.lab.wfdb import to_record  # noqa: E402
+from device_agent.record import Record  # noqa: E402
 
 DATA = REPO / "tests" / "data" / "ecg"
 PATIENT = {"first_name": "Bench", "last_name": "Synthetic", "age": 59, "gender": "Female"}

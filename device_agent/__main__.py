@@ -2,6 +2,6 @@
 
 import sys
 
-from device_agent.cli import main
+from device_agent.commands import main
 
 sys.exit(main())

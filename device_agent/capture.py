@@ -1,95 +1,104 @@
-"""One capture: N seconds of frames from the board become a Record, then a package.
+"""One capture: N seconds of frames from the board become a measured Record, then a package.
 
-The wall clock is read ONCE, when the capture starts (`clock`, a collaborator); the rate is
-settings.sampling_rate, never measured. Sample positions come from the frame counter, so
-a lost frame is a missing sample in its own place. A record that lost too much is still
-written (marked rejected) and then reported with CaptureRejected.
+The capture starts at the first frame that arrives after it was asked for: whatever the port
+had buffered before is discarded, and the record's one timestamp is the wall-clock time of
+its first sample. The rate is settings.sampling_rate, never measured. Sample positions come
+from the frame counter, so a lost frame is a missing sample in its own place. Measurements
+are computed here, once, and stored in the record; the JSON, the PDF and the DICOM copy only
+render them.
+
+What becomes of the capture is decided once (package.decide): a rejected capture and one the
+operator withheld are written with their decision and never queued; with an unsynchronised
+clock the record is held (clock.py) and packaged once the time is known.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import sys
-import time
+import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from device_agent import __version__
-from device_agent.errors import CaptureRejected, PatientDetailsError, SerialLinkError
+import numpy as np
+
+from device_agent import __version__, dicom, ecgdata, qrs, report
+from device_agent.clock import Clock, HoldTicket, held_dir, hold, ready
+from device_agent.config import Settings
+from device_agent.disk import ensure_free_space
+from device_agent.errors import SerialLinkError
 from device_agent.framing import Frames
+from device_agent.outbox import QUEUED, Outbox
+from device_agent.package import Disposition, PackageInfo, build_package, decide
 from device_agent.port import SerialReader
 from device_agent.record import VERDICT_REJECTED, DeviceInfo, Record, build_record
 
 log = logging.getLogger(__name__)
 
 EXTRA_WAIT_S = 10.0  # beyond the capture length, how long to wait for a silent board
-
-
-def local_now() -> datetime:
-    """Timezone-aware local wall-clock time (the production `clock`)."""
-    return datetime.now().astimezone()
+HELD_WARNING = ("the clock is not synchronised, so the record cannot be named yet; it is held "
+                "and will be packaged and queued once the clock is known (device-agent status "
+                "shows the clock)")
 
 
 def capture_record(
-    source: SerialReader | str,
-    settings: Any,
+    reader: SerialReader,
+    settings: Settings,
     *,
+    clock: Clock,
     seconds: float | None = None,
-    clock: Callable[[], datetime] = local_now,
     progress: Callable[[int, int], None] | None = None,
     timeout_s: float | None = None,
-    monotonic: Callable[[], float] = time.monotonic,
 ) -> Record:
-    """Capture `seconds` of signal from a running reader (or a port URL opened here)."""
+    """Capture `seconds` of signal from a running reader, starting after this call starts."""
     seconds = settings.capture_seconds if seconds is None else seconds
-    n = round(seconds * settings.sampling_rate)
+    rate = settings.sampling_rate
+    n = round(seconds * rate)
     timeout_s = seconds + EXTRA_WAIT_S if timeout_s is None else timeout_s
-    own = isinstance(source, str)
-    reader = SerialReader.from_settings(settings, source).start(fail_fast=True) if own \
-        else source
-    try:
-        reader.clear()  # frames from before the request are not this capture's
-        resyncs0 = reader.decoder.resyncs
-        acquired_at = clock()
-        batches: list[Frames] = []
-        first: int | None = None
-        done = 0
-        deadline = monotonic() + timeout_s
-        while done < n:
-            remaining = deadline - monotonic()
-            if remaining <= 0:
-                break
-            frames = reader.get(min(0.1, remaining))
-            if frames is None or not len(frames):
-                continue
-            if first is None:
-                first = int(frames.position[0])
-            batches.append(frames)
-            done = int(frames.position[-1]) - first + 1
-            if progress is not None:
-                progress(min(done, n), n)
-        bad_frames = reader.decoder.resyncs - resyncs0
-    finally:
-        if own:
-            reader.stop()
-    if first is None:
+    reader.clear()
+    resyncs0 = reader.decoder.resyncs
+    started = clock.monotonic()
+    wall_at_start = clock.now()
+    batches: list[Frames] = []
+    first: int | None = None
+    first_at: float | None = None
+    done = 0
+    deadline = started + timeout_s
+    while done < n:
+        remaining = deadline - clock.monotonic()
+        if remaining <= 0:
+            break
+        frames = reader.get(min(0.1, remaining))
+        if frames is None or not len(frames):
+            continue
+        if first is None:  # frames come at the decoder's rate (a sped-up simulator's too)
+            frames, first_at = _after(frames, started, reader.decoder.sampling_rate)
+            if not len(frames):
+                continue  # all of it was buffered before the capture started
+            first = int(frames.position[0])
+        batches.append(frames)
+        done = int(frames.position[-1]) - first + 1
+        if progress is not None:
+            progress(min(done, n), n)
+    bad_frames = reader.decoder.resyncs - resyncs0
+    if first is None or first_at is None:
         state = reader.state
         raise SerialLinkError(
             f"no frames from the board on {reader.url} within {timeout_s:.0f} s "
             f"({'connected' if state.connected else 'not connected'}, "
             f"{state.bytes_read} bytes read): check the board is powered and cabled, and "
-            f"ECG_BYTE_ORDER / ECG_BAUD_RATE"
-        )
+            f"ECG_BYTE_ORDER / ECG_BAUD_RATE")
     if done < n:
         log.warning("board on %s stopped sending after %d of %d samples", reader.url, done, n)
     frames = Frames.concat(batches)
     device = DeviceInfo(serial=settings.device_serial, model=settings.device_model,
                         agent_version=__version__)
+    acquired_at = wall_at_start + timedelta(seconds=max(0.0, first_at - started))
     record = build_record(
         frames.position - first, frames.counts, frames.electrodes, n_samples=n,
         acquired_at=acquired_at, settings=settings, device=device,
@@ -100,141 +109,164 @@ def capture_record(
     return record
 
 
-def _read_patient(path: Path | None) -> dict | None:
-    if path is None:
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PatientDetailsError(
-            f"cannot read patient details {path}: {exc}; pass a JSON object file"
-        ) from exc
+def _after(frames: Frames, started: float, rate: float) -> tuple[Frames, float | None]:
+    """The frames of a batch that arrived after `started`, and when the first of them did.
+
+    A batch carries the monotonic time its bytes were read; frame i of n is taken to have
+    arrived (n - 1 - i) sample periods before that, so a backlog read in one go dates back
+    to when the board sent it and is dropped.
+    """
+    if frames.arrival is None:
+        return frames, started
+    count = len(frames)
+    arrived = frames.arrival - (count - 1 - np.arange(count)) / rate
+    keep = np.flatnonzero(arrived >= started)
+    if keep.size == 0:
+        return Frames.empty(), None
+    k = int(keep[0])
+    kept = Frames(frames.position[k:], frames.counter[k:], frames.checksum[k:],
+                  frames.counts[k:], frames.electrodes[k:], frames.arrival)
+    return kept, float(arrived[k])
 
 
-class ProgressBar:
-    """Capture progress on stderr, redrawn only when the percentage changes."""
+def measure_once(record: Record, *, mains_hz: float) -> Record:
+    """The record with its measurements: computed here, once, and only rendered after."""
+    return dataclasses.replace(record, measurements=qrs.measurements(record, mains_hz=mains_hz))
 
-    def __init__(self, width: int = 30) -> None:
-        self.width = width
-        self._last = -1
 
-    def __call__(self, done: int, total: int) -> None:
-        percent = 100 * done // max(total, 1)
-        if percent == self._last:
-            return
-        self._last = percent
-        filled = self.width * done // max(total, 1)
-        sys.stderr.write(f"\rcapturing [{'#' * filled}{'.' * (self.width - filled)}] "
-                         f"{percent:3d}%")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+class PackageEncoders:
+    """The bytes of a package from a measured record: JSON, PDF, and the DICOM copy."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.style = report.ReportStyle.from_settings(settings)
+
+    def ecg_json(self, record: Record) -> bytes:
+        return ecgdata.dumps(record)
+
+    def pdf(self, record: Record, patient: Mapping[str, Any]) -> bytes:
+        return report.render_pdf(record, patient, style=self.style)
+
+    def dicom(self, record: Record, patient: Mapping[str, Any]) -> bytes | None:
+        """The DICOM 12-lead ECG copy (PACKAGE_DICOM), or None when off or not encodable."""
+        if not self.settings.package_dicom:
+            return None
+        style = self.style
+        try:
+            return dicom.encode_ecg(
+                record, patient,
+                equipment=dicom.Equipment.of(record.device,
+                                             manufacturer=self.settings.device_manufacturer),
+                filters=dicom.DisplayFilter(style.highpass_hz, style.lowpass_hz,
+                                            style.notch_hz))
+        except ValueError as exc:  # e.g. a rate outside DICOM ECG's 200-1000 Hz
+            log.warning("no DICOM copy for record %s: %s", record.record_id, exc)
+            return None
 
 
 @dataclass(frozen=True)
 class CaptureOutcome:
-    """What became of one capture: a package (maybe queued), or a record held for the clock."""
+    """What became of one capture: a package (queued or not), or a record held for the clock."""
 
     record: Record
-    info: Any | None = None  # package.PackageInfo; None while held
+    disposition: Disposition
+    info: PackageInfo | None = None
     held: Path | None = None
-    queued: bool = False
 
     @property
     def folder(self) -> Path:
-        return self.info.folder if self.info is not None else self.held
+        folder = self.info.folder if self.info is not None else self.held
+        assert folder is not None
+        return folder
+
+    @property
+    def queued(self) -> bool:
+        return self.info is not None and self.disposition.decision == QUEUED
 
     @property
     def rejected(self) -> bool:
         return self.record.quality.verdict == VERDICT_REJECTED
 
 
+def package_and_decide(record: Record, patient: Mapping[str, Any] | None, settings: Settings,
+                       outbox: Outbox, *, out_root: Path, withheld: bool,
+                       checkpoint: Callable[[str], None] = lambda name: None) -> CaptureOutcome:
+    """Write a measured record's package with its decision; queue it only if decided so."""
+    decision = decide(record, withheld=withheld)
+    info = build_package(record, patient, out_root, device_serial=settings.device_serial,
+                         encoders=PackageEncoders(settings), disposition=decision,
+                         checkpoint=checkpoint)
+    if decision.uploads:
+        outbox.add_package(info)
+        checkpoint("capture.queued")
+    else:
+        outbox.record_package(info.folder, stamp=info.stamp, record_id=info.record_id,
+                              disposition=decision.decision, reason=decision.reason,
+                              verdict=record.quality.verdict)
+    return CaptureOutcome(record, decision, info=info)
+
+
 def capture_package(
-    source: SerialReader | str,
-    settings: Any,
-    patient: dict | None,
+    reader: SerialReader,
+    settings: Settings,
+    patient: Mapping[str, Any] | None,
     *,
+    outbox: Outbox,
+    clock: Clock,
     out_root: Path | None = None,
-    outbox: Any | None = None,
-    clock: Any | None = None,
     seconds: float | None = None,
     progress: Callable[[int, int], None] | None = None,
-    no_upload: bool = False,
+    withheld: bool = False,
+    checkpoint: Callable[[str], None] = lambda name: None,
 ) -> CaptureOutcome:
-    """Capture, then package and queue; with an unsynchronised clock, hold the record instead.
+    """Capture, measure once, then package with its decision, or hold it for the clock.
 
-    The CLI and the service both come through here, so disk reserve, clock and rejection
-    rules are the same whoever asked for the capture.
+    The CLI and the service both come through here, so disk reserve, clock, rejection and
+    withholding rules are the same whoever asked for the capture.
     """
-    from device_agent.clock import HoldTicket, clock_from_settings
-    from device_agent.disk import ensure_free_space
-    from device_agent.package import build_package
-
     out_root = Path(out_root or Path(settings.state_dir) / "records")
-    clock = clock or clock_from_settings(settings)
-    ensure_free_space(settings, Path(settings.state_dir))
+    ensure_free_space(Path(settings.state_dir), settings.disk_reserve_mb)
     ticket = None if clock.synced() else HoldTicket.now(clock)
-    record = capture_record(source, settings, seconds=seconds, clock=clock.now,
-                            progress=progress)
+    record = capture_record(reader, settings, clock=clock, seconds=seconds, progress=progress)
+    record = measure_once(record, mains_hz=settings.mains_hz)
     if ticket is not None:
         held = hold_record(settings, record, patient, ticket, out_root=out_root,
-                           no_upload=no_upload)
-        return CaptureOutcome(record, held=held)
-    info = build_package(record, patient, out_root, settings)
-    queued = False
-    if record.quality.verdict != VERDICT_REJECTED and not no_upload and outbox is not None:
-        outbox.add_package(info)
-        queued = True
-    return CaptureOutcome(record, info=info, queued=queued)
+                           withheld=withheld)
+        return CaptureOutcome(record, decide(record, withheld=withheld), held=held)
+    return package_and_decide(record, patient, settings, outbox, out_root=out_root,
+                              withheld=withheld, checkpoint=checkpoint)
 
 
-HELD_WARNING = ("the clock is not synchronised, so the record cannot be named yet; it is held "
-                "and will be packaged and queued once the clock is known (device-agent status "
-                "shows the clock)")
-
-
-def rejection_message(settings: Any, outcome: CaptureOutcome) -> str:
+def rejection_message(settings: Settings, outcome: CaptureOutcome) -> str:
     """One line for a rejected capture: why, where its files are kept, what to do."""
     return (f"capture from {settings.serial_port} rejected: "
             f"{'; '.join(outcome.record.quality.reasons)}. Files kept in {outcome.folder} "
-            "(marked rejected, not queued); check the cable and capture again")
+            "(marked rejected, never uploaded); check the cable and capture again")
 
 
-def held_dir(settings: Any) -> Path:
-    """Where records captured before the clock was synchronised wait for their names."""
-    return Path(settings.state_dir) / "held"
-
-
-def hold_record(settings: Any, record: Record, patient: dict | None, ticket: Any, *,
-                out_root: Path, no_upload: bool) -> Path:
+def hold_record(settings: Settings, record: Record, patient: Mapping[str, Any] | None,
+                ticket: HoldTicket, *, out_root: Path, withheld: bool) -> Path:
     """Park a record (JSON, patient block, request) until the clock can name it."""
-    from device_agent.clock import hold
-    from device_agent.ecgdata import dumps
-
-    request = {"out_root": str(out_root), "no_upload": no_upload}
-    return hold(held_dir(settings), {
-        "ecg_data.json": dumps(record),
+    request = {"out_root": str(out_root), "no_upload": withheld}
+    return hold(held_dir(settings.state_dir), {
+        "ecg_data.json": ecgdata.dumps(record),
         "patient.json": json.dumps(patient).encode("utf-8"),
         "request.json": json.dumps(request).encode("utf-8"),
     }, ticket)
 
 
-def release_held(settings: Any, *, outbox: Any, clock: Any) -> list[Any]:
-    """Name, package and queue held records once the clock is known; returns the packages.
+def release_held(settings: Settings, *, outbox: Outbox, clock: Clock) -> list[CaptureOutcome]:
+    """Name, package and decide held records once the clock is known; returns them.
 
     Idempotent across crashes: build_package reuses the folder of the same record id and
     add_package ignores a package it already has; the held copy goes only after both.
     Records held in an earlier boot can never be dated from the monotonic clock: they move to
     STATE_DIR/undated/ for a person to decide, and are never named from a guess.
     """
-    import dataclasses
-    import shutil
-
-    from device_agent.clock import ready
-    from device_agent.ecgdata import loads
-    from device_agent.package import build_package
-
-    stampable, orphaned = ready(held_dir(settings), clock)
+    folder_root = held_dir(settings.state_dir)
+    if not folder_root.is_dir():
+        return []
+    stampable, orphaned = ready(folder_root, clock)
     for folder in orphaned:
         undated = Path(settings.state_dir) / "undated" / folder.name
         undated.parent.mkdir(parents=True, exist_ok=True)
@@ -244,46 +276,15 @@ def release_held(settings: Any, *, outbox: Any, clock: Any) -> list[Any]:
                   folder.name, undated)
     released = []
     for folder, when in stampable:
-        record = loads((folder / "ecg_data.json").read_bytes(), source=str(folder))
+        record = ecgdata.loads((folder / "ecg_data.json").read_bytes(), source=str(folder))
         record = dataclasses.replace(record, acquired_at=when.astimezone())
         patient = json.loads((folder / "patient.json").read_bytes())
         request = json.loads((folder / "request.json").read_bytes())
-        info = build_package(record, patient, Path(request["out_root"]), settings)
-        if record.quality.verdict != VERDICT_REJECTED and not request["no_upload"]:
-            outbox.add_package(info)
+        outcome = package_and_decide(record, patient, settings, outbox,
+                                     out_root=Path(request["out_root"]),
+                                     withheld=bool(request["no_upload"]))
         shutil.rmtree(folder)
-        log.info("held capture named %s now that the clock is synchronised", info.stamp)
-        released.append(info)
+        log.info("held capture named %s now that the clock is synchronised",
+                 outcome.info.stamp if outcome.info else "?")
+        released.append(outcome)
     return released
-
-
-def cmd_capture(settings: Any, args: Any) -> int:
-    """`device-agent capture`: one record from the board into OUT/{stamp}/, then the outbox."""
-    from device_agent.cli import echo
-    from device_agent.outbox import Outbox
-    from device_agent.package import validate_patient
-
-    patient = _read_patient(getattr(args, "patient", None))
-    validate_patient(patient)  # refuse a bad patient file before occupying the board
-    if not getattr(args, "direct", False):
-        from device_agent.service import capture_via_service
-
-        handed = capture_via_service(settings, args, patient)  # None: no service runs
-        if handed is not None:
-            return handed
-    progress = ProgressBar() if sys.stdout.isatty() else None
-    with Outbox.open(settings) as outbox:
-        outcome = capture_package(settings.serial_port, settings, patient, out_root=args.out,
-                                  outbox=outbox, seconds=settings.capture_seconds,
-                                  progress=progress, no_upload=args.no_upload)
-    if outcome.rejected:
-        echo(str(outcome.folder))
-        raise CaptureRejected(rejection_message(settings, outcome))
-    for reason in outcome.record.quality.reasons:
-        echo(f"warning: {reason}", err=True)
-    if outcome.held is not None:
-        echo(f"warning: {HELD_WARNING}", err=True)
-    elif outcome.queued:
-        echo(f"queued {outcome.info.stamp} for upload", err=True)
-    echo(str(outcome.folder))
-    return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from device_agent.config import Settings
 from device_agent.fsutil import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,17 @@ class _Timex(ctypes.Structure):
     )
 
 
+def local_now() -> datetime:
+    """Timezone-aware local wall-clock time: the one "now" (records, metadata, logs)."""
+    return datetime.now().astimezone()
+
+
 def kernel_synced() -> bool | None:
-    """The kernel's NTP discipline state via adjtimex(2) (read-only); None if unavailable."""
+    """The kernel's NTP discipline state via adjtimex(2) (read-only); None if unavailable.
+
+    Works whatever the NTP client (chrony, ntpd, systemd-timesyncd). A seccomp filter that
+    denies adjtimex (systemd's @system-service does; the unit allows it again) gives None.
+    """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         tx = _Timex()
@@ -62,6 +73,7 @@ def kernel_synced() -> bool | None:
     except (OSError, AttributeError):
         return None
     if state < 0:
+        log.debug("adjtimex failed: %s", os.strerror(ctypes.get_errno()))
         return None
     return state != _TIME_ERROR and not tx.status & _STA_UNSYNC
 
@@ -134,9 +146,9 @@ class Clock:
         return self.state().synced
 
 
-def clock_from_settings(settings: object) -> Clock:
+def clock_from_settings(settings: Settings) -> Clock:
     """The production clock for these settings."""
-    return Clock(check=getattr(settings, "clock_check", "ntp"))
+    return Clock(check=settings.clock_check)
 
 
 # --- holding records captured before the clock was known ---------------------------------
@@ -166,27 +178,48 @@ def stamp_for(ticket: HoldTicket, clock: Clock, *, current_boot: str | None = No
     return clock.now() - timedelta(seconds=elapsed)
 
 
-def hold(held_dir: Path, files: dict[str, bytes], ticket: HoldTicket) -> Path:
-    """Park a capture's files under held_dir/<uuid>/ with its ticket (written last)."""
-    folder = Path(held_dir) / uuid.uuid4().hex
+def held_dir(state_dir: Path) -> Path:
+    """Where records captured before the clock was synchronised wait for their names."""
+    return Path(state_dir) / "held"
+
+
+def held_count(state_dir: Path) -> int:
+    """Records waiting for the clock (status and doctor show them)."""
+    try:
+        return sum(1 for p in held_dir(state_dir).iterdir() if (p / TICKET_NAME).exists())
+    except FileNotFoundError:
+        return 0
+
+
+def undated_count(state_dir: Path) -> int:
+    """Records held across a reboot, waiting for a person to date or discard them."""
+    try:
+        return sum(1 for p in (Path(state_dir) / "undated").iterdir() if p.is_dir())
+    except FileNotFoundError:
+        return 0
+
+
+def hold(root: Path, files: dict[str, bytes], ticket: HoldTicket) -> Path:
+    """Park a capture's files under root/<uuid>/ with its ticket (written last)."""
+    folder = Path(root) / uuid.uuid4().hex
     folder.mkdir(parents=True)
     for name, data in files.items():
         atomic_write(folder / name, data)
     atomic_write(folder / TICKET_NAME, json.dumps(asdict(ticket)).encode())
-    fsync_dir(held_dir)
+    fsync_dir(root)
     log.warning("clock not synchronised: capture held in %s until the time is known", folder)
     return folder
 
 
-def ready(held_dir: Path, clock: Clock, *, current_boot: str | None = None
+def ready(root: Path, clock: Clock, *, current_boot: str | None = None
           ) -> tuple[list[tuple[Path, datetime]], list[Path]]:
     """Held captures that can be stamped now, and those from an earlier boot that never can."""
     stampable: list[tuple[Path, datetime]] = []
     orphaned: list[Path] = []
-    held_dir = Path(held_dir)
-    if not held_dir.is_dir():
+    root = Path(root)
+    if not root.is_dir():
         return stampable, orphaned
-    for ticket_path in sorted(held_dir.glob(f"*/{TICKET_NAME}")):
+    for ticket_path in sorted(root.glob(f"*/{TICKET_NAME}")):
         try:
             ticket = HoldTicket(**json.loads(ticket_path.read_text()))
         except (OSError, ValueError, TypeError) as exc:

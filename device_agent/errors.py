@@ -1,10 +1,18 @@
 """The agent's small error hierarchy, on the builtins.
 
-Every message names the device, file, bucket or key involved and says what to do.
-`exit_code` is what the CLI returns when the error reaches it (see README, exit codes).
+Every message names the device, file, bucket or key involved and says what to do, and
+never carries a patient's identity or a secret. `exit_code` is what a command returns when
+the error reaches it (README, exit codes).
 """
 
 from __future__ import annotations
+
+from typing import Literal
+
+# How far an upload failure reaches: "item" is about this one object (its local file, its
+# key); "queue" is about the endpoint, the credentials or the bucket, so every item would
+# meet it and the whole queue pauses instead.
+Scope = Literal["item", "queue"]
 
 
 class AgentError(Exception):
@@ -32,7 +40,7 @@ class CaptureRejected(AgentError):
 
 
 class DiskSpaceError(AgentError, OSError):
-    """Free space under the configured reserve; nothing was written."""
+    """Free space under the configured reserve, or a write met a full disk."""
 
     exit_code = 3
 
@@ -44,14 +52,21 @@ class ClockNotSynced(AgentError):
 
 
 class UploadError(AgentError):
-    """An S3 operation failed; `retryable` says whether trying later can help."""
+    """An S3 operation failed; `retryable` says whether trying later can help.
+
+    `scope` says whether the failure belongs to this object alone ("item") or to the
+    endpoint, credentials or bucket ("queue"): a queue-scope failure pauses the whole queue
+    with backoff and is never a reason to give an object up.
+    """
 
     exit_code = 3
 
-    def __init__(self, message: str, *, retryable: bool, code: str | None = None) -> None:
+    def __init__(self, message: str, *, retryable: bool, code: str | None = None,
+                 scope: Scope = "item") -> None:
         super().__init__(message)
         self.retryable = retryable
         self.code = code
+        self.scope: Scope = scope
 
 
 class OutboxBusy(AgentError):
@@ -68,5 +83,11 @@ class UsersFileError(AgentError, ValueError):
 
 class PatientDetailsError(AgentError, ValueError):
     """The patient block of a capture request is malformed; nothing was written."""
+
+    exit_code = 2
+
+
+class InputRefused(AgentError, ValueError):
+    """A file the agent was asked to read is not a bounded regular file (link, FIFO, huge)."""
 
     exit_code = 2

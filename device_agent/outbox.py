@@ -1,10 +1,20 @@
 """The durable outbox: one SQLite row per file to deliver, the single source of truth.
 
 Files are written durably (atomic_write) before their rows are committed, so a crash leaves
-either a file without a row (reconcile() enqueues it) or both. `next_attempt_at` is wall-clock
-epoch seconds because it must survive restarts; a clock that jumps backwards cannot strand an
-item, because anything scheduled further ahead than the backoff cap counts as due.
-`reports/upload_log.json` is a view written from here for legacy tools, never read back.
+either a file without a row (reconcile enqueues it, if its folder says it may be uploaded)
+or both. `next_attempt_at` is wall-clock epoch seconds because it must survive restarts; a
+clock that jumps backwards cannot strand an item, because anything scheduled further ahead
+than the backoff cap counts as due.
+
+Besides the items the database remembers: every package the agent built and what was
+decided for it (queued, withheld by the operator, rejected), problems met while finding
+work (a report that is a symlink, a users.json that is not JSON), the content hashes of
+reports already read (so a pass never re-reads a file it knows), a queue-wide pause (the
+endpoint or the credentials are failing) and a count per day of delivered items compacted
+away after RETENTION_DAYS, so a year of captures costs no more per pass than a week.
+
+The schema carries its version in `PRAGMA user_version`; `_MIGRATIONS` brings an older file
+up to date in one transaction (a unit in the field upgrades without losing a queued item).
 
 PRAGMA synchronous is FULL for every decision that creates, delivers or forgets data and
 NORMAL only for attempt bookkeeping (losing one is harmless: the item is tried again).
@@ -17,12 +27,16 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from device_agent.errors import AgentError
+from device_agent.fsutil import atomic_write
+from device_agent.s3keys import content_type
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +45,20 @@ DELIVERED = "delivered"
 FAILED = "failed"
 STATES = (PENDING, DELIVERED, FAILED)
 
+# What was decided for a package folder: only QUEUED ones are ever uploaded.
+QUEUED = "queued"
+WITHHELD = "withheld"
+REJECTED = "rejected"
+DISPOSITIONS = (QUEUED, WITHHELD, REJECTED)
+
 DB_NAME = "outbox.sqlite3"
+SCHEMA_VERSION = 2
+UPLOAD_LOG_NAME = "upload_log.json"
+UPLOAD_LOG_DAYS = 7.0  # the legacy view shows this window (a legacy tool reads "recent")
+UPLOAD_LOG_MAX = 2000
 _BUSY_TIMEOUT_MS = 10_000
 
-_SCHEMA = """
+_TABLES = """
 CREATE TABLE IF NOT EXISTS items (
     id INTEGER PRIMARY KEY,
     kind TEXT NOT NULL,
@@ -58,26 +82,70 @@ CREATE TABLE IF NOT EXISTS items (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     delivered_at REAL,
-    pruned_at REAL
+    pruned_at REAL,
+    prior_sha256 TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS items_package_kind ON items(package, kind)
     WHERE package IS NOT NULL;
 CREATE INDEX IF NOT EXISTS items_state ON items(state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS items_path ON items(path);
+CREATE INDEX IF NOT EXISTS items_delivered ON items(delivered_at) WHERE delivered_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS users (
     username TEXT PRIMARY KEY,
     registered_at TEXT NOT NULL,
     item_id INTEGER,
     first_seen REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS packages (
+    folder TEXT PRIMARY KEY,
+    stamp TEXT NOT NULL,
+    record_id TEXT,
+    disposition TEXT NOT NULL,
+    reason TEXT,
+    verdict TEXT,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS packages_created ON packages(created_at);
+CREATE TABLE IF NOT EXISTS problems (
+    source TEXT NOT NULL,
+    ref TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    PRIMARY KEY (source, ref)
+);
+CREATE TABLE IF NOT EXISTS file_hashes (
+    path TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    sha256 TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS daily (
+    day TEXT PRIMARY KEY,
+    delivered INTEGER NOT NULL
+);
 """
 
-CONTENT_TYPES = {".pdf": "application/pdf", ".json": "application/json"}
+
+def _migrate_v0(db: sqlite3.Connection) -> None:
+    """0.1.0's file: items and users only, no version. New columns and tables."""
+    columns = {r[1] for r in db.execute("PRAGMA table_info(items)")}
+    if "prior_sha256" not in columns:
+        db.execute("ALTER TABLE items ADD COLUMN prior_sha256 TEXT")
+    # A 0.1.0 unit queued every folder with a manifest; record those it knew as queued.
+    db.execute(
+        "INSERT OR IGNORE INTO packages (folder, stamp, record_id, disposition, reason, verdict,"
+        " created_at) SELECT package, substr(key, 24, 15), record_id, 'queued', NULL, NULL,"
+        " MIN(created_at) FROM items WHERE package IS NOT NULL GROUP BY package")
 
 
-def content_type_for(path: Path) -> str:
-    """The Content-Type for a file by its extension."""
-    return CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
+# from-version -> step; each runs after _TABLES has created what is missing.
+_MIGRATIONS = {0: _migrate_v0, 1: _migrate_v0}
 
 
 @dataclass(frozen=True)
@@ -107,6 +175,7 @@ class Item:
     updated_at: float
     delivered_at: float | None
     pruned_at: float | None
+    prior_sha256: tuple[str, ...] = ()
 
     @property
     def filename(self) -> str:
@@ -123,6 +192,119 @@ class Stats:
     oldest_pending_age_s: float | None
     last_delivered_at: float | None
     last_error: str | None
+    withheld: int = 0
+    rejected: int = 0
+    problems: int = 0
+    paused_until: float | None = None
+    pause_reason: str | None = None
+    last_package_stamp: str | None = None
+    last_package_disposition: str | None = None
+    last_package_at: float | None = None
+
+
+@dataclass(frozen=True)
+class PackageRow:
+    """A package folder the agent built and what was decided for it."""
+
+    folder: str
+    stamp: str
+    record_id: str | None
+    disposition: str
+    reason: str | None
+    verdict: str | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something met while finding work that a person should look at (never identity)."""
+
+    source: str
+    ref: str
+    reason: str
+    first_seen: float
+    last_seen: float
+
+
+class PackageLike(Protocol):
+    """What add_package needs of a package (package.PackageInfo)."""
+
+    @property
+    def folder(self) -> Path: ...
+
+    @property
+    def stamp(self) -> str: ...
+
+    @property
+    def record_id(self) -> str | None: ...
+
+    @property
+    def device_serial(self) -> str: ...
+
+    @property
+    def all_files(self) -> Sequence[Any]: ...
+
+    def key(self, file: Any) -> str: ...
+
+
+class OutboxVersionError(AgentError):
+    """The outbox was written by a newer agent than this one."""
+
+    exit_code = 3
+
+
+def read_stats(db: sqlite3.Connection, now: float) -> Stats:
+    """The outbox numbers `status` shows; the one query both the service and `status` use."""
+    counts = dict(db.execute("SELECT state, COUNT(*) FROM items GROUP BY state").fetchall())
+    compacted = db.execute("SELECT COALESCE(SUM(delivered), 0) FROM daily").fetchone()[0]
+    oldest = db.execute(
+        "SELECT MIN(created_at) FROM items WHERE state = 'pending'").fetchone()[0]
+    last = db.execute("SELECT MAX(delivered_at) FROM items WHERE delivered_at IS NOT NULL"
+                      ).fetchone()[0]
+    err = db.execute(
+        "SELECT last_error FROM items WHERE state != 'delivered' AND last_error IS NOT NULL "
+        "ORDER BY updated_at DESC LIMIT 1").fetchone()
+    decided = dict(db.execute(
+        "SELECT disposition, COUNT(*) FROM packages GROUP BY disposition").fetchall())
+    problems = db.execute("SELECT COUNT(*) FROM problems").fetchone()[0]
+    pause = dict(db.execute(
+        "SELECT key, value FROM meta WHERE key IN ('paused_until', 'pause_reason')").fetchall())
+    until = float(pause["paused_until"]) if "paused_until" in pause else None
+    newest = db.execute("SELECT stamp, disposition, created_at FROM packages "
+                        "ORDER BY created_at DESC LIMIT 1").fetchone()
+    return Stats(
+        pending=counts.get(PENDING, 0), failed=counts.get(FAILED, 0),
+        delivered=counts.get(DELIVERED, 0) + int(compacted),
+        oldest_pending_age_s=None if oldest is None else max(0.0, now - oldest),
+        last_delivered_at=last, last_error=err[0] if err else None,
+        withheld=decided.get(WITHHELD, 0), rejected=decided.get(REJECTED, 0),
+        problems=int(problems),
+        paused_until=until if until is not None and until > now else None,
+        pause_reason=pause.get("pause_reason") if until is not None and until > now else None,
+        last_package_stamp=newest[0] if newest else None,
+        last_package_disposition=newest[1] if newest else None,
+        last_package_at=newest[2] if newest else None,
+    )
+
+
+def read_only_stats(state_dir: Path, *, now: float | None = None) -> Stats | None:
+    """Stats from STATE_DIR's outbox opened read-only (status never writes, even as root)."""
+    path = Path(state_dir) / DB_NAME
+    if not path.exists():
+        return None
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version < SCHEMA_VERSION:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+            if "packages" not in tables:  # written by 0.1.0 and not opened since the upgrade
+                counts = dict(db.execute(
+                    "SELECT state, COUNT(*) FROM items GROUP BY state").fetchall())
+                return Stats(counts.get(PENDING, 0), counts.get(FAILED, 0),
+                             counts.get(DELIVERED, 0), None, None, None)
+        return read_stats(db, time.time() if now is None else now)
+    finally:
+        db.close()
 
 
 class Outbox:
@@ -141,10 +323,27 @@ class Outbox:
         self._db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        with self._tx():
-            for statement in _SCHEMA.split(";"):
+        self._upgrade()
+
+    def _upgrade(self) -> None:
+        with self._tx() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise OutboxVersionError(
+                    f"{self.db_path} was written by a newer device-agent (schema {version}, "
+                    f"this one knows {SCHEMA_VERSION}): install that version again")
+            fresh = not db.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = 'items'").fetchone()
+            for statement in _TABLES.split(";"):
                 if statement.strip():
-                    self._db.execute(statement)
+                    db.execute(statement)
+            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('created_at', ?)",
+                       (repr(time.time()) if fresh else "0",))
+            if not fresh and version < SCHEMA_VERSION:
+                _MIGRATIONS[version](db)
+                log.info("outbox %s upgraded from schema %d to %d", self.db_path, version,
+                         SCHEMA_VERSION)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @classmethod
     def open(cls, settings: Any) -> Outbox:
@@ -179,6 +378,10 @@ class Outbox:
                 if not durable:
                     self._db.execute("PRAGMA synchronous=FULL")
 
+    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
     def _insert(self, db: sqlite3.Connection, **cols: Any) -> int:
         now = time.time()
         cols.setdefault("created_at", now)
@@ -186,12 +389,24 @@ class Outbox:
         names = ", ".join(cols)
         marks = ", ".join("?" for _ in cols)
         cur = db.execute(f"INSERT INTO items ({names}) VALUES ({marks})", tuple(cols.values()))
-        return int(cur.lastrowid)
+        return int(cur.lastrowid or 0)
 
-    # --- enqueue -------------------------------------------------------------------------
+    # --- packages ------------------------------------------------------------------------
 
-    def add_package(self, info: Any) -> list[int]:
-        """Queue a built package's three files and its manifest (idempotent per folder)."""
+    def record_package(self, folder: Path, *, stamp: str, record_id: str | None,
+                       disposition: str, reason: str | None, verdict: str | None) -> None:
+        """Remember a package folder and what was decided for it (idempotent per folder)."""
+        if disposition not in DISPOSITIONS:
+            raise ValueError(f"disposition {disposition!r} is not one of {DISPOSITIONS}")
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO packages (folder, stamp, record_id, disposition, reason,"
+                " verdict, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (str(Path(folder).resolve()), stamp, record_id, disposition, reason, verdict,
+                 time.time()))
+
+    def add_package(self, info: PackageLike) -> list[int]:
+        """Queue a built package's files and its manifest (idempotent per folder)."""
         package = str(Path(info.folder).resolve())
         with self._tx() as db:
             existing = db.execute(
@@ -199,31 +414,64 @@ class Outbox:
             ).fetchall()
             if existing:
                 return [r["id"] for r in existing]
+            db.execute(
+                "INSERT OR IGNORE INTO packages (folder, stamp, record_id, disposition, reason,"
+                " verdict, created_at) VALUES (?, ?, ?, 'queued', NULL, NULL, ?)",
+                (package, info.stamp, info.record_id, time.time()))
             ids = []
-            for f in (*info.files, info.manifest):
+            for f in info.all_files:
                 ids.append(self._insert(
                     db, kind=f.kind, source="package", path=str(Path(f.path).resolve()),
                     key=info.key(f), sha256=f.sha256, size=f.size,
-                    content_type=content_type_for(Path(f.path)), package=package,
+                    content_type=content_type(f.name), package=package,
                     record_id=info.record_id, device_serial=info.device_serial,
                 ))
         log.info("queued package %s (%d files)", info.stamp, len(ids))
         return ids
 
+    def set_disposition(self, folder: Path | str, disposition: str, reason: str | None) -> None:
+        """Change what was decided for a package folder (the operator sends a withheld one)."""
+        if disposition not in DISPOSITIONS:
+            raise ValueError(f"disposition {disposition!r} is not one of {DISPOSITIONS}")
+        with self._tx() as db:
+            db.execute("UPDATE packages SET disposition = ?, reason = ? WHERE folder = ?",
+                       (disposition, reason, str(Path(folder).resolve())))
+
+    def package_row(self, folder: Path | str) -> PackageRow | None:
+        rows = self._rows("SELECT * FROM packages WHERE folder = ?",
+                          (str(Path(folder).resolve()),))
+        return PackageRow(**dict(rows[0])) if rows else None
+
+    def recent_packages(self, limit: int = 20) -> list[PackageRow]:
+        """The newest package folders and their dispositions, newest first."""
+        rows = self._rows("SELECT * FROM packages ORDER BY created_at DESC LIMIT ?", (limit,))
+        return [PackageRow(**dict(r)) for r in rows]
+
+    def known_packages(self) -> set[str]:
+        """Resolved folder paths of every package the outbox knows (queued or not)."""
+        rows = self._rows("SELECT folder FROM packages UNION "
+                          "SELECT DISTINCT package FROM items WHERE package IS NOT NULL")
+        return {r[0] for r in rows}
+
+    # --- single files --------------------------------------------------------------------
+
     def add_file(self, path: Path, *, kind: str, key: str, sha256: str, size: int,
-                 source: str = "report", if_match: str | None = None,
-                 content_type: str | None = None) -> int:
+                 source: str = "report", if_match: str | None = None) -> int:
         """Queue one file (a dropped report, its JSON twin, a signup); `if_match` replaces."""
         with self._tx() as db:
             return self._insert(
                 db, kind=kind, source=source, path=str(Path(path).resolve()), key=key,
-                sha256=sha256, size=size, if_match=if_match,
-                content_type=content_type or content_type_for(Path(path)),
+                sha256=sha256, size=size, if_match=if_match, content_type=content_type(key),
             )
 
     def track_report(self, path: Path, *, kind: str, key: str, sha256: str,
                      size: int) -> int | None:
-        """Queue a report file if its content is new; a delivered one is replaced by ETag."""
+        """Queue a report file if its content is new; a delivered one is replaced by ETag.
+
+        When a pending row's file changes after a put was attempted, the earlier content is
+        remembered in `prior_sha256`: that put may have landed with its answer lost, and the
+        object it left is ours to replace, not a stranger's to keep aside.
+        """
         resolved = str(Path(path).resolve())
         with self._tx() as db:
             last = db.execute(
@@ -233,29 +481,36 @@ class Outbox:
             if last is not None and last["sha256"] == sha256:
                 return None
             if last is not None and last["state"] == PENDING:
+                prior = _priors(last["prior_sha256"])
+                if last["attempts"] and last["sha256"] not in prior:
+                    prior = (*prior, last["sha256"])
                 db.execute(
-                    "UPDATE items SET sha256 = ?, size = ?, updated_at = ? WHERE id = ?",
-                    (sha256, size, time.time(), last["id"]),
-                )
+                    "UPDATE items SET sha256 = ?, size = ?, prior_sha256 = ?, updated_at = ? "
+                    "WHERE id = ?",
+                    (sha256, size, json.dumps(prior) if prior else None, time.time(),
+                     last["id"]))
                 return int(last["id"])
             if_match = None
+            prior = ()
             if last is not None and last["state"] == DELIVERED and last["key"] == key:
                 # the object we put is replaced only while it is still the one we saw
                 if_match = last["etag"]
+                prior = (last["sha256"],)
             return self._insert(
                 db, kind=kind, source="report", path=resolved, key=key, sha256=sha256,
-                size=size, if_match=if_match, content_type=content_type_for(Path(path)),
+                size=size, if_match=if_match, content_type=content_type(key),
+                prior_sha256=json.dumps(prior) if prior else None,
             )
 
     # --- users ---------------------------------------------------------------------------
 
     def user_stamp(self, username: str) -> str | None:
         """The registration stamp remembered for a user (ISO), or None if never seen."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT registered_at FROM users WHERE username = ?", (username,)
-            ).fetchone()
-        return row["registered_at"] if row else None
+        rows = self._rows("SELECT registered_at FROM users WHERE username = ?", (username,))
+        return rows[0]["registered_at"] if rows else None
+
+    def known_users(self) -> set[str]:
+        return {r[0] for r in self._rows("SELECT username FROM users")}
 
     def add_signup(self, username: str, registered_at: str, path: Path, *, key: str,
                    sha256: str, size: int) -> int | None:
@@ -278,26 +533,25 @@ class Outbox:
     def due(self, now: float | None = None, *, limit: int = 1000) -> list[Item]:
         """Pending items whose time has come; a manifest only once its package is delivered."""
         now = time.time() if now is None else now
-        with self._lock:
-            rows = self._db.execute(
-                """
-                SELECT * FROM items AS i
-                WHERE state = 'pending'
-                  AND (next_attempt_at <= ? OR next_attempt_at > ?)
-                  AND NOT (kind = 'manifest' AND EXISTS (
-                      SELECT 1 FROM items AS s
-                      WHERE s.package = i.package AND s.kind != 'manifest'
-                        AND s.state != 'delivered'))
-                ORDER BY (kind = 'manifest'), id
-                LIMIT ?
-                """,
-                (now, now + 2 * self.backoff_cap_s, limit),
-            ).fetchall()
+        rows = self._rows(
+            """
+            SELECT * FROM items AS i
+            WHERE state = 'pending'
+              AND (next_attempt_at <= ? OR next_attempt_at > ?)
+              AND NOT (kind = 'manifest' AND EXISTS (
+                  SELECT 1 FROM items AS s
+                  WHERE s.package = i.package AND s.kind != 'manifest'
+                    AND s.state != 'delivered'))
+            ORDER BY (kind = 'manifest'), id
+            LIMIT ?
+            """,
+            (now, now + 2 * self.backoff_cap_s, limit),
+        )
         return [_item(r) for r in rows]
 
     def mark_delivered(self, item_id: int, *, etag: str | None, final_key: str,
                        outcome: str) -> None:
-        """S3 confirmed the object: record where it went and its ETag."""
+        """S3 proved it holds the object: record where it went and its ETag."""
         now = time.time()
         with self._tx() as db:
             db.execute(
@@ -317,6 +571,12 @@ class Outbox:
                 (PENDING if retryable else FAILED, error[:500],
                  next_at if next_at is not None else now, now, item_id),
             )
+
+    def note_attempt(self, item_id: int, error: str) -> None:
+        """An attempt that did not count against the item (the queue paused under it)."""
+        with self._tx(durable=False) as db:
+            db.execute("UPDATE items SET attempts = attempts + 1, last_error = ?, updated_at = ?"
+                       " WHERE id = ?", (error[:500], time.time(), item_id))
 
     def defer(self, item_id: int, next_at: float) -> None:
         """Postpone an item without counting an attempt (e.g. its file is being rewritten)."""
@@ -342,30 +602,122 @@ class Outbox:
             )
         return cur.rowcount
 
+    def resend(self, item_id: int) -> int | None:
+        """Queue a delivered item again as a new row (verify found its object missing or
+        different); conditional puts decide what happens. None if the local file is gone."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM items WHERE id = ? AND state = 'delivered'",
+                             (item_id,)).fetchone()
+            if row is None or row["pruned_at"] is not None or not Path(row["path"]).exists():
+                return None
+            return self._insert(
+                db, kind=row["kind"], source=row["source"], path=row["path"],
+                key=row["final_key"] or row["key"], sha256=row["sha256"], size=row["size"],
+                content_type=row["content_type"], record_id=row["record_id"],
+                device_serial=row["device_serial"],
+                prior_sha256=json.dumps([row["sha256"]]),
+            )
+
+    def created_at(self) -> float:
+        """When this outbox file was created (0 for one migrated from an older agent).
+
+        Files older than the outbox were there before it: state was lost (a reflashed SD
+        card), and the bucket may already hold them (the drainer LISTs before sending)."""
+        rows = self._rows("SELECT value FROM meta WHERE key = 'created_at'")
+        return float(rows[0][0]) if rows else 0.0
+
+    # --- the queue-wide pause ------------------------------------------------------------
+
+    def pause(self, until: float, reason: str) -> None:
+        """Hold every item until `until`: the endpoint, credentials or bucket are failing."""
+        with self._tx(durable=False) as db:
+            db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                           [("paused_until", repr(until)), ("pause_reason", reason[:500])])
+
+    def resume(self) -> None:
+        with self._tx(durable=False) as db:
+            db.execute("DELETE FROM meta WHERE key IN ('paused_until', 'pause_reason')")
+
+    def paused(self, now: float | None = None) -> tuple[float, str] | None:
+        """(until, reason) while the queue is paused, else None."""
+        now = time.time() if now is None else now
+        rows = dict((r[0], r[1]) for r in self._rows(
+            "SELECT key, value FROM meta WHERE key IN ('paused_until', 'pause_reason')"))
+        if "paused_until" not in rows or float(rows["paused_until"]) <= now:
+            return None
+        return float(rows["paused_until"]), rows.get("pause_reason", "")
+
+    # --- problems met while finding work --------------------------------------------------
+
+    def note_problem(self, source: str, ref: str, reason: str) -> bool:
+        """Record a problem; True the first time this (source, ref, reason) is seen."""
+        now = time.time()
+        with self._tx(durable=False) as db:
+            row = db.execute("SELECT reason FROM problems WHERE source = ? AND ref = ?",
+                             (source, ref)).fetchone()
+            if row is not None and row[0] == reason:
+                db.execute("UPDATE problems SET last_seen = ? WHERE source = ? AND ref = ?",
+                           (now, source, ref))
+                return False
+            db.execute("INSERT OR REPLACE INTO problems (source, ref, reason, first_seen, "
+                       "last_seen) VALUES (?, ?, ?, ?, ?)", (source, ref, reason, now, now))
+        return True
+
+    def clear_problems(self, source: str, *, keep: Iterable[str] = ()) -> None:
+        """Forget a source's problems except those still present (`keep` refs)."""
+        kept = list(keep)
+        with self._tx(durable=False) as db:
+            marks = ", ".join("?" for _ in kept)
+            where = f" AND ref NOT IN ({marks})" if kept else ""
+            db.execute(f"DELETE FROM problems WHERE source = ?{where}", (source, *kept))
+
+    def problems(self) -> list[Problem]:
+        rows = self._rows("SELECT * FROM problems ORDER BY last_seen DESC")
+        return [Problem(**dict(r)) for r in rows]
+
+    # --- content hashes of reports already read ------------------------------------------
+
+    def cached_hash(self, path: str, *, size: int, mtime_ns: int, ino: int) -> str | None:
+        rows = self._rows("SELECT sha256 FROM file_hashes WHERE path = ? AND size = ? AND "
+                          "mtime_ns = ? AND ino = ?", (path, size, mtime_ns, ino))
+        return rows[0][0] if rows else None
+
+    def remember_hash(self, path: str, *, size: int, mtime_ns: int, ino: int,
+                      sha256: str) -> None:
+        with self._tx(durable=False) as db:
+            db.execute("INSERT OR REPLACE INTO file_hashes (path, size, mtime_ns, ino, sha256) "
+                       "VALUES (?, ?, ?, ?, ?)", (path, size, mtime_ns, ino, sha256))
+
+    def forget_hashes(self, keep: set[str]) -> int:
+        """Drop cached hashes of files no longer present; returns how many."""
+        gone = [r[0] for r in self._rows("SELECT path FROM file_hashes") if r[0] not in keep]
+        if gone:
+            with self._tx(durable=False) as db:
+                db.executemany("DELETE FROM file_hashes WHERE path = ?", [(p,) for p in gone])
+        return len(gone)
+
     # --- queries -------------------------------------------------------------------------
 
     def get(self, item_id: int) -> Item | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
-        return _item(row) if row else None
+        rows = self._rows("SELECT * FROM items WHERE id = ?", (item_id,))
+        return _item(rows[0]) if rows else None
 
     def items(self, state: str | None = None) -> list[Item]:
         """Every item, or those in one state, oldest first."""
-        with self._lock:
-            if state is None:
-                rows = self._db.execute("SELECT * FROM items ORDER BY id").fetchall()
-            else:
-                rows = self._db.execute(
-                    "SELECT * FROM items WHERE state = ? ORDER BY id", (state,)
-                ).fetchall()
-        return [_item(r) for r in rows]
+        if state is None:
+            return [_item(r) for r in self._rows("SELECT * FROM items ORDER BY id")]
+        return [_item(r) for r in self._rows(
+            "SELECT * FROM items WHERE state = ? ORDER BY id", (state,))]
+
+    def undelivered(self) -> list[Item]:
+        """Pending and failed items, oldest first (on the state index)."""
+        return [_item(r) for r in self._rows(
+            "SELECT * FROM items WHERE state IN ('pending', 'failed') ORDER BY id")]
 
     def package_items(self, package: str) -> list[Item]:
-        """Every row of one package (its three files and the manifest), oldest first."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM items WHERE package = ? ORDER BY id", (package,)).fetchall()
-        return [_item(r) for r in rows]
+        """Every row of one package (its files and the manifest), oldest first."""
+        return [_item(r) for r in self._rows(
+            "SELECT * FROM items WHERE package = ? ORDER BY id", (package,))]
 
     def update_content(self, item_id: int, *, sha256: str, size: int) -> None:
         """Record that a not-yet-delivered file was rewritten (a manifest settled its keys)."""
@@ -375,34 +727,13 @@ class Outbox:
                        (sha256, size, time.time(), item_id, DELIVERED))
 
     def delivered(self) -> list[Item]:
-        """Items S3 confirmed (what `verify` checks against the bucket)."""
+        """Items S3 confirmed that the outbox still remembers (what `verify` checks)."""
         return self.items(DELIVERED)
 
     def stats(self, now: float | None = None) -> Stats:
-        """Depth, oldest pending age, last upload and last error, for `status`."""
-        now = time.time() if now is None else now
+        """Depth, oldest pending age, last upload, decisions, problems, pause, for `status`."""
         with self._lock:
-            counts = dict(self._db.execute(
-                "SELECT state, COUNT(*) FROM items GROUP BY state").fetchall())
-            oldest = self._db.execute(
-                "SELECT MIN(created_at) FROM items WHERE state = 'pending'").fetchone()[0]
-            last = self._db.execute("SELECT MAX(delivered_at) FROM items").fetchone()[0]
-            err = self._db.execute(
-                "SELECT last_error FROM items WHERE state != 'delivered' AND last_error "
-                "IS NOT NULL ORDER BY updated_at DESC LIMIT 1").fetchone()
-        return Stats(
-            pending=counts.get(PENDING, 0), failed=counts.get(FAILED, 0),
-            delivered=counts.get(DELIVERED, 0),
-            oldest_pending_age_s=None if oldest is None else max(0.0, now - oldest),
-            last_delivered_at=last, last_error=err[0] if err else None,
-        )
-
-    def known_packages(self) -> set[str]:
-        """Resolved folder paths of every package the outbox has rows for."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT DISTINCT package FROM items WHERE package IS NOT NULL").fetchall()
-        return {r[0] for r in rows}
+            return read_stats(self._db, time.time() if now is None else now)
 
     def mark_pruned(self, item_ids: list[int]) -> None:
         """Note that delivered items' local files were deleted by retention."""
@@ -410,48 +741,47 @@ class Outbox:
             db.executemany("UPDATE items SET pruned_at = ? WHERE id = ? AND state = 'delivered'",
                            [(time.time(), i) for i in item_ids])
 
-    # --- start-up reconciliation ---------------------------------------------------------
+    # --- a year of history ---------------------------------------------------------------
 
-    def reconcile(self, records_root: Path, *,
-                  load_package: Any = None) -> tuple[list[Path], list[Item]]:
-        """Queue package folders that have a manifest but no rows; fail rows whose file is gone.
+    def compact(self, *, before: float) -> int:
+        """Fold delivered, pruned rows older than `before` into a count per day.
 
-        Returns (folders queued, items failed). A folder without a manifest is a capture that
-        never finished (or is being written now): it is left alone.
+        The newest delivered row of each dropped report stays (its ETag is what a later
+        edit of that report replaces with If-Match); users stay (a signup is sent once).
         """
-        if load_package is None:
-            from device_agent.package import load_package
+        rows = self._rows(
+            "SELECT id, delivered_at FROM items AS i WHERE state = 'delivered' "
+            "AND delivered_at < ? AND (pruned_at IS NOT NULL OR source = 'report') "
+            "AND NOT (source = 'report' AND id = (SELECT MAX(id) FROM items AS r "
+            "WHERE r.path = i.path AND r.source = 'report' AND r.state = 'delivered'))",
+            (before,))
+        if not rows:
+            return 0
+        per_day: dict[str, int] = {}
+        for r in rows:
+            day = datetime.fromtimestamp(r["delivered_at"], UTC).date().isoformat()
+            per_day[day] = per_day.get(day, 0) + 1
+        with self._tx() as db:
+            db.executemany("INSERT INTO daily (day, delivered) VALUES (?, ?) ON CONFLICT(day) "
+                           "DO UPDATE SET delivered = delivered + excluded.delivered",
+                           sorted(per_day.items()))
+            db.executemany("UPDATE users SET item_id = NULL WHERE item_id = ?",
+                           [(r["id"],) for r in rows])
+            db.executemany("DELETE FROM items WHERE id = ?", [(r["id"],) for r in rows])
+        log.info("outbox: compacted %d delivered rows older than retention", len(rows))
+        return len(rows)
 
-        queued: list[Path] = []
-        known = self.known_packages()
-        if records_root.is_dir():
-            for folder in sorted(p for p in records_root.iterdir() if p.is_dir()):
-                if str(folder.resolve()) in known or not any(folder.glob("manifest_*.json")):
-                    continue
-                try:
-                    info = load_package(folder)
-                except Exception as exc:  # a damaged folder must not stop the others
-                    log.error("package folder %s cannot be loaded (%s); it stays on disk, "
-                              "not queued: inspect or remove it", folder, exc)
-                    continue
-                self.add_package(info)
-                queued.append(folder)
-        failed: list[Item] = []
-        for item in self.items(PENDING):
-            if not item.path.exists():
-                reason = (f"local file {item.path} is missing (deleted before delivery); "
-                          f"nothing to upload for {item.key}")
-                self.mark_failed(item.id, retryable=False, error=reason)
-                log.error("outbox item %d: %s", item.id, reason)
-                failed.append(item)
-        return queued, failed
+    def write_upload_log(self, reports_dir: Path, *, now: float | None = None,
+                         days: float = UPLOAD_LOG_DAYS) -> Path:
+        """reports/upload_log.json: the legacy view of recent deliveries, written atomically.
 
-    # --- legacy view ---------------------------------------------------------------------
-
-    def write_upload_log(self, reports_dir: Path) -> Path:
-        """Write reports/upload_log.json atomically (a view for legacy tools, never read)."""
-        from device_agent.fsutil import atomic_write
-
+        Bounded to the last `days` and UPLOAD_LOG_MAX entries, so writing it costs the same
+        after a year as after a day; the outbox stays the source of truth (it is never read).
+        """
+        now = time.time() if now is None else now
+        rows = self._rows(
+            "SELECT * FROM items WHERE delivered_at >= ? AND state = 'delivered' "
+            "ORDER BY delivered_at DESC LIMIT ?", (now - days * 86400, UPLOAD_LOG_MAX))
         entries = [
             {
                 "filename": it.filename,
@@ -465,12 +795,22 @@ class Outbox:
                 "record_id": it.record_id,
                 "uploaded_at": _iso(it.delivered_at),
             }
-            for it in self.delivered()
+            for it in map(_item, reversed(rows))
         ]
-        path = Path(reports_dir) / "upload_log.json"
+        path = Path(reports_dir) / UPLOAD_LOG_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(entries, indent=1).encode() + b"\n")
         return path
+
+
+def retention_cutoff(retention_days: float, now: float | None = None) -> float:
+    """Epoch seconds before which delivered history may be pruned and compacted."""
+    now = time.time() if now is None else now
+    return now - timedelta(days=retention_days).total_seconds()
+
+
+def _priors(text: str | None) -> tuple[str, ...]:
+    return tuple(json.loads(text)) if text else ()
 
 
 def _iso(epoch: float | None) -> str | None:
@@ -482,4 +822,5 @@ def _iso(epoch: float | None) -> str | None:
 def _item(row: sqlite3.Row) -> Item:
     values = dict(row)
     values["path"] = Path(values["path"])
+    values["prior_sha256"] = _priors(values.get("prior_sha256"))
     return Item(**values)

@@ -1,40 +1,41 @@
-"""Package assembly: one capture becomes four files on disk, written atomically, manifest last.
+"""The package format: one capture becomes its files on disk, written atomically, manifest last.
 
 `out_root/{stamp}/` holds `ecg_data_{stamp}.json`, `patient_details_{stamp}.json`,
-`ECG_Report_{stamp}.pdf` and then `manifest_{stamp}.json` (key, size and SHA-256 of the
-three). A folder with a manifest is complete; one without is the remains of a crash.
-Heavy modules (numpy via ecgdata/qrs, reportlab via report) are imported inside functions.
-
-Patient block policy: the legacy keys are type- and length-checked; other keys are kept as
-given if they are short scalars (a field a newer front end adds must not cost a patient's
-ECG), nested values and oversized blocks are refused. `record_id` and `acquired_at` are ours.
+`ECG_Report_{stamp}.pdf` (and `ECG_{stamp}.dcm` with PACKAGE_DICOM), then
+`disposition.json` (what was decided: queued, withheld by the operator, rejected; local,
+never uploaded) and last `manifest_{stamp}.json` (key, size and SHA-256 of each data file).
+A folder with a manifest is complete and carries its decision; one without is the remains of
+a crash and is removed after INCOMPLETE_GRACE_H. Only folders whose decision is "queued" are
+ever put in the outbox, by the capture or, after a crash between the manifest and the queue,
+by `reconcile_folders`. A manifest is settled (`settle_manifest`) just before it is sent, so
+it lists the keys its files really landed under.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
-import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from device_agent import s3keys
-from device_agent.errors import PatientDetailsError
+from device_agent.errors import AgentError
 from device_agent.fsutil import atomic_write, fsync_dir, sha256_file
+from device_agent.outbox import DISPOSITIONS, QUEUED, REJECTED, WITHHELD, Item, Outbox
+from device_agent.patient import validate_patient
+from device_agent.record import VERDICT_REJECTED, Record
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "device_agent.manifest/1"
-DATA_KINDS = ("ecg_report_pdf", "patient_details", "ecg_12lead_data")
-_TEXT_KEYS = {"first_name": 100, "last_name": 100, "patient_name": 200, "doctor": 200,
-              "Org.": 200, "gender": 20, "date_time": 40}
-_MAX_EXTRA_KEYS = 32
-_MAX_TEXT = 500
-_KEY_RE = re.compile(r"^[A-Za-z0-9 ._-]{1,64}$")
+DISPOSITION_NAME = "disposition.json"
+REQUIRED_KINDS = ("ecg_report_pdf", "patient_details", "ecg_12lead_data")
+DATA_KINDS = (*REQUIRED_KINDS, "ecg_dicom")
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class PackageFile:
 
 @dataclass(frozen=True)
 class PackageInfo:
-    """A complete package folder: the three data files and the manifest that vouches for them."""
+    """A complete package folder: its data files and the manifest that vouches for them."""
 
     folder: Path
     stamp: str
@@ -61,10 +62,37 @@ class PackageInfo:
     manifest: PackageFile
     acquired_at: str = ""
 
+    @property
+    def all_files(self) -> tuple[PackageFile, ...]:
+        """The data files, then the manifest (the order they are queued and sent)."""
+        return (*self.files, self.manifest)
+
     def key(self, file: PackageFile | str) -> str:
         """The S3 key of one of this package's files, exactly as the layout document says."""
         name = file if isinstance(file, str) else file.name
         return s3keys.package_key(self.date_prefix, self.stamp, name)
+
+
+@dataclass(frozen=True)
+class Disposition:
+    """What was decided for a package: only `queued` is ever uploaded."""
+
+    decision: str
+    reason: str | None = None
+
+    @property
+    def uploads(self) -> bool:
+        return self.decision == QUEUED
+
+
+class Encoders(Protocol):
+    """The byte producers of a package (the JSON, the PDF, the DICOM copy)."""
+
+    def ecg_json(self, record: Record) -> bytes: ...
+
+    def pdf(self, record: Record, patient: Mapping[str, Any]) -> bytes: ...
+
+    def dicom(self, record: Record, patient: Mapping[str, Any]) -> bytes | None: ...
 
 
 def file_names(stamp: str) -> dict[str, str]:
@@ -73,70 +101,18 @@ def file_names(stamp: str) -> dict[str, str]:
         "ecg_12lead_data": f"ecg_data_{stamp}.json",
         "patient_details": f"patient_details_{stamp}.json",
         "ecg_report_pdf": f"ECG_Report_{stamp}.pdf",
+        "ecg_dicom": f"ECG_{stamp}.dcm",
         "manifest": f"manifest_{stamp}.json",
     }
 
 
-def validate_patient(patient: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The patient block checked for types and lengths; raises PatientDetailsError."""
-    if patient is None:
-        return {}
-    if not isinstance(patient, Mapping):
-        raise PatientDetailsError(
-            f"patient details must be a JSON object, got {type(patient).__name__}; "
-            "fix the capture request"
-        )
-    out: dict[str, Any] = {}
-    extra = 0
-    for key, value in patient.items():
-        if key in ("record_id", "acquired_at"):
-            continue  # ours, set from the record; a stale copy from the front end is dropped
-        if not isinstance(key, str) or not _KEY_RE.match(key):
-            raise PatientDetailsError(
-                f"patient details key {str(key)[:40]!r} is not 1-64 letters, digits, space . _ -"
-            )
-        if key == "age":
-            out[key] = _age(value)
-            continue
-        if key in _TEXT_KEYS:
-            limit = _TEXT_KEYS[key]
-        else:
-            extra += 1
-            limit = _MAX_TEXT
-            if extra > _MAX_EXTRA_KEYS:
-                raise PatientDetailsError(
-                    f"patient details have more than {_MAX_EXTRA_KEYS} unknown keys; "
-                    "send only the patient block"
-                )
-            if value is None or isinstance(value, bool | int | float):
-                out[key] = value
-                continue
-        if value is None:
-            out[key] = ""
-            continue
-        if not isinstance(value, str):
-            raise PatientDetailsError(
-                f"patient details field {key!r} must be text, got {type(value).__name__}"
-            )
-        if len(value) > limit:
-            raise PatientDetailsError(
-                f"patient details field {key!r} is {len(value)} characters; at most {limit}"
-            )
-        out[key] = value
-    return out
-
-
-def _age(value: Any) -> int | str:
-    # The legacy front end sends age as text ("45" or ""); keep its form, check the range.
-    if value is None or value == "":
-        return ""
-    ok_type = isinstance(value, str | int) and not isinstance(value, bool)
-    text = str(value).strip() if ok_type else ""
-    if not text.isdigit() or not 0 <= int(text) <= 150:
-        raise PatientDetailsError(
-            f"patient details field 'age' must be a whole number 0-150, got {str(value)[:20]!r}"
-        )
-    return value if isinstance(value, int) else text
+def decide(record: Record, *, withheld: bool) -> Disposition:
+    """The one rule: a rejected capture and a withheld one never leave the unit."""
+    if record.quality.verdict == VERDICT_REJECTED:
+        return Disposition(REJECTED, "; ".join(record.quality.reasons) or "rejected")
+    if withheld:
+        return Disposition(WITHHELD, "withheld by the operator (capture --no-upload)")
+    return Disposition(QUEUED)
 
 
 def _package_folder(out_root: Path, stamp: str, record_id: str) -> Path:
@@ -153,14 +129,20 @@ def _package_folder(out_root: Path, stamp: str, record_id: str) -> Path:
 
 
 def _folder_record_id(folder: Path) -> str | None:
-    try:
-        return load_package(folder).record_id
-    except (OSError, ValueError):
-        return None
+    for path in sorted(folder.glob("patient_details_*.json")) + sorted(
+            folder.glob("manifest_*.json")):
+        try:
+            rid = json.loads(path.read_bytes()).get("record_id")
+        except (OSError, ValueError):
+            continue
+        if rid:
+            return str(rid)
+    return None
 
 
-def _manifest_doc(info_files: list[PackageFile], *, stamp: str, date_prefix: str,
-                  record_id: str, device_serial: str, acquired_at: str) -> dict[str, Any]:
+def manifest_doc(files: Sequence[PackageFile], *, stamp: str, date_prefix: str,
+                 record_id: str, device_serial: str, acquired_at: str) -> dict[str, Any]:
+    """The manifest: what the package holds and where each file goes."""
     return {
         "format": MANIFEST_FORMAT,
         "stamp": stamp,
@@ -176,41 +158,32 @@ def _manifest_doc(info_files: list[PackageFile], *, stamp: str, date_prefix: str
                 "size": f.size,
                 "sha256": f.sha256,
             }
-            for f in info_files
+            for f in files
         ],
     }
 
 
 def build_package(
-    record: Any,
+    record: Record,
     patient: Mapping[str, Any] | None,
     out_root: Path,
-    settings: Any,
     *,
-    dumps: Callable[[Any], bytes] | None = None,
-    render_pdf: Callable[..., bytes] | None = None,
-    measure: Callable[[Any], dict] | None = None,
+    device_serial: str,
+    encoders: Encoders,
+    disposition: Disposition = Disposition(QUEUED),
+    checkpoint: Callable[[str], None] = lambda name: None,
 ) -> PackageInfo:
-    """Write one capture's package under out_root and return what was written."""
+    """Write one capture's package under out_root and return what was written.
+
+    The record arrives measured (its `measurements` are computed once, at capture); the
+    encoders only render it. `checkpoint` names each step for the crash campaign.
+    """
     details = validate_patient(patient)  # before anything touches the disk
-    if dumps is None:
-        from device_agent.ecgdata import dumps
-    if render_pdf is None:
-        from device_agent.report import render_pdf
-    if measure is None:
-        from device_agent import qrs
-
-        def measure(rec: Any) -> dict:
-            return qrs.measurements(rec, mains_hz=float(settings.mains_hz))
-
     record_id = record.record_id or str(uuid.uuid4())
-    record = dataclasses.replace(
-        record, record_id=record_id,
-        measurements={**record.measurements, **measure(record)},
-    )
+    record = dataclasses.replace(record, record_id=record_id)
     serial = record.device.serial
     if not serial or serial == "unknown":
-        serial = settings.device_serial
+        serial = device_serial
     stamp = s3keys.stamp(record.acquired_at)
     date_prefix = s3keys.date_prefix(record.acquired_at)
     acquired_at = record.acquired_at.isoformat()
@@ -222,34 +195,58 @@ def build_package(
     if not folder.exists():
         folder.mkdir()
         fsync_dir(out_root)
+    checkpoint("package.folder")
 
     details.update(record_id=record_id, acquired_at=acquired_at)
-    bodies = {
-        "ecg_12lead_data": _as_bytes(dumps(record)),
+    bodies: dict[str, bytes | None] = {
+        "ecg_12lead_data": encoders.ecg_json(record),
         "patient_details": json.dumps(details, ensure_ascii=False, indent=2).encode("utf-8"),
-        "ecg_report_pdf": _as_bytes(
-            render_pdf(record, details, paper=settings.report_paper, grid=settings.report_grid)
-        ),
+        "ecg_report_pdf": encoders.pdf(record, details),
+        "ecg_dicom": encoders.dicom(record, details),
     }
     files = []
     for kind in DATA_KINDS:
+        body = bodies[kind]
+        if body is None:
+            continue
         path = folder / names[kind]
-        atomic_write(path, bodies[kind])
-        files.append(PackageFile(names[kind], kind, path, path.stat().st_size, sha256_file(path)))
-
-    doc = _manifest_doc(files, stamp=stamp, date_prefix=date_prefix, record_id=record_id,
-                        device_serial=serial, acquired_at=acquired_at)
+        atomic_write(path, body)
+        files.append(PackageFile(names[kind], kind, path, len(body),
+                                 hashlib.sha256(body).hexdigest()))
+        checkpoint(f"package.{kind}")
+    write_disposition(folder, disposition)
+    checkpoint("package.before_manifest")
+    doc = manifest_doc(files, stamp=stamp, date_prefix=date_prefix, record_id=record_id,
+                       device_serial=serial, acquired_at=acquired_at)
+    body = json.dumps(doc, indent=2).encode("ascii")
     manifest_path = folder / names["manifest"]
-    atomic_write(manifest_path, json.dumps(doc, indent=2).encode("ascii"))
-    manifest = PackageFile(names["manifest"], "manifest", manifest_path,
-                           manifest_path.stat().st_size, sha256_file(manifest_path))
-    log.info("package %s written to %s", stamp, folder)
+    atomic_write(manifest_path, body)
+    manifest = PackageFile(names["manifest"], "manifest", manifest_path, len(body),
+                           hashlib.sha256(body).hexdigest())
+    log.info("package %s written to %s (%s)", stamp, folder, disposition.decision)
     return PackageInfo(folder, stamp, date_prefix, record_id, serial, tuple(files), manifest,
                        acquired_at)
 
 
-def _as_bytes(data: bytes | str) -> bytes:
-    return data.encode("utf-8") if isinstance(data, str) else bytes(data)
+def write_disposition(folder: Path, disposition: Disposition) -> None:
+    """Record what was decided for a package folder (before its manifest is written)."""
+    atomic_write(folder / DISPOSITION_NAME, json.dumps(
+        {"disposition": disposition.decision, "reason": disposition.reason}).encode())
+
+
+def read_disposition(folder: Path) -> Disposition | None:
+    """The decision recorded in a package folder; None when none is (an older agent's)."""
+    try:
+        doc = json.loads((Path(folder) / DISPOSITION_NAME).read_bytes())
+        decision = str(doc["disposition"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{folder / DISPOSITION_NAME}: unreadable ({exc})") from exc
+    if decision not in DISPOSITIONS:
+        raise ValueError(f"{folder / DISPOSITION_NAME}: unknown disposition {decision!r}")
+    reason = doc.get("reason")
+    return Disposition(decision, str(reason) if reason else None)
 
 
 def load_package(folder: Path | str) -> PackageInfo:
@@ -276,8 +273,83 @@ def load_package(folder: Path | str) -> PackageInfo:
     except (KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not a package manifest ({exc}); move the folder aside") from exc
     kinds = {f.kind for f in files}
-    if path.name != file_names(info.stamp)["manifest"] or kinds != set(DATA_KINDS):
+    if (path.name != file_names(info.stamp)["manifest"] or not set(REQUIRED_KINDS) <= kinds
+            or not kinds <= set(DATA_KINDS)):
         raise ValueError(f"{path}: manifest does not match its stamp or lacks a file kind")
     for f in files:
         info.key(f)  # ValueError on a name or stamp that cannot form a key
     return info
+
+
+def reconcile_folders(records_root: Path, outbox: Outbox) -> list[Path]:
+    """Queue complete package folders the outbox does not know whose decision is "queued".
+
+    A folder without a manifest is a capture that never finished (or is being written now):
+    left alone. A withheld or rejected folder is remembered as such and never uploaded; a
+    folder from an older agent with no decision recorded is not uploaded either, and is
+    named once as a problem (`device-agent queue add FOLDER` sends it).
+    """
+    queued: list[Path] = []
+    if not records_root.is_dir():
+        return queued
+    known = outbox.known_packages()
+    for folder in sorted(p for p in records_root.iterdir() if p.is_dir()):
+        if str(folder.resolve()) in known or not any(folder.glob("manifest_*.json")):
+            continue
+        try:
+            info = load_package(folder)
+            decision = read_disposition(folder)
+        except (OSError, ValueError) as exc:  # a damaged folder must not stop the others
+            if outbox.note_problem("records", folder.name, f"cannot be loaded: {exc}"):
+                log.error("package folder %s cannot be loaded (%s); it stays on disk, not "
+                          "queued: inspect or remove it", folder, exc)
+            continue
+        if decision is None:
+            if outbox.note_problem("records", folder.name, "no upload decision recorded"):
+                log.error("package folder %s has no upload decision recorded (written by an "
+                          "older agent); not uploaded: `device-agent queue add %s` sends it",
+                          folder, folder)
+            continue
+        if not decision.uploads:
+            outbox.record_package(folder, stamp=info.stamp, record_id=info.record_id,
+                                  disposition=decision.decision, reason=decision.reason,
+                                  verdict=None)
+            continue
+        outbox.add_package(info)
+        queued.append(folder)
+    return queued
+
+
+def queue_folder(folder: Path, outbox: Outbox) -> PackageInfo:
+    """The operator's choice to send a withheld (or older) package: record it, queue it."""
+    info = load_package(folder)
+    row = outbox.package_row(folder)
+    decision = read_disposition(folder)
+    if (row is not None and row.disposition == REJECTED) or (
+            decision is not None and decision.decision == REJECTED):
+        raise AgentError(f"{folder} holds a rejected capture; it is never uploaded: capture "
+                         "again")
+    write_disposition(folder, Disposition(QUEUED, "queued by the operator (queue add)"))
+    if row is not None and row.disposition != QUEUED:
+        outbox.set_disposition(folder, QUEUED, "queued by the operator (queue add)")
+    outbox.add_package(info)
+    return info
+
+
+def settle_manifest(manifest: Item, siblings: Sequence[Item]) -> bytes | None:
+    """The manifest rewritten to list where its package's files really landed, or None.
+
+    Two units of a fleet can stamp a capture in the same second; the later one's files then
+    land under disambiguated keys (If-None-Match + SHA-256 compare), and a manifest still
+    naming the plain keys would vouch for the other unit's files. The rewrite is a pure
+    function of the delivered rows, so a crash anywhere in it is redone alike.
+    """
+    files = [s for s in siblings if s.kind != "manifest" and s.final_key]
+    if all(s.final_key == s.key for s in files):
+        return None
+    landed = {s.filename: s.final_key for s in files}
+    doc = json.loads(manifest.path.read_bytes())
+    for entry in doc["files"]:
+        entry["key"] = landed.get(entry["name"], entry["key"])
+    body = json.dumps(doc, indent=2).encode("ascii")
+    return None if hashlib.sha256(body).hexdigest() == manifest.sha256 else body

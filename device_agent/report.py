@@ -1,8 +1,19 @@
-"""The one-page 12-lead PDF report, true to scale (25 mm/s, 10 mm/mV), and `cmd_report`.
+"""The one-page 12-lead PDF report, true to scale (25 mm/s, 10 mm/mV): it renders, it does
+not measure.
+
+Everything the page says about the record comes from the record itself: its measurements
+(computed once at capture, the same numbers as the JSON and the DICOM copy), its quality
+verdict and reasons, its lost samples and electrode-off spans. The header reads like a
+cart's: ventricular rate, RR, PR, QRS, QT/QTc (Bazett and Fridericia) and the P, QRS and T
+axes, "-" for anything not measured. A rejected capture carries a banner across the page,
+and lost and electrode-off spans are marked on the traces they affect.
+
+The traces go through a display filter (default 0.05-150 Hz, options 0.5 Hz baseline and
+40 Hz low-pass, and the mains notch), applied to the drawing only and named in the footer;
+the JSON stays raw. Filters run in the frequency domain, zero phase, on all leads at once.
 
 Traces and grid are written as PDF path operators formatted by numpy in one pass (no
-per-point Python call) and injected with `Canvas.addLiteral`; the page is zlib-compressed.
-Layout and conventions: README.md, "The record format".
+per-point Python call) and injected with `Canvas.addLiteral`; the page is flate-compressed.
 """
 
 from __future__ import annotations
@@ -10,21 +21,23 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import json
 import logging
-import os
 import threading
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from reportlab import rl_config
+from reportlab.lib.utils import simpleSplit
+from reportlab.pdfbase import pdfdoc
+from reportlab.pdfgen.canvas import Canvas
 
-from device_agent import __version__, qrs
-from device_agent.errors import AgentError
-from device_agent.record import Record
+from device_agent import __version__
+from device_agent.config import Settings
+from device_agent.record import ELECTRODES, VERDICT_REJECTED, Record
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +60,6 @@ GRID_COLOURS = {
 }
 MINOR_W_MM, MAJOR_W_MM, TRACE_W_MM = 0.08, 0.18, 0.22
 UNIT = 0.1  # path coordinates are integers in 0.1 pt (0.035 mm), scaled by one `cm`
-MAINS_WARN_UV = 20.0
 _DIGITS = 4  # 0..9999 units of 0.1 pt: the whole page
 FLATE_LEVEL = 4  # 70 KB in 5 ms; reportlab's fixed level 6 gives 63 KB in 20 ms
 
@@ -137,49 +149,145 @@ def _grid_ops(geo: dict[str, Any], grid: str) -> str:
     return "".join(out)
 
 
-def _lead_uv(record: Record, name: str) -> np.ndarray | None:
-    """A lead in uV with NaN where lost; None if not recorded."""
-    return record.lead(name) if name in record.lead_names else None
+
+@dataclass(frozen=True)
+class ReportStyle:
+    """How a page is drawn: paper, grid colours and the display filter (drawing only)."""
+
+    paper: str = "a4"
+    grid: str = "red"
+    highpass_hz: float = 0.05
+    lowpass_hz: float = 150.0
+    notch_hz: float | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ReportStyle:
+        low, high = (float(v) for v in settings.report_filter.split("-"))
+        return cls(paper=settings.report_paper, grid=settings.report_grid, highpass_hz=low,
+                   lowpass_hz=high,
+                   notch_hz=float(settings.mains_hz) if settings.report_notch else None)
+
+    def filter_text(self) -> str:
+        notch = f", {self.notch_hz:g} Hz notch" if self.notch_hz else ""
+        return f"{self.highpass_hz:g}-{self.lowpass_hz:g} Hz{notch}"
 
 
-def _trace_ops(record: Record, geo: dict[str, Any], page_h_mm: float) -> tuple[str, list]:
+def display_filter(leads_uv: np.ndarray, fs: float, style: ReportStyle) -> np.ndarray:
+    """The leads as drawn: band-limited (and notched), zero phase, lost samples kept NaN.
+
+    Lost samples are bridged by linear interpolation before filtering (so a gap does not ring)
+    and put back as NaN after; each lead is padded by reflection (1 s) against edge effects.
+    """
+    x = np.array(leads_uv, dtype=np.float64, copy=True)
+    lost = np.isnan(x)
+    n = x.shape[1]
+    if n < 8:
+        return x
+    idx = np.arange(n)
+    for row in np.flatnonzero(lost.any(axis=1)):
+        good = ~lost[row]
+        x[row] = np.interp(idx, idx[good], x[row, good]) if good.any() else 0.0
+    pad = min(n - 1, int(fs))
+    padded = np.pad(x, ((0, 0), (pad, pad)), mode="reflect")
+    freqs = np.fft.rfftfreq(padded.shape[1], 1.0 / fs)
+    with np.errstate(divide="ignore"):
+        gain = 1.0 / np.sqrt(1.0 + (style.highpass_hz / freqs) ** 4)  # 2nd-order magnitude
+    gain[0] = 0.0
+    gain *= 1.0 / np.sqrt(1.0 + (freqs / style.lowpass_hz) ** 8)
+    if style.notch_hz:
+        for k in range(1, int(fs / 2 // style.notch_hz) + 1):
+            gain *= 1.0 - np.exp(-(((freqs - k * style.notch_hz) / 1.0) ** 2))
+    out = np.fft.irfft(np.fft.rfft(padded, axis=1) * gain, padded.shape[1], axis=1)
+    out = out[:, pad : pad + n]
+    out[lost] = np.nan
+    return out
+
+
+# Which leads an electrode reaches (limb electrodes feed every limb lead that uses them).
+_ELECTRODE_LEADS = {
+    "LA": ("I", "III", "aVR", "aVL", "aVF"),
+    "RA": ("I", "II", "aVR", "aVL", "aVF"),
+    "LL": ("II", "III", "aVR", "aVL", "aVF"),
+    **{f"V{k}": (f"V{k}",) for k in range(1, 7)},
+}
+assert set(_ELECTRODE_LEADS) == set(ELECTRODES)
+
+
+@dataclass(frozen=True)
+class _Window:
+    lead: str
+    first: int
+    count: int
+    x_mm: float
+    base_mm: float
+
+
+def _windows(record: Record, geo: dict[str, Any]) -> list[_Window]:
+    """Where each lead's samples go: the 3x4 block, then the lead II rhythm strip."""
+    per_window = round(WINDOW_S * record.sampling_rate)
+    x0 = geo["trace_x0_mm"]
+    out = [_Window(name, k * per_window, per_window, x0 + k * WINDOW_S * SPEED_MM_S,
+                   geo["baselines_mm"][r])
+           for k, column in enumerate(COLUMNS) for r, name in enumerate(column)]
+    out.append(_Window(RHYTHM_LEAD, 0, 4 * per_window, x0, geo["baselines_mm"][3]))
+    return out
+
+
+def _trace_ops(record: Record, geo: dict[str, Any], page_h_mm: float,
+               drawn: np.ndarray | None = None) -> tuple[str, list[tuple[str, float, float, bool]]]:
     """All 13 traces as one path (a sub-path per trace), and the lead labels to print."""
     fs = record.sampling_rate
     mm_per_sample = SPEED_MM_S / fs
-    per_window = round(WINDOW_S * fs)
+    if drawn is None:
+        drawn = np.where(record.missing, np.nan, record.samples.astype(np.float64))
     xs, ys, starts, labels = [], [], [], []
-    cache: dict[str, np.ndarray | None] = {}
-
-    def add(name: str, first: int, count: int, x_mm: float, base_mm: float) -> None:
-        if name not in cache:
-            cache[name] = _lead_uv(record, name)
-        values = cache[name]
-        labels.append((name, x_mm, base_mm, values is None))
-        if values is None:
-            return
-        seg = values[first : first + count]
+    for w in _windows(record, geo):
+        absent = w.lead not in record.lead_names
+        labels.append((w.lead, w.x_mm, w.base_mm, absent))
+        if absent:
+            continue
+        seg = drawn[record.lead_names.index(w.lead), w.first : w.first + w.count]
         if not seg.size:
-            return
+            continue
         if not np.all(np.isnan(seg)):  # an offset, not a filter: centre the trace on its row
             seg = seg - np.nanmedian(seg)
-        xs.append(x_mm + np.arange(seg.size) * mm_per_sample)
-        ys.append(base_mm + seg * (GAIN_MM_MV / 1000.0))
+        xs.append(w.x_mm + np.arange(seg.size) * mm_per_sample)
+        ys.append(w.base_mm + seg * (GAIN_MM_MV / 1000.0))
         s = np.zeros(seg.size, bool)
         s[0] = True
         starts.append(s)
-
-    x_start = geo["trace_x0_mm"]
-    for k, column in enumerate(COLUMNS):
-        for r, name in enumerate(column):
-            add(name, k * per_window, per_window,
-                x_start + k * WINDOW_S * SPEED_MM_S, geo["baselines_mm"][r])
-    add(RHYTHM_LEAD, 0, 4 * per_window, x_start, geo["baselines_mm"][3])
     if not xs:
         return "", labels
     x = np.concatenate(xs) * PT_PER_MM
     y = np.clip(np.concatenate(ys), 0.0, page_h_mm) * PT_PER_MM
     return path_ops(x, y, np.concatenate(starts)), labels
 
+
+def _spans(mask: np.ndarray) -> list[tuple[int, int]]:
+    edges = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
+    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist(),
+                    strict=True))
+
+
+def marked_spans(record: Record, geo: dict[str, Any]) -> list[tuple[str, float, float, float]]:
+    """(kind, x0_mm, x1_mm, baseline_mm) of every lost or electrode-off span a window shows."""
+    off = np.zeros((len(record.lead_names), record.n_samples), bool)
+    for e in record.quality.electrodes_off:
+        for lead in _ELECTRODE_LEADS.get(e.electrode, ()):
+            if lead in record.lead_names:
+                off[record.lead_names.index(lead), e.start : e.start + e.length] = True
+    mm_per_sample = SPEED_MM_S / record.sampling_rate
+    marks = []
+    for w in _windows(record, geo):
+        if w.lead not in record.lead_names:
+            continue
+        row = record.lead_names.index(w.lead)
+        sl = slice(w.first, w.first + w.count)
+        for kind, mask in (("lost", record.missing[row, sl]), ("off", off[row, sl])):
+            for a, b in _spans(mask):
+                marks.append((kind, w.x_mm + a * mm_per_sample, w.x_mm + b * mm_per_sample,
+                              w.base_mm))
+    return marks
 
 def _furniture_ops(geo: dict[str, Any]) -> str:
     """Calibration pulses (1 mV x 200 ms) on every row and ticks where the lead changes."""
@@ -203,17 +311,68 @@ def _furniture_ops(geo: dict[str, Any]) -> str:
     return path_ops(x, y, np.concatenate(starts).astype(bool))
 
 
-def _patient_line(patient: Mapping[str, Any] | None) -> str:
+
+def _patient_lines(patient: Mapping[str, Any] | None) -> tuple[str, str]:
+    """The patient's name (or id) line and the id/birth/age/sex line; "-" where absent."""
     p = {k: v for k, v in (patient or {}).items() if v not in (None, "")}
     name = " ".join(str(p[k]).strip() for k in ("first_name", "last_name") if k in p)
-    name = name or str(p.get("patient_name") or p.get("patient_id") or p.get("id") or "-")
-    parts = [name, f"Age {p.get('age', '-')}", f"Sex {p.get('gender', p.get('sex', '-'))}"]
+    name = name or str(p.get("patient_name") or "-")
+    pid = p.get("patient_id") or p.get("id")
+    dob = p.get("dob") or p.get("date_of_birth")
+    parts = [f"ID {pid}" if pid else "ID -", f"DOB {dob}" if dob else "DOB -",
+             f"Age {p.get('age', '-')}", f"Sex {p.get('gender', p.get('sex', '-'))}"]
     if "doctor" in p:
         parts.append(f"Doctor {p['doctor']}")
     if "Org." in p:
         parts.append(str(p["Org."]))
-    return "    ".join(parts)
+    return name, "    ".join(parts)
 
+
+def _value(m: Mapping[str, Any], name: str, unit: str = "") -> str:
+    value = m.get(name)
+    if not isinstance(value, int | float) or isinstance(value, bool) or value != value:
+        return "-"
+    return f"{value:.0f}{unit}"
+
+
+def measurement_rows(measurements: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) pairs of the header, in the order carts print them."""
+    m = measurements
+    return [
+        ("Vent. rate", _value(m, "heart_rate_bpm", " bpm")),
+        ("RR interval", _value(m, "rr_ms", " ms")),
+        ("PR interval", _value(m, "pr_ms", " ms")),
+        ("QRS duration", _value(m, "qrs_ms", " ms")),
+        ("QT/QTcB", f"{_value(m, 'qt_ms')}/{_value(m, 'qtc_bazett_ms')} ms"),
+        ("QTcF", _value(m, "qtc_fridericia_ms", " ms")),
+        ("P-R-T axes", " ".join(_value(m, k) for k in ("p_axis_deg", "qrs_axis_deg",
+                                                          "t_axis_deg"))),
+    ]
+
+
+def quality_line(record: Record) -> str:
+    """The quality verdict and the record's own reasons (decided once, in record.py)."""
+    q = record.quality
+    return f"Quality: {q.verdict}" + (" - " + "; ".join(q.reasons) if q.reasons else "")
+
+
+_SHORT = {"heart_rate_bpm": "rate", "rr_ms": "RR", "pr_ms": "PR", "qrs_ms": "QRS",
+          "qt_ms": "QT", "qtc_bazett_ms": "QTcB", "qtc_fridericia_ms": "QTcF",
+          "p_axis_deg": "P axis", "qrs_axis_deg": "QRS axis", "t_axis_deg": "T axis"}
+
+
+def not_measured_line(measurements: Mapping[str, Any]) -> str | None:
+    """Why each "-" is a "-": the measurement's own reason, grouped by reason."""
+    reasons = dict(measurements.get("reasons") or {})
+    if measurements.get("not_measured_reason"):  # records measured by agent 0.1
+        reasons.setdefault("heart_rate_bpm", measurements["not_measured_reason"])
+    by_reason: dict[str, list[str]] = {}
+    for name, why in reasons.items():
+        by_reason.setdefault(str(why), []).append(_SHORT.get(name, name))
+    if not by_reason:
+        return None
+    return "Not measured: " + "; ".join(f"{', '.join(names)} ({why})"
+                                        for why, names in by_reason.items())
 
 def _acquired_text(when: datetime) -> str:
     text = when.strftime("%Y-%m-%d %H:%M:%S")
@@ -226,59 +385,19 @@ def _acquired_text(when: datetime) -> str:
     return f"{text} {label}" + (f" ({name})" if name and not name.startswith("UTC") else "")
 
 
-def quality_lines(record: Record, result: qrs.QrsResult) -> list[str]:
-    """The quality verdict and every warning the page must show, as short sentences."""
-    q = record.quality
-    fs = record.sampling_rate
-    warnings = []
-    if q.electrodes_off:
-        names = sorted({e.electrode for e in q.electrodes_off})
-        warnings.append("electrode off: " + ", ".join(names))
-    lost = int(record.missing.any(axis=0).sum()) if record.missing.size else 0
-    if q.frames_lost or lost:
-        n = max(q.frames_lost, lost)
-        share = n / max(q.frames_expected or record.n_samples, 1)
-        gaps = f" in {len(q.gaps)} gap(s)" if q.gaps else ""
-        warnings.append(f"lost samples: {n} ({share:.1%}, {n / fs * 1000:.0f} ms){gaps}")
-    if q.flat_leads:
-        warnings.append("flat: " + ", ".join(q.flat_leads))
-    if q.saturated_leads:
-        warnings.append("saturated: " + ", ".join(q.saturated_leads))
-    if q.mains_noise_uv is not None and q.mains_noise_uv >= MAINS_WARN_UV:
-        warnings.append(f"mains noise {q.mains_noise_uv:.0f} uV")
-    if q.bad_frames:
-        warnings.append(f"{q.bad_frames} damaged frame(s) dropped")
-    lines = [f"Quality: {q.verdict}" + (" - " + "; ".join(warnings) if warnings else "")]
-    if not result.confident:
-        lines.append(f"Heart rate not measured: {result.reason}")
-    return lines
 
-
-def _qrs_result(record: Record, mains_hz: float) -> qrs.QrsResult:
-    if qrs.LEAD not in record.lead_names:
-        return qrs.QrsResult(np.zeros(0, np.int64), record.sampling_rate, None, None, False,
-                             f"lead {qrs.LEAD} not recorded", qrs.method_text(mains_hz))
-    return qrs.detect_record(record, mains_hz=mains_hz)
-
-
-def render_pdf(
-    record: Record,
-    patient: Mapping[str, Any] | None,
-    *,
-    paper: str = "a4",
-    grid: str = "red",
-    mains_hz: float = 50.0,
-) -> bytes:
+def render_pdf(record: Record, patient: Mapping[str, Any] | None, *,
+               style: ReportStyle | None = None) -> bytes:
     """One true-scale landscape page: grid, 3x4 leads, lead II rhythm strip, header, footer."""
-    from reportlab.lib.utils import simpleSplit
-    from reportlab.pdfgen.canvas import Canvas
-
-    if grid not in GRID_COLOURS:
-        raise ValueError(f"grid {grid!r} unknown: use one of {', '.join(GRID_COLOURS)}")
-    geo = layout(paper)
+    style = style or ReportStyle()
+    if style.grid not in GRID_COLOURS:
+        raise ValueError(f"grid {style.grid!r} unknown: use one of {', '.join(GRID_COLOURS)}")
+    geo = layout(style.paper)
     width_mm, height_mm = geo["page_mm"]
     mm = PT_PER_MM
-    result = _qrs_result(record, mains_hz)
+    rejected = record.quality.verdict == VERDICT_REJECTED
+    drawn = display_filter(np.where(record.missing, np.nan, record.samples.astype(np.float64)),
+                           record.sampling_rate, style)
 
     buffer = io.BytesIO()
     canvas = Canvas(buffer, pagesize=(width_mm * mm, height_mm * mm), pageCompression=1,
@@ -287,8 +406,9 @@ def render_pdf(
     canvas.setAuthor(f"device_agent {__version__}")
     canvas.setCreator(f"device_agent {__version__}")
 
-    canvas.addLiteral(_grid_ops(geo, grid))
-    trace_ops, labels = _trace_ops(record, geo, height_mm)
+    canvas.addLiteral(_grid_ops(geo, style.grid))
+    _draw_marks(canvas, marked_spans(record, geo))
+    trace_ops, labels = _trace_ops(record, geo, height_mm, drawn)
     canvas.addLiteral(_stroke(trace_ops, (0.0, 0.0, 0.0), TRACE_W_MM, cap=1))
     canvas.addLiteral(_stroke(_furniture_ops(geo), (0.0, 0.0, 0.0), TRACE_W_MM))
 
@@ -299,51 +419,96 @@ def render_pdf(
         canvas.drawString((x_mm + 1.5) * mm, (base_mm + ROW_MM / 2.0 - 5.0) * mm, text)
 
     x0 = geo["grid_mm"][0]
-    right = x0 + GRID_W_MM
     top = height_mm - 9.0
+    name, details = _patient_lines(patient)
+    left_w = 145.0 * mm  # the patient block, left of the measurements
     canvas.setFont("Helvetica-Bold", 12)
-    canvas.drawString(x0 * mm, top * mm, _patient_line(patient))
+    canvas.drawString(x0 * mm, top * mm, simpleSplit(name, "Helvetica-Bold", 12, left_w)[0])
     canvas.setFont("Helvetica", 9)
-    canvas.drawRightString(right * mm, top * mm, "12-lead ECG")
     device = record.device
-    canvas.drawString(x0 * mm, (top - 5.5) * mm,
+    canvas.drawString(x0 * mm, (top - 4.5) * mm, simpleSplit(details, "Helvetica", 9, left_w)[0])
+    canvas.drawString(x0 * mm, (top - 9.0) * mm,
                       f"Acquired {_acquired_text(record.acquired_at)}    "
                       f"Device {device.serial} ({device.model})")
-    canvas.setFont("Helvetica-Bold", 11)
-    if result.confident:
-        rate = f"HR {result.heart_rate_bpm:.0f} bpm    RR {result.rr_mean_ms:.0f} ms"
-    else:
-        rate = "HR -    RR -"
-    canvas.drawString(x0 * mm, (top - 11.5) * mm, rate)
-    canvas.setFont("Helvetica", 7)
-    canvas.drawString((x0 + 65.0) * mm, (top - 11.5) * mm,
-                      f"{result.method}; {result.beats.size} beats")
-    canvas.setFont("Helvetica", 9)
-    y = top - 17.0
-    for line in quality_lines(record, result):
-        for part in simpleSplit(line, "Helvetica", 9, GRID_W_MM * mm)[:2]:
+    rows = measurement_rows(record.measurements)
+    for i, (label, value) in enumerate(rows):
+        col, line = divmod(i, 3)
+        x = x0 + 148.0 + col * 38.0
+        y = top - line * 4.5
+        canvas.setFont("Helvetica", 8)
+        canvas.drawString(x * mm, y * mm, label)
+        canvas.setFont("Helvetica-Bold", 8)
+        canvas.drawRightString((x + 35.0) * mm, y * mm, value)
+    canvas.setFont("Helvetica-Bold" if rejected else "Helvetica", 9)
+    if rejected:
+        canvas.setFillColorRGB(0.8, 0.0, 0.0)
+    y = top - 14.5
+    for part in simpleSplit(quality_line(record), "Helvetica", 9, GRID_W_MM * mm)[:2]:
+        canvas.drawString(x0 * mm, y * mm, part)
+        y -= 4.0
+    canvas.setFillColorRGB(0, 0, 0)
+    reasons = not_measured_line(record.measurements)
+    if reasons:
+        canvas.setFont("Helvetica", 8)
+        for part in simpleSplit(reasons, "Helvetica", 8, GRID_W_MM * mm):
+            if y < GRID_Y0_MM + GRID_H_MM + 1.0:
+                break  # the header is full; the JSON holds every reason
             canvas.drawString(x0 * mm, y * mm, part)
-            y -= 4.0
+            y -= 3.6
+    if rejected:
+        _banner(canvas, geo)
 
-    canvas.setFont("Helvetica", 8)
+    canvas.setFont("Helvetica", 7.5)
     footer = (f"{SPEED_MM_S:g} mm/s    {GAIN_MM_MV:g} mm/mV    Grid 1 mm / 5 mm    "
-              f"Drawing filters: none (each trace centred on its median)    "
+              f"Display filter {style.filter_text()} (drawing only; data unfiltered)    "
               f"Sampling {record.sampling_rate} Hz    device_agent {__version__}    "
               f"Record {record.record_id or record.stamp}")
-    canvas.drawString(x0 * mm, (GRID_Y0_MM - 5.0) * mm, footer)
-    canvas.drawString(x0 * mm, (GRID_Y0_MM - 9.0) * mm,
-                      "Print at actual size (100 %, no fit to page) for true scale.")
+    canvas.drawString(x0 * mm, (GRID_Y0_MM - 4.5) * mm, footer)
+    method = str(record.measurements.get("method") or "not measured")
+    canvas.drawString(x0 * mm, (GRID_Y0_MM - 8.0) * mm,
+                      f"Measurements: {method}.    Print at actual size (100 %, no fit to "
+                      "page) for true scale.")
     canvas.showPage()
     with _binary_streams():
         canvas.save()
     return buffer.getvalue()
 
 
+MARK_COLOURS = {"lost": (0.55, 0.55, 0.55), "off": (1.0, 0.55, 0.0)}
+
+
+def _draw_marks(canvas: Canvas, marks: list[tuple[str, float, float, float]]) -> None:
+    """Shade lost spans grey and electrode-off spans orange in the rows they affect."""
+    mm = PT_PER_MM
+    for kind, a, b, base in marks:
+        canvas.saveState()
+        canvas.setFillColorRGB(*MARK_COLOURS[kind])
+        canvas.setFillAlpha(0.35)
+        band = ROW_MM * 0.8 if kind == "lost" else 2.5
+        y = base - ROW_MM * 0.4 if kind == "lost" else base - ROW_MM / 2.0 + 1.0
+        canvas.rect(a * mm, y * mm, max(b - a, 0.3) * mm, band * mm, stroke=0, fill=1)
+        canvas.restoreState()
+
+
+def _banner(canvas: Canvas, geo: dict[str, Any]) -> None:
+    """Across the page: this capture was rejected and is not for diagnosis."""
+    x0, y0, w, h = geo["grid_mm"]
+    mm = PT_PER_MM
+    canvas.saveState()
+    canvas.setFillColorRGB(0.85, 0.0, 0.0)
+    canvas.setFillAlpha(0.30)
+    canvas.setFont("Helvetica-Bold", 40)
+    canvas.translate((x0 + w / 2) * mm, (y0 + h / 2) * mm)
+    canvas.rotate(12)
+    canvas.drawCentredString(0, 0, "REJECTED CAPTURE - NOT FOR DIAGNOSIS")
+    canvas.restoreState()
+
+
 _RL_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _binary_streams():
+def _binary_streams() -> Iterator[None]:
     """Page streams flate-compressed at FLATE_LEVEL and not ASCII85-wrapped.
 
     reportlab offers neither as an option: ASCII85 (pure Python without its C accelerator)
@@ -351,11 +516,9 @@ def _binary_streams():
     spends 4x longer than level 4 to save a tenth on this data. Both are module settings,
     so they are swapped under a lock and restored; only this module uses reportlab.
     """
-    from reportlab import rl_config
-    from reportlab.pdfbase import pdfdoc
 
-    class _Flate(pdfdoc.PDFStreamFilterZCompress):
-        def encode(self, text):  # as reportlab's own, at another level
+    class _Flate(pdfdoc.PDFStreamFilterZCompress):  # type: ignore[misc]
+        def encode(self, text: str | bytes) -> bytes:  # as reportlab's own, at another level
             data = text.encode("utf8") if isinstance(text, str) else text
             return zlib.compress(data, FLATE_LEVEL)
 
@@ -366,63 +529,3 @@ def _binary_streams():
             yield
         finally:
             rl_config.useA85, pdfdoc.PDFZCompress = saved
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file via a temp file in the same folder, fsync, rename (never a torn PDF)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _read_json_file(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_bytes())
-    except OSError as exc:
-        raise AgentError(f"cannot read {what} {path}: {exc.strerror}; check the path") from exc
-    except ValueError as exc:
-        raise AgentError(f"{what} {path} is not valid JSON ({exc}); the file is damaged") from exc
-
-
-def cmd_report(settings, args) -> int:
-    """Re-render a PDF report from a stored ecg_data JSON (and patient details)."""
-    from device_agent.ecgdata import loads
-
-    try:
-        data = Path(args.input).read_bytes()
-    except OSError as exc:
-        raise AgentError(
-            f"cannot read ecg data {args.input}: {exc.strerror}; check the path") from exc
-    try:
-        record = loads(data, source=str(args.input))
-    except ValueError as exc:
-        raise AgentError(f"{exc}") from exc
-    patient = None
-    if args.patient is not None:
-        patient = _read_json_file(Path(args.patient), "patient details")
-        if not isinstance(patient, dict):
-            raise AgentError(f"patient details {args.patient} is not a JSON object")
-    pdf = render_pdf(record, patient, paper=settings.report_paper, grid=settings.report_grid,
-                     mains_hz=float(settings.mains_hz))
-    out = Path(args.out)
-    try:
-        write_atomic(out, pdf)
-    except OSError as exc:
-        raise AgentError(f"cannot write report {out}: {exc.strerror}; check the folder") from exc
-    log.info("report for record %s written to %s", record.record_id, out)
-    from device_agent.cli import echo
-
-    echo(f"wrote {out} ({len(pdf)} bytes)")
-    return 0

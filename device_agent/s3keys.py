@@ -18,10 +18,14 @@ KINDS = (
     "ecg_report_pdf",
     "patient_details",
     "ecg_12lead_data",
+    "ecg_dicom",
     "manifest",
     "user_signup",
     "report_json",
 )
+CONTENT_TYPES = {".pdf": "application/pdf", ".json": "application/json",
+                 ".dcm": "application/dicom"}
+KEY_MAX_BYTES = 1024  # S3's limit on a key, in UTF-8 bytes
 USERNAME_MAX = 64
 
 _DATE_PREFIX_RE = re.compile(r"^\d{4}/\d{2}/\d{2}$")
@@ -30,6 +34,11 @@ _REPORT_STAMP_RE = re.compile(r"ECG_Report_(\d{8}_\d{6})")
 _UNSAFE_RE = re.compile(r"[^A-Za-z0-9._-]+")
 _DOTS_RE = re.compile(r"\.{2,}")
 _PRINTABLE_ASCII = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+# Names the agent itself gives files: they carry no identity, so logs and metadata may show
+# them. Any other name (a dropped report called after its patient, a username) is hashed.
+_OWN_NAME_RE = re.compile(
+    r"^(ECG_Report|ecg_data|patient_details|manifest|ECG)_\d{8}_\d{6}(__[0-9a-f]{12})?"
+    r"\.(pdf|json|dcm)$")
 
 
 def date_prefix(when: datetime) -> str:
@@ -42,15 +51,43 @@ def stamp(when: datetime) -> str:
     return when.strftime("%Y%m%d_%H%M%S")
 
 
+def content_type(name: str) -> str:
+    """The Content-Type of a file or key by its extension (the one table)."""
+    dot = name.rfind(".")
+    return CONTENT_TYPES.get(name[dot:].lower() if dot >= 0 else "", "application/octet-stream")
+
+
+def display_name(name: str) -> str:
+    """A file name as logs and errors may show it: the agent's own names as they are, any
+    other (which may carry a patient's or user's name) as `name#<sha256[:12]>`."""
+    if _OWN_NAME_RE.match(name):
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return f"name#{digest}"
+
+
+def key_problem(filename: str) -> str | None:
+    """Why a file name cannot be part of an S3 key (None when it can)."""
+    if not filename or filename in (".", ".."):
+        return "an empty or dot name"
+    if "/" in filename or "\\" in filename:
+        return "a slash or backslash in the name"
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in filename):
+        return "a control character (newline, tab) in the name"
+    try:
+        encoded = filename.encode("utf-8")
+    except UnicodeEncodeError:
+        return "bytes that are not UTF-8 in the name"
+    if len(encoded) > 255:
+        return "a name longer than 255 bytes"
+    return None
+
+
 def _check_filename(filename: str) -> str:
-    if (
-        not filename
-        or filename in (".", "..")
-        or "/" in filename
-        or "\\" in filename
-        or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in filename)
-    ):
-        raise ValueError(f"file name {filename!r} cannot be part of an S3 key")
+    problem = key_problem(filename)
+    if problem:
+        raise ValueError(f"file name {display_name(filename)} cannot be part of an S3 key: "
+                         f"{problem}")
     return filename
 
 
@@ -135,7 +172,7 @@ def object_metadata(
     meta = {
         "type": kind,
         "uploaded_at": when,
-        "filename": filename,
+        "filename": display_name(filename),
         "sha256": sha256,
     }
     if record_id:

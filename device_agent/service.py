@@ -1,37 +1,49 @@
-"""`device-agent run`: the service, the process edge that builds and wires everything once.
+"""The running service: supervises the serial reader, the sync loop and captures.
 
 Threads: the serial reader (port.py, its own thread, reconnects forever), the sync loop
 (sync.py, every SYNC_INTERVAL_S), one capture at a time when a request arrives through the
-spool, and this supervising loop on the main thread, which pings the systemd watchdog,
-publishes STATUS= and STATE_DIR/status.json, and claims capture requests. SIGTERM/SIGINT only
-set `stop`; every wait is `stop.wait()`, so the service exits within a second.
+spool, and this supervising loop on the calling thread, which feeds the systemd watchdog,
+publishes STATUS= and STATE_DIR/status.json, and claims capture requests. Every wait is
+`stop.wait()`, so the service stops promptly once `stop` is set.
+
+The watchdog is fed only while the sync loop makes progress or has nothing to do: an upload
+or a step wedged past every deadline it has stops the WATCHDOG=1 pings, and systemd restarts
+the service. status.json carries the clock as the service sees it (inside its sandbox), so
+`doctor` can report that rather than its own view.
 
 A board that is absent at boot does not hold the service back: READY=1 goes out once the
 outbox is open and the port has had a short grace period to open, with STATUS "waiting for
-board on PORT" when it has not. Uploads of earlier records carry on and the reader keeps
-retrying; an unplugged adapter never kills the service. Capture requests made while the board
-is absent are answered with a clear error instead of waiting forever.
+board on PORT". Capture requests made while the board is absent are answered with a clear
+error instead of waiting forever.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import logging
 import os
-import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from device_agent import __version__
+from device_agent.capture import capture_package, rejection_message
+from device_agent.clock import Clock, held_count
+from device_agent.config import Settings
+from device_agent.drain import Drainer
 from device_agent.errors import AgentError
 from device_agent.notify import Notifier
-from device_agent.spool import Request, ServiceLock, Spool, running_pid
-from device_agent.status import outbox_summary, read_status_file, write_status_file
+from device_agent.outbox import Outbox
+from device_agent.patient import validate_patient
+from device_agent.port import SerialReader
+from device_agent.spool import Request, Spool
+from device_agent.status import write_status_file
+from device_agent.sync import PassResult, SyncLoop
 
 log = logging.getLogger(__name__)
 
@@ -39,51 +51,44 @@ TICK_S = 0.2            # supervising loop period: stop latency and spool pickup
 PUBLISH_EVERY_S = 2.0   # status.json and STATUS= refresh
 READY_GRACE_S = 3.0     # how long READY waits for the port before saying "waiting for board"
 RESULT_KEEP_S = 3600.0  # unread capture results are deleted after this
-HANDOFF_EXTRA_S = 30.0  # beyond the capture length: wait for a silent board, build the package
 
 CaptureFn = Callable[[Request], dict[str, Any]]
 
 
 def release_memory() -> None:
-    """Hand the heap a capture used (frames, JSON text, PDF paths) back to the OS.
-
-    A capture allocates a few MB in bursts; glibc keeps freed arenas mapped, and on a
-    small board the service's resident size is what counts (README, performance).
-    """
-    import ctypes
-    import gc
-
+    """Hand the heap a capture used (frames, JSON text, PDF paths) back to the OS."""
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _now_iso() -> str:
-    return datetime.now().astimezone().isoformat(timespec="seconds")
+def _now_iso(clock: Clock) -> str:
+    return clock.now().isoformat(timespec="seconds")
 
 
 class Service:
     """The running agent: supervises reader, sync loop and captures; `run()` until `stop`."""
 
-    def __init__(self, settings: Any, *, reader: Any, sync_loop: Any, capture: CaptureFn,
-                 notifier: Notifier, stop: threading.Event, clock: Any = None) -> None:
+    def __init__(self, settings: Settings, *, reader: Any, sync_loop: Any, outbox: Any,
+                 capture: CaptureFn, notifier: Notifier, stop: threading.Event,
+                 clock: Clock) -> None:
         self.settings = settings
         self.state_dir = Path(settings.state_dir)
         self.reader = reader
         self.sync_loop = sync_loop
+        self.outbox = outbox
         self.capture = capture
         self.notifier = notifier
         self.stop = stop
         self.clock = clock
         self.spool = Spool(self.state_dir).ensure()
-        self.started_at = _now_iso()
+        self.started_at = _now_iso(clock)
         self.phase = "starting"
-        previous = read_status_file(self.state_dir) or {}
-        self.last_capture: dict[str, Any] | None = previous.get("last_capture")
+        self.last_capture: dict[str, Any] | None = None
         self.last_sync: dict[str, Any] | None = None
+        self.stuck: str | None = None
         self._capture_thread: threading.Thread | None = None
         self._sync_thread: threading.Thread | None = None
-        self._lock = threading.Lock()
 
     # --- pieces the supervising loop reads ---------------------------------------------------
 
@@ -96,8 +101,10 @@ class Service:
                 "last_byte_age_s": age, "frames": state.frames_decoded,
                 "reconnects": state.reconnects, "error": state.last_error}
 
-    def status_line(self, port: dict[str, Any], outbox: dict[str, Any]) -> str:
+    def status_line(self, port: Mapping[str, Any], stats: Any) -> str:
         """The one line `systemctl status` shows."""
+        if self.stuck:
+            return f"WEDGED: {self.stuck}"
         if self._capture_thread is not None:
             board = "capturing"
         elif port["connected"]:
@@ -106,17 +113,25 @@ class Service:
             board = f"waiting for board on {self.settings.serial_port}"
         cap = self.last_capture or {}
         last_cap = f"{cap.get('at')} {cap.get('verdict') or 'failed'}" if cap else "none"
-        return (f"{board}; queue {outbox['pending']} pending/{outbox['failed']} failed; "
-                f"last capture {last_cap}; last upload {outbox['last_upload_at'] or 'never'}")
+        queue = f"queue {stats.pending} pending/{stats.failed} failed"
+        if stats.paused_until:
+            queue += " (uploads paused)"
+        last_up = "never"
+        if stats.last_delivered_at:
+            last_up = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stats.last_delivered_at))
+        return f"{board}; {queue}; last capture {last_cap}; last upload {last_up}"
 
     def publish(self, *, ready: bool = False, notify: bool = True) -> None:
         """Rewrite status.json and send STATUS= (only when it changed), or READY=1 with it."""
         port = self.port_state()
-        outbox = outbox_summary(self.state_dir)
-        line = self.status_line(port, outbox)
+        stats = self.outbox.stats()
+        line = self.status_line(port, stats)
+        clock = self.clock.state()
         doc = {"version": __version__, "pid": os.getpid(), "phase": self.phase,
                "started_at": self.started_at, "updated_at": time.time(), "status": line,
-               "port": port, "last_capture": self.last_capture, "last_sync": self.last_sync}
+               "port": port, "last_capture": self.last_capture, "last_sync": self.last_sync,
+               "clock": {"synced": clock.synced, "reason": clock.reason},
+               "held": held_count(self.state_dir), "stuck": self.stuck}
         try:
             write_status_file(self.state_dir, doc)
         except OSError as exc:  # a full disk must not stop captures or uploads
@@ -128,8 +143,11 @@ class Service:
 
     # --- threads -----------------------------------------------------------------------------
 
-    def _sync_done(self, summary: str | None, errors: list[str]) -> None:
-        self.last_sync = {"at": _now_iso(), "summary": summary, "errors": errors}
+    def _sync_done(self, result: PassResult | None, errors: list[str]) -> None:
+        self.last_sync = {"at": _now_iso(self.clock),
+                          "summary": None if result is None else result.summary(),
+                          "paused": None if result is None else result.paused,
+                          "errors": errors}
 
     def _capture_main(self, request: Request) -> None:
         try:
@@ -139,9 +157,9 @@ class Service:
         except Exception as exc:
             log.exception("capture request %s failed", request.id)
             result = {"ok": False, "exit_code": 1, "error": f"{type(exc).__name__}: {exc}"}
-        self.last_capture = {"at": _now_iso(), "request": request.id,
+        self.last_capture = {"at": _now_iso(self.clock), "request": request.id,
                              **{k: result.get(k) for k in ("verdict", "record_id", "folder",
-                                                           "error")}}
+                                                           "disposition", "error")}}
         try:
             self.spool.finish(request.id, result)
         except OSError as exc:
@@ -211,7 +229,15 @@ class Service:
             if self._sync_thread is not None and not self._sync_thread.is_alive():
                 log.error("the sync loop thread died; exiting so systemd restarts the service")
                 return 1
-            self.notifier.watchdog()
+            stuck = self.sync_loop.stuck()
+            if stuck != self.stuck:
+                if stuck:
+                    log.error("%s; no longer feeding the watchdog, so systemd restarts the "
+                              "service", stuck)
+                self.stuck = stuck
+                self.publish()
+            if not stuck:
+                self.notifier.watchdog()
             self._serve_spool()
             now = time.monotonic()
             if now >= next_publish:
@@ -226,6 +252,8 @@ class Service:
     def _shutdown(self) -> None:
         with contextlib.suppress(Exception):
             self.reader.stop()
+        with contextlib.suppress(Exception):
+            self.sync_loop.close()
         for thread in (self._capture_thread, self._sync_thread):
             if thread is not None:
                 thread.join(timeout=5.0)
@@ -239,17 +267,14 @@ class Service:
 
 @dataclass
 class PackageCapture:
-    """Serves one spool request: capture from the shared reader, build the package, queue it."""
+    """Serves one spool request: capture from the shared reader, build the package, decide."""
 
-    settings: Any
-    reader: Any
-    outbox: Any
-    clock: Any = None
+    settings: Settings
+    reader: SerialReader
+    outbox: Outbox
+    clock: Clock
 
     def __call__(self, request: Request) -> dict[str, Any]:
-        from device_agent.capture import capture_package, rejection_message
-        from device_agent.package import validate_patient
-
         validate_patient(request.patient)
         if not self.reader.state.connected:
             return {"ok": False, "exit_code": 3,
@@ -259,77 +284,26 @@ class PackageCapture:
         outcome = capture_package(self.reader, self.settings, request.patient,
                                   outbox=self.outbox, clock=self.clock,
                                   seconds=request.seconds or self.settings.capture_seconds,
-                                  no_upload=request.no_upload)
+                                  withheld=request.no_upload)
         quality = outcome.record.quality
         result = {"folder": str(outcome.folder), "record_id": outcome.record.record_id,
                   "verdict": quality.verdict, "warnings": list(quality.reasons),
-                  "queued": outcome.queued, "held": outcome.held is not None}
+                  "queued": outcome.queued, "held": outcome.held is not None,
+                  "disposition": outcome.disposition.decision}
         if outcome.rejected:
             return {**result, "ok": False, "exit_code": 1,
                     "error": rejection_message(self.settings, outcome)}
         return {**result, "ok": True, "exit_code": 0}
 
 
-def capture_via_service(settings: Any, args: Any, patient: dict[str, Any] | None) -> int | None:
-    """Hand `capture` to a running service and wait; None when no service runs (capture here)."""
-    from device_agent.capture import HELD_WARNING
-    from device_agent.cli import echo
-
-    pid = running_pid(Path(settings.state_dir))
-    if pid is None:
-        return None
-    if getattr(args, "out", None):
-        echo("warning: --out is ignored: the running service writes under STATE_DIR/records "
-             "(use --direct with the service stopped)", err=True)
-    timeout_s = settings.capture_seconds + HANDOFF_EXTRA_S
-    log.info("the service (pid %s) owns the port; handing the capture to it", pid)
-    spool = Spool(Path(settings.state_dir))
-    request = spool.submit(seconds=settings.capture_seconds, patient=patient,
-                           no_upload=bool(getattr(args, "no_upload", False)),
-                           timeout_s=timeout_s)
-    result = spool.wait(request, timeout_s=timeout_s)
-    for warning in result.get("warnings") or ():
-        if result.get("ok"):
-            echo(f"warning: {warning}", err=True)
-    if result.get("held"):
-        echo(f"warning: {HELD_WARNING}", err=True)
-    if result.get("queued"):
-        echo("queued for upload by the service", err=True)
-    if result.get("folder"):
-        echo(result["folder"])
-    if result.get("ok"):
-        return 0
-    error = AgentError(result.get("error") or "the service could not capture")
-    error.exit_code = int(result.get("exit_code") or 1)
-    raise error
-
-
-def cmd_run(settings: Any, args: Any) -> int:
-    """`device-agent run`: the service (under systemd, Type=notify); this is the process edge."""
-    from device_agent.clock import clock_from_settings
-    from device_agent.outbox import Outbox
-    from device_agent.port import SerialReader
-    from device_agent.sync import (
-        SyncLoop,
-        build_uploader,
-        install_signal_handlers,
-        restore_signal_handlers,
-    )
-
-    stop = threading.Event()
-    notifier = Notifier.from_environ(os.environ)  # the process edge reads the environment
-    clock = clock_from_settings(settings)
-    with ServiceLock(settings.state_dir), Outbox.open(settings) as outbox:
-        # SIGHUP is left alone: under systemd it is not a request to stop
-        previous = install_signal_handlers(stop, (signal.SIGTERM, signal.SIGINT))
-        try:
-            uploader = build_uploader(settings) if settings.cloud_upload_enabled else None
-            reader = SerialReader.from_settings(settings)
-            loop = SyncLoop(settings, outbox=outbox, uploader=uploader, stop=stop, clock=clock)
-            capture = PackageCapture(settings, reader, outbox, clock)
-            service = Service(settings, reader=reader, sync_loop=loop, capture=capture,
-                              notifier=notifier, stop=stop, clock=clock)
-            return service.run()
-        finally:
-            restore_signal_handlers(previous)
-            notifier.close()
+def build_service(settings: Settings, *, outbox: Outbox, stop: threading.Event,
+                  notifier: Notifier, clock: Clock, uploader: Any | None) -> Service:
+    """Wire reader, drainer, sync loop and capture once (the `run` command calls this)."""
+    reader = SerialReader.from_settings(settings)
+    drainer = Drainer(outbox, uploader, clock=clock, stop=stop,
+                      backoff_cap_s=settings.retry_max_backoff_s,
+                      report_max_bytes=settings.report_max_bytes)
+    loop = SyncLoop(settings, outbox=outbox, drainer=drainer, stop=stop, clock=clock)
+    capture = PackageCapture(settings, reader, outbox, clock)
+    return Service(settings, reader=reader, sync_loop=loop, outbox=outbox, capture=capture,
+                   notifier=notifier, stop=stop, clock=clock)

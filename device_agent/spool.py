@@ -14,7 +14,6 @@ Stdlib only: `status` imports this on a slow board.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.errors import AgentError
-from device_agent.fsutil import atomic_write
+from device_agent.fsutil import FileLock, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -46,31 +45,21 @@ class ServiceLock:
     """The running service's exclusive lock on STATE_DIR/service.lock (pid written inside)."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.path = Path(state_dir) / LOCK_NAME
-        self._fd: int | None = None
+        self._lock = FileLock(Path(state_dir) / LOCK_NAME)
+        self.path = self._lock.path
 
     def acquire(self) -> ServiceLock:
         """Take the lock or raise ServiceAlreadyRunning naming the holder's pid."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            pid = running_pid(self.path.parent)
+        if not self._lock.acquire(write_pid=True):
+            pid = self._lock.holder_pid()
             raise ServiceAlreadyRunning(
                 f"device-agent run is already running (pid {pid}) on {self.path.parent}; "
                 "stop it first (systemctl stop device-agent)"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
+            )
         return self
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock; the file stays (harmless)
-            self._fd = None
+        self._lock.release()
 
     def __enter__(self) -> ServiceLock:
         return self.acquire()
@@ -81,21 +70,7 @@ class ServiceLock:
 
 def running_pid(state_dir: Path) -> int | None:
     """The pid of the service holding STATE_DIR's lock, or None when no service runs."""
-    path = Path(state_dir) / LOCK_NAME
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = os.read(fd, 64).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else -1  # held, pid not written yet
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+    return FileLock(Path(state_dir) / LOCK_NAME).holder_pid()
 
 
 # --- the spool ---------------------------------------------------------------------------
@@ -138,7 +113,7 @@ class Spool:
             seconds=seconds, patient=patient, no_upload=no_upload,
             deadline=time.time() + timeout_s,
         )
-        atomic_write(self.new / f"{request.id}.json", request.to_json(), mode=0o644)
+        atomic_write(self.new / f"{request.id}.json", request.to_json())
         return request
 
     def wait(self, request: Request, *, timeout_s: float,
@@ -204,7 +179,7 @@ class Spool:
 
     def finish(self, request_id: str, result: dict[str, Any]) -> None:
         """Publish a request's result and forget the claimed request."""
-        atomic_write(self.done / f"{request_id}.json", json.dumps(result).encode(), mode=0o644)
+        atomic_write(self.done / f"{request_id}.json", json.dumps(result).encode())
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.cur / f"{request_id}.json")
 

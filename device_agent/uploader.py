@@ -1,10 +1,14 @@
-"""S3 delivery: conditional puts that never overwrite, never duplicate, and say why they failed.
+"""S3 delivery: conditional puts that never overwrite, never duplicate, and prove they landed.
 
-Every new object is put with `If-None-Match: *`, a SHA-256 checksum and server-side
-encryption. A 412 means the key exists: equal SHA-256 is a retry whose first answer was lost
-("already_delivered"); a different one is a real collision, kept under a deterministic
-disambiguated key ("collision"). A modified report replaces its object only with `If-Match`.
-Which failures are worth retrying is decided in one place, `classify_error`.
+Every new object is put with `If-None-Match: *`, a SHA-256 checksum, server-side encryption
+and a `device` tag (the bucket policy lets a unit read back only objects it tagged). A put
+counts only when S3 proves it: the answer carries an ETag and echoes our SHA-256, or a HEAD
+shows the object with our checksum; a `200 OK` from a captive portal proves nothing and is
+retried. A 412 means the key exists: equal SHA-256 is a retry whose first answer was lost
+("already_delivered"); an earlier version of the same file that we sent is replaced with
+`If-Match` ("replaced"); anything else is a real collision, kept under a deterministic
+disambiguated key ("collision"). Which failures are worth retrying, and whether they belong
+to one object or to the whole queue, is decided in one place: `classify_error`.
 """
 
 from __future__ import annotations
@@ -14,13 +18,18 @@ import binascii
 import hashlib
 import logging
 from collections.abc import Callable, Collection, Mapping
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from device_agent import s3keys
-from device_agent.errors import UploadError
+import boto3
+from botocore import exceptions as bx
+from botocore.config import Config
+
+from device_agent import s3keys, transport
+from device_agent.clock import local_now
+from device_agent.config import Settings
+from device_agent.errors import Scope, UploadError
 
 log = logging.getLogger(__name__)
 
@@ -29,122 +38,155 @@ ALREADY_DELIVERED = "already_delivered"
 COLLISION = "collision"
 REPLACED = "replaced"
 OUTCOMES = (CREATED, ALREADY_DELIVERED, COLLISION, REPLACED)
+OWNER_TAG = "device"
 
-CONTENT_TYPES = {".pdf": "application/pdf", ".json": "application/json"}
-
-# S3 error code -> (retryable, what to check). Anything not named: 5xx/409/429 retry, else not.
-_CODES: dict[str, tuple[bool, str]] = {
-    "AccessDenied": (False, "check the IAM policy allows s3:PutObject/GetObject on ecg-reports/* "
-                            "(docs/s3-policy.md) and the bucket policy"),
-    "AllAccessDisabled": (False, "access to the bucket is disabled; ask the bucket owner"),
-    "AccountProblem": (False, "the AWS account has a problem; ask its owner"),
-    "NoSuchBucket": (False, "check AWS_S3_BUCKET and AWS_S3_REGION"),
-    "InvalidBucketName": (False, "check AWS_S3_BUCKET"),
-    "PermanentRedirect": (False, "the bucket is in another region: check AWS_S3_REGION"),
-    "AuthorizationHeaderMalformed": (False, "check AWS_S3_REGION matches the bucket"),
-    "InvalidAccessKeyId": (False, "check AWS_ACCESS_KEY_ID (or the credential chain)"),
-    "SignatureDoesNotMatch": (False, "check AWS_SECRET_ACCESS_KEY"),
-    "ExpiredToken": (False, "the session token expired: refresh the credentials"),
-    "InvalidToken": (False, "check AWS_SESSION_TOKEN"),
-    "KMS.NotFoundException": (False, "check S3_SSE_KMS_KEY_ID"),
-    "KMS.DisabledException": (False, "the KMS key is disabled: enable it or change "
-                                     "S3_SSE_KMS_KEY_ID"),
-    "InvalidArgument": (False, "the request was refused as malformed; report this bug"),
-    "BadDigest": (False, "the SHA-256 sent does not match the body: the local file changed "
-                         "while uploading; it is re-read on the next attempt"),
-    "PreconditionFailed": (False, "the object changed behind the agent's back"),
-    "NoSuchKey": (False, "the object does not exist"),
-    "RequestTimeTooSkewed": (True, "the device clock is wrong: check NTP (timedatectl)"),
-    "RequestTimeout": (True, "the network is slow; it will be retried"),
-    "SlowDown": (True, "S3 is throttling; it will be retried"),
-    "Throttling": (True, "S3 is throttling; it will be retried"),
-    "ThrottlingException": (True, "S3 is throttling; it will be retried"),
-    "RequestLimitExceeded": (True, "S3 is throttling; it will be retried"),
-    "InternalError": (True, "S3 had an internal error; it will be retried"),
-    "ServiceUnavailable": (True, "S3 is unavailable; it will be retried"),
-    "OperationAborted": (True, "a conflicting operation is in progress; it will be retried"),
-    "ConditionalRequestConflict": (True, "a concurrent write to the same key; it will be "
-                                         "retried"),
+_QUEUE_HINT_RETRY = "; the queue waits and retries"
+# S3 error code -> (retryable, scope, what to check). Codes about the object itself are the
+# only permanent ones; anything about credentials, policy, bucket or endpoint pauses the
+# whole queue and is retried with backoff (credentials get fixed or refreshed).
+_CODES: dict[str, tuple[bool, Scope, str]] = {
+    "AccessDenied": (True, "queue", "check the IAM policy allows s3:PutObject and "
+                                    "s3:PutObjectTagging on ecg-reports/* (docs/s3-policy.md)"),
+    "AllAccessDisabled": (True, "queue", "access to the bucket is disabled; ask its owner"),
+    "AccountProblem": (True, "queue", "the AWS account has a problem; ask its owner"),
+    "NoSuchBucket": (True, "queue", "the bucket does not exist: check AWS_S3_BUCKET and "
+                                    "AWS_S3_REGION"),
+    "InvalidBucketName": (True, "queue", "check AWS_S3_BUCKET"),
+    "PermanentRedirect": (True, "queue", "the bucket is in another region: check "
+                                         "AWS_S3_REGION"),
+    "AuthorizationHeaderMalformed": (True, "queue", "check AWS_S3_REGION matches the bucket"),
+    "InvalidAccessKeyId": (True, "queue", "check AWS_ACCESS_KEY_ID (or the credential chain)"),
+    "SignatureDoesNotMatch": (True, "queue", "check AWS_SECRET_ACCESS_KEY"),
+    "ExpiredToken": (True, "queue", "the session token expired: refresh the credentials"),
+    "TokenRefreshRequired": (True, "queue", "the session token expired: refresh the "
+                                            "credentials"),
+    "InvalidToken": (True, "queue", "check AWS_SESSION_TOKEN"),
+    "KMS.NotFoundException": (True, "queue", "check S3_SSE_KMS_KEY_ID"),
+    "KMS.DisabledException": (True, "queue", "the KMS key is disabled: enable it or change "
+                                             "S3_SSE_KMS_KEY_ID"),
+    "InvalidArgument": (True, "queue", "the endpoint refused the request as malformed: check "
+                                       "S3_SSE and AWS_ENDPOINT_URL_S3"),
+    "NoCredentials": (True, "queue", "no usable AWS credentials: set AWS_ACCESS_KEY_ID/"
+                                     "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the AWS IoT "
+                                     "certificate settings"),
+    "NoRegion": (True, "queue", "no region: set AWS_S3_REGION"),
+    "Unproven": (True, "queue", "the endpoint answered but did not prove it stored the object "
+                                "(no ETag and SHA-256 echo): a captive portal, proxy or wrong "
+                                "AWS_ENDPOINT_URL_S3?"),
+    "Timeout": (True, "queue", "timed out talking to S3: check the network"),
+    "ConnectionError": (True, "queue", "cannot reach the S3 endpoint: check the network, DNS "
+                                       "and AWS_ENDPOINT_URL_S3"),
+    "CertificateRejected": (True, "queue", "the credentials provider refused the unit's "
+                                           "certificate: check AWS_IOT_CERT_FILE"),
+    "RequestTimeTooSkewed": (True, "queue", "the device clock is wrong: check NTP "
+                                            "(timedatectl)"),
+    "RequestTimeout": (True, "queue", "the network is slow"),
+    "SlowDown": (True, "queue", "S3 is throttling"),
+    "Throttling": (True, "queue", "S3 is throttling"),
+    "ThrottlingException": (True, "queue", "S3 is throttling"),
+    "RequestLimitExceeded": (True, "queue", "S3 is throttling"),
+    "InternalError": (True, "queue", "S3 had an internal error"),
+    "ServiceUnavailable": (True, "queue", "S3 is unavailable"),
+    "OperationAborted": (True, "item", "a conflicting operation is in progress on this key"),
+    "ConditionalRequestConflict": (True, "item", "a concurrent write to the same key"),
+    "BadDigest": (True, "item", "the body did not match its SHA-256 on arrival; it is sent "
+                                "again"),
+    "KeyTooLongError": (False, "item", "the key is too long for S3"),
+    "EntityTooLarge": (False, "item", "the file is larger than S3 accepts in one put"),
+    "MetadataTooLarge": (False, "item", "the object's metadata is too large"),
+    "LocalFileMissing": (False, "item", "the local file is gone; nothing can be delivered"),
+    "LocalFileChanged": (False, "item", "the local file changed after it was queued; "
+                                        "inspect it, then `device-agent queue retry ID`"),
+    "DoubleCollision": (False, "item", "two other files hold this key and its alternative; "
+                                       "inspect both objects"),
+    "PreconditionFailed": (False, "item", "the object changed behind the agent's back; not "
+                                          "overwritten: compare it with the local file"),
 }
 
 
-def make_client(settings: Any) -> Any:
-    """The process's one S3 client (thread-safe; build it once at the edge and pass it on)."""
-    import boto3
-    from botocore.config import Config
+def deadline_s(settings: Settings, size: int) -> float:
+    """The total time one request of `size` body bytes may take, connect to last byte."""
+    return (settings.s3_connect_timeout_s + settings.s3_read_timeout_s
+            + size / (settings.s3_min_rate_kbps * 1024.0))
 
-    session_args: dict[str, Any] = {}
-    if settings.aws_access_key_id:
-        session_args.update(
-            aws_access_key_id=settings.aws_access_key_id,
-            aws_secret_access_key=settings.aws_secret_access_key,
-            aws_session_token=settings.aws_session_token,
-        )
-    elif settings.aws_profile:
-        session_args["profile_name"] = settings.aws_profile
-    session = boto3.session.Session(**session_args)
+
+def make_client(settings: Settings, *, attempts: int | None = None,
+                read_timeout_s: float | None = None) -> Any:
+    """The process's one S3 client: explicit timeouts, a total deadline per request."""
+    if settings.iot_endpoint:
+        from device_agent.credentials import iot_session
+
+        session = iot_session(settings)
+    else:
+        session_args: dict[str, Any] = {}
+        if settings.aws_access_key_id:
+            session_args.update(
+                aws_access_key_id=settings.aws_access_key_id,
+                aws_secret_access_key=settings.aws_secret_access_key,
+                aws_session_token=settings.aws_session_token,
+            )
+        elif settings.aws_profile:
+            session_args["profile_name"] = settings.aws_profile
+        session = boto3.session.Session(**session_args)
+    read_timeout = read_timeout_s or settings.s3_read_timeout_s
     config = Config(
         # botocore's "max_attempts" counts retries only; S3_MAX_ATTEMPTS means all attempts
-        retries={"mode": "standard", "total_max_attempts": settings.s3_max_attempts},
+        retries={"mode": "standard",
+                 "total_max_attempts": attempts or settings.s3_max_attempts},
         connect_timeout=settings.s3_connect_timeout_s,
-        read_timeout=settings.s3_read_timeout_s,
+        read_timeout=read_timeout,
         max_pool_connections=10,
     )
-    return session.client(
-        "s3",
-        region_name=settings.s3_region or None,
-        endpoint_url=settings.s3_endpoint_url or None,
-        config=config,
-    )
+    client = session.client("s3", region_name=settings.s3_region or None,
+                            endpoint_url=settings.s3_endpoint_url or None, config=config)
+    transport.install_deadline_sender(
+        client, connect_timeout_s=settings.s3_connect_timeout_s,
+        deadline_for=transport.DeadlinePolicy(
+            base_s=settings.s3_connect_timeout_s + read_timeout,
+            min_rate_bps=settings.s3_min_rate_kbps * 1024.0))
+    return client
 
 
 def classify_error(exc: BaseException, *, bucket: str, key: str | None) -> UploadError:
-    """The one place that decides whether an S3 failure is worth retrying, and what to check."""
-    from botocore import exceptions as bx
-
+    """The one place that decides whether an S3 failure is worth retrying, and how far it
+    reaches (this object, or the whole queue), and what a person should check."""
     where = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
     if isinstance(exc, UploadError):
         return exc
+    status = 0
     if isinstance(exc, bx.ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code") or "Unknown")
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         if code == "404" and key is None:
             code = "NoSuchBucket"
-        if code in _CODES:
-            retryable, hint = _CODES[code]
-        elif status >= 500 or status in (409, 429):
-            retryable, hint = True, "a transient error at the service; it will be retried"
-        else:
-            retryable, hint = False, "the request was refused; check the bucket and credentials"
-        return UploadError(f"{where}: {code} (HTTP {status}): {hint}", retryable=retryable,
-                           code=code)
-    if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
-        return UploadError(
-            f"{where}: no usable AWS credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
-            "or AWS_PROFILE, or give the unit an instance role",
-            retryable=False, code=type(exc).__name__,
-        )
-    if isinstance(exc, bx.NoRegionError):
-        return UploadError(f"{where}: no region: set AWS_S3_REGION", retryable=False,
-                           code="NoRegion")
-    if isinstance(exc, bx.ParamValidationError):
-        return UploadError(f"{where}: invalid request ({exc}); report this bug", retryable=False,
-                           code="ParamValidation")
-    if isinstance(exc, bx.ConnectTimeoutError | bx.ReadTimeoutError):
-        return UploadError(
-            f"{where}: timed out talking to S3: check the network; it will be retried",
-            retryable=True, code="Timeout",
-        )
-    if isinstance(exc, bx.EndpointConnectionError | bx.ConnectionClosedError | bx.HTTPClientError
-                  | ConnectionError | TimeoutError):
-        return UploadError(
-            f"{where}: cannot reach the S3 endpoint ({type(exc).__name__}): check the network, "
-            "DNS and AWS_ENDPOINT_URL_S3; it will be retried",
-            retryable=True, code="ConnectionError",
-        )
-    return UploadError(f"{where}: unexpected {type(exc).__name__}: {exc}", retryable=False,
-                       code=type(exc).__name__)
+        elif code == "403":
+            code = "AccessDenied"
+    elif isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
+        code = "NoCredentials"
+    elif isinstance(exc, bx.NoRegionError):
+        code = "NoRegion"
+    elif isinstance(exc, bx.ConnectTimeoutError | bx.ReadTimeoutError | TimeoutError):
+        code = "Timeout"
+    elif isinstance(exc, bx.EndpointConnectionError | bx.ConnectionClosedError
+                    | bx.HTTPClientError | ConnectionError):
+        code = "ConnectionError"
+    elif isinstance(exc, bx.ParamValidationError):
+        return UploadError(f"{where}: invalid request ({exc}); report this bug",
+                           retryable=False, code="ParamValidation", scope="item")
+    else:  # not the endpoint's answer: a bug on this item's path; back this item off
+        return UploadError(f"{where}: unexpected {type(exc).__name__}: {exc}", retryable=True,
+                           code=type(exc).__name__, scope="item")
+    if code in _CODES:
+        retryable, scope, hint = _CODES[code]
+    else:
+        # Not named: a proxy's 403/404/400 without an S3 code, a 5xx, a new error. Nothing
+        # here is about this object, so the queue waits and retries; nothing is given up.
+        retryable, scope, hint = True, "queue", "an unexpected answer from the endpoint"
+    answer = f" (HTTP {status})" if status else ""
+    tail = _QUEUE_HINT_RETRY if scope == "queue" else ("; it is retried" if retryable else "")
+    return UploadError(f"{where}: {code}{answer}: {hint}{tail}", retryable=retryable, code=code,
+                       scope=scope)
 
 
 @dataclass(frozen=True)
@@ -157,12 +199,25 @@ class PutResult:
     outcome: str
 
 
+@dataclass(frozen=True)
+class Head:
+    """What a HEAD says about an object: size, ETag, SHA-256 and where the hash came from."""
+
+    key: str
+    size: int
+    etag: str | None
+    sha256: str | None
+    sha256_source: str | None  # "checksum" (S3's own) or "metadata" (ours, never proof)
+    metadata: Mapping[str, str]
+    server_side_encryption: str | None
+
+
 def _b64(sha256_hex: str) -> str:
     return base64.b64encode(binascii.unhexlify(sha256_hex)).decode("ascii")
 
 
-def _hex_from_b64(value: str | None) -> str | None:
-    if not value or "-" in value:  # "...-N" is a multipart composite, not the object's hash
+def _hex_from_b64(value: object) -> str | None:
+    if not isinstance(value, str) or not value or "-" in value:  # "-N": multipart composite
         return None
     try:
         raw = base64.b64decode(value, validate=True)
@@ -171,24 +226,30 @@ def _hex_from_b64(value: str | None) -> str | None:
     return raw.hex() if len(raw) == 32 else None
 
 
-def _is_precondition_failed(exc: BaseException) -> bool:
+def _status(exc: BaseException) -> tuple[str, int]:
     response = getattr(exc, "response", None) or {}
-    return (response.get("Error", {}).get("Code") == "PreconditionFailed"
-            or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412)
+    return (str(response.get("Error", {}).get("Code", "")),
+            int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0))
+
+
+def _is_precondition_failed(exc: BaseException) -> bool:
+    code, status = _status(exc)
+    return code == "PreconditionFailed" or status == 412
 
 
 def _is_not_found(exc: BaseException) -> bool:
-    response = getattr(exc, "response", None) or {}
-    return (response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
-            or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404)
+    code, status = _status(exc)
+    return code in ("404", "NoSuchKey", "NotFound") or status == 404
 
 
 class Uploader:
-    """Conditional puts into one bucket through one shared client."""
+    """Conditional, proven puts into one bucket through one shared client."""
 
     def __init__(self, client: Any, *, bucket: str, sse: str = "aes256",
-                 kms_key_id: str | None = None,
-                 clock: Callable[[], datetime] | None = None) -> None:
+                 kms_key_id: str | None = None, owner: str | None = None,
+                 clock: Callable[[], datetime] = local_now,
+                 deadline: Callable[[int], float] | None = None,
+                 attempts: int = 3) -> None:
         if sse not in ("aes256", "aws:kms"):
             raise ValueError(f"sse {sse!r} is not aes256 or aws:kms")
         if sse == "aws:kms" and not kms_key_id:
@@ -197,30 +258,52 @@ class Uploader:
         self.bucket = bucket
         self.sse = sse
         self.kms_key_id = kms_key_id
-        self.clock = clock or (lambda: datetime.now().astimezone())
+        self.owner = owner
+        self.clock = clock
+        self._deadline = deadline or (lambda size: 60.0 + size / 16384.0)
+        self._attempts = attempts
 
     @classmethod
-    def from_settings(cls, settings: Any, client: Any | None = None) -> Uploader:
+    def from_settings(cls, settings: Settings, client: Any | None = None) -> Uploader:
         """An Uploader for settings' bucket and encryption (client built if not given)."""
         if not settings.s3_bucket:
-            raise UploadError("AWS_S3_BUCKET is not set: set it in .env", retryable=False,
-                              code="NoBucketConfigured")
+            raise UploadError("AWS_S3_BUCKET is not set: set it in the env file",
+                              retryable=True, code="NoBucketConfigured", scope="queue")
         return cls(client or make_client(settings), bucket=settings.s3_bucket,
-                   sse=settings.s3_sse, kms_key_id=settings.s3_sse_kms_key_id)
+                   sse=settings.s3_sse, kms_key_id=settings.s3_sse_kms_key_id,
+                   owner=settings.thing_name,
+                   deadline=lambda size: deadline_s(settings, size),
+                   attempts=settings.s3_max_attempts)
 
-    def _encryption(self) -> dict[str, str]:
+    def max_duration_s(self, size: int) -> float:
+        """The longest one put of `size` bytes can legitimately take, retries included."""
+        return self._attempts * (self._deadline(size) + 20.0)  # 20 s: botocore's backoff cap
+
+    def _extra(self) -> dict[str, str]:
+        extra = {"ServerSideEncryption": "AES256"}
         if self.sse == "aws:kms":
-            return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": str(self.kms_key_id)}
-        return {"ServerSideEncryption": "AES256"}
+            extra = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": str(self.kms_key_id)}
+        if self.owner:
+            extra["Tagging"] = f"{OWNER_TAG}={self.owner}"
+        return extra
 
     def _put(self, key: str, body: bytes, sha256: str, metadata: Mapping[str, str],
-             content_type: str, **condition: str) -> str | None:
+             content_type: str, **condition: str) -> str:
+        """One put; returns its ETag once S3 has proved it stored exactly `body`."""
         response = self.client.put_object(
             Bucket=self.bucket, Key=key, Body=body, ContentType=content_type,
             ChecksumAlgorithm="SHA256", ChecksumSHA256=_b64(sha256),
-            Metadata=dict(metadata), **self._encryption(), **condition,
+            Metadata=dict(metadata), **self._extra(), **condition,
         )
-        return response.get("ETag")
+        etag = response.get("ETag")
+        if etag and _hex_from_b64(response.get("ChecksumSHA256")) == sha256:
+            return str(etag)
+        head = self.head(key)  # the answer did not prove it; the object itself may
+        if (head is not None and head.sha256_source == "checksum" and head.sha256 == sha256
+                and head.size == len(body) and head.etag):
+            return head.etag
+        raise UploadError(f"s3://{self.bucket}/{key}: Unproven: {_CODES['Unproven'][2]}"
+                          f"{_QUEUE_HINT_RETRY}", retryable=True, code="Unproven", scope="queue")
 
     def check_bucket(self) -> None:
         """Raise a classified UploadError unless the bucket exists and answers us."""
@@ -229,8 +312,8 @@ class Uploader:
         except Exception as exc:
             raise classify_error(exc, bucket=self.bucket, key=None) from exc
 
-    def head(self, key: str) -> dict | None:
-        """The object's size, ETag, SHA-256 (and where it came from) and metadata, or None."""
+    def head(self, key: str) -> Head | None:
+        """What S3 says about one object, or None if it does not exist."""
         try:
             r = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
         except Exception as exc:
@@ -241,27 +324,9 @@ class Uploader:
         sha = _hex_from_b64(r.get("ChecksumSHA256"))
         source = "checksum" if sha else None
         if sha is None and metadata.get("sha256"):
-            sha, source = metadata["sha256"].lower(), "metadata"
-        return {
-            "key": key,
-            "size": int(r.get("ContentLength", 0)),
-            "etag": r.get("ETag"),
-            "sha256": sha,
-            "sha256_source": source,
-            "metadata": metadata,
-            "server_side_encryption": r.get("ServerSideEncryption"),
-            "version_id": r.get("VersionId"),
-        }
-
-    def remote_sha256(self, key: str, head: dict | None = None) -> tuple[str | None, str]:
-        """(sha256, how it was learnt: checksum, metadata, get or missing) of an object."""
-        head = head if head is not None else self.head(key)
-        if head is None:
-            return None, "missing"
-        if head["sha256"]:
-            return head["sha256"], head["sha256_source"]
-        sha256 = self.download_sha256(key)
-        return (sha256, "get") if sha256 is not None else (None, "missing")
+            sha, source = str(metadata["sha256"]).lower(), "metadata"
+        return Head(key, int(r.get("ContentLength", 0)), r.get("ETag"), sha, source,
+                    metadata, r.get("ServerSideEncryption"))
 
     def download_sha256(self, key: str) -> str | None:
         """SHA-256 of an object's body, streamed (None if it is gone)."""
@@ -276,66 +341,116 @@ class Uploader:
             raise classify_error(exc, bucket=self.bucket, key=key) from exc
         return digest.hexdigest()
 
+    def list_prefix(self, prefix: str) -> dict[str, tuple[str, int]]:
+        """key -> (ETag, size) of every object under `prefix` (one LIST, paginated)."""
+        found: dict[str, tuple[str, int]] = {}
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix)
+            for page in pages:
+                for obj in page.get("Contents", ()):
+                    found[obj["Key"]] = (str(obj.get("ETag", "")), int(obj.get("Size", 0)))
+        except Exception as exc:
+            raise classify_error(exc, bucket=self.bucket, key=prefix) from exc
+        return found
+
+    def _remote_sha256(self, head: Head) -> str | None:
+        """The object's SHA-256 for a 412 comparison; None when it cannot be known (another
+        unit's object the policy does not let us read, or one stored without a checksum)."""
+        if head.sha256_source == "checksum":
+            return head.sha256
+        try:
+            return self.download_sha256(head.key)
+        except UploadError as exc:
+            if exc.code == "AccessDenied":
+                return None
+            raise
+
     def _put_if_absent(self, key: str, body: bytes, sha256: str, metadata: Mapping[str, str],
-                       content_type: str) -> tuple[str | None, str]:
-        """(etag, "created" | "same" | "different"): put, and after a 412 compare SHA-256."""
+                       content_type: str) -> tuple[str | None, str, Head | None]:
+        """(etag, "created" | "same" | "different", head): put, after a 412 compare SHA-256."""
         for _ in range(3):
             try:
-                etag = self._put(key, body, sha256, metadata, content_type, IfNoneMatch="*")
-                return etag, "created"
+                return self._put(key, body, sha256, metadata, content_type,
+                                 IfNoneMatch="*"), "created", None
+            except UploadError:
+                raise
             except Exception as exc:
                 if not _is_precondition_failed(exc):
                     raise classify_error(exc, bucket=self.bucket, key=key) from exc
-            head = self.head(key)
+            try:
+                head = self.head(key)
+            except UploadError as exc:
+                if exc.code != "AccessDenied":
+                    raise
+                return None, "different", None  # not ours to read: another unit's object
             if head is None:
                 continue  # deleted between our put and our head: put again
-            remote, source = self.remote_sha256(key, head)
-            log.debug("412 on s3://%s/%s: remote sha256 from %s", self.bucket, key, source)
-            return head["etag"], "same" if remote == sha256 else "different"
+            remote = self._remote_sha256(head)
+            return head.etag, "same" if remote == sha256 else "different", head
         raise UploadError(f"s3://{self.bucket}/{key}: the object keeps appearing and "
                           "disappearing; another writer is racing the agent", retryable=True,
-                          code="Race")
+                          code="Race", scope="item")
 
     def put_new(self, key: str, body: bytes, *, sha256: str, metadata: Mapping[str, str],
-                content_type: str) -> PutResult:
-        """Create an object that must not exist yet; a lost answer or a collision is handled."""
+                content_type: str, ours: Collection[str] = ()) -> PutResult:
+        """Create an object that must not exist yet; a lost answer or a collision is handled.
+
+        `ours` are SHA-256s of earlier contents of this same file that the agent sent: an
+        object holding one of them is replaced (If-Match), whatever became of the answer.
+        """
         sha256 = sha256.lower()
         _check_body(self.bucket, key, body, sha256)
         metadata = {"uploaded_at": self.clock().isoformat(), **metadata}
-        etag, state = self._put_if_absent(key, body, sha256, metadata, content_type)
+        etag, state, head = self._put_if_absent(key, body, sha256, metadata, content_type)
         if state == "created":
             return PutResult(key, key, etag, CREATED)
         if state == "same":
             log.info("s3://%s/%s was already delivered (an earlier answer was lost)",
-                     self.bucket, key)
+                     self.bucket, s3keys.display_name(key.rsplit("/", 1)[-1]))
             return PutResult(key, key, etag, ALREADY_DELIVERED)
+        if head is not None and head.etag and self._remote_sha256(head) in set(ours):
+            result = self.replace(key, body, sha256=sha256, metadata=metadata,
+                                  content_type=content_type, if_match=head.etag, ours=ours)
+            log.info("replaced an earlier version of %s that an unanswered put had left",
+                     s3keys.display_name(key.rsplit("/", 1)[-1]))
+            return result
         alt = s3keys.disambiguated_key(key, sha256)
-        etag, state = self._put_if_absent(alt, body, sha256, metadata, content_type)
+        etag, state, _ = self._put_if_absent(alt, body, sha256, metadata, content_type)
         if state == "different":
-            raise UploadError(f"s3://{self.bucket}/{alt}: holds yet another file; "
-                              "inspect both objects by hand", retryable=False,
-                              code="DoubleCollision")
-        log.warning("s3://%s/%s holds a different file; ours is kept as %s", self.bucket, key,
-                    alt)
+            raise UploadError(f"s3://{self.bucket}/{alt}: holds yet another file; inspect "
+                              "both objects by hand", retryable=False, code="DoubleCollision")
+        log.warning("s3://%s holds a different file at %s; ours is kept under %s", self.bucket,
+                    s3keys.display_name(key.rsplit("/", 1)[-1]),
+                    s3keys.display_name(alt.rsplit("/", 1)[-1]))
         return PutResult(key, alt, etag, COLLISION)
 
     def replace(self, key: str, body: bytes, *, sha256: str, metadata: Mapping[str, str],
-                content_type: str, if_match: str) -> PutResult:
-        """Overwrite an object only while it is still the version the agent last saw."""
+                content_type: str, if_match: str, ours: Collection[str] = ()) -> PutResult:
+        """Overwrite an object only while it is still a version the agent put."""
+        sha256 = sha256.lower()
         _check_body(self.bucket, key, body, sha256)
         metadata = {"uploaded_at": self.clock().isoformat(), **metadata}
-        try:
-            etag = self._put(key, body, sha256, metadata, content_type, IfMatch=if_match)
-        except Exception as exc:
-            if _is_precondition_failed(exc) or _is_not_found(exc):
-                raise UploadError(
-                    f"s3://{self.bucket}/{key}: changed or removed behind the agent's back "
-                    f"(no longer ETag {if_match}); not overwritten: compare the object with "
-                    "the local file, then re-queue it as new or delete the queue entry",
-                    retryable=False, code="PreconditionFailed",
-                ) from exc
-            raise classify_error(exc, bucket=self.bucket, key=key) from exc
-        return PutResult(key, key, etag, REPLACED)
+        for _ in range(3):
+            try:
+                etag = self._put(key, body, sha256, metadata, content_type, IfMatch=if_match)
+                return PutResult(key, key, etag, REPLACED)
+            except UploadError:
+                raise
+            except Exception as exc:
+                if not (_is_precondition_failed(exc) or _is_not_found(exc)):
+                    raise classify_error(exc, bucket=self.bucket, key=key) from exc
+            head = self.head(key)
+            remote = None if head is None else self._remote_sha256(head)
+            if head is not None and remote == sha256:
+                return PutResult(key, key, head.etag, ALREADY_DELIVERED)  # our answer was lost
+            if head is None or not head.etag or remote not in set(ours):
+                break
+            if_match = head.etag  # still one of ours: replace that version
+        raise UploadError(
+            f"s3://{self.bucket}/{key}: changed or removed behind the agent's back (no longer "
+            "a version it put); not overwritten: compare the object with the local file",
+            retryable=False, code="PreconditionFailed")
 
 
 def _check_body(bucket: str, key: str, body: bytes, sha256: str) -> None:
@@ -343,61 +458,3 @@ def _check_body(bucket: str, key: str, body: bytes, sha256: str) -> None:
         raise UploadError(f"s3://{bucket}/{key}: the local file no longer matches its recorded "
                           "SHA-256 (it changed after it was queued); re-queue it",
                           retryable=False, code="LocalFileChanged")
-
-
-def content_type_for(name: str) -> str:
-    """The Content-Type for a file name by its extension."""
-    dot = name.rfind(".")
-    return CONTENT_TYPES.get(name[dot:].lower() if dot >= 0 else "", "application/octet-stream")
-
-
-def upload_package(uploader: Uploader, info: Any, *,
-                   on_delivered: Callable[[Any, PutResult], None] | None = None,
-                   max_workers: int = 3, skip: Collection[str] = ()) -> list[PutResult]:
-    """The three data files in parallel, then the manifest once all three are confirmed.
-
-    `on_delivered(file, result)` runs in the calling thread as each file is confirmed (so an
-    SQLite outbox can commit it); `skip` names files already delivered earlier.
-    """
-    uploaded_at = uploader.clock()
-
-    def put(file: Any) -> PutResult:
-        body = file.path.read_bytes()
-        meta = s3keys.object_metadata(file.kind, file.name, uploaded_at=uploaded_at,
-                                    record_id=info.record_id, device_serial=info.device_serial,
-                                    sha256=file.sha256)
-        return uploader.put_new(info.key(file), body, sha256=file.sha256, metadata=meta,
-                                content_type=content_type_for(file.name))
-
-    results: list[PutResult] = []
-    errors: list[UploadError] = []
-    todo = [f for f in info.files if f.name not in skip]
-    if todo:
-        with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="s3-put") as pool:
-            futures = {pool.submit(put, f): f for f in todo}
-            for future in as_completed(futures):
-                try:
-                    result = future.result()
-                except OSError as exc:
-                    errors.append(UploadError(
-                        f"{futures[future].path}: cannot read the package file ({exc}); "
-                        "check the disk", retryable=False, code="LocalRead"))
-                    continue
-                except UploadError as exc:
-                    errors.append(exc)
-                    continue
-                results.append(result)
-                if on_delivered is not None:
-                    on_delivered(futures[future], result)
-    if errors:
-        # a permanent failure is the one a person must act on; report it first
-        errors.sort(key=lambda e: e.retryable)
-        for extra in errors[1:]:
-            log.error("%s", extra)
-        raise errors[0]
-    if info.manifest.name not in skip:
-        result = put(info.manifest)
-        results.append(result)
-        if on_delivered is not None:
-            on_delivered(info.manifest, result)
-    return results

@@ -1,55 +1,86 @@
-"""The legacy app's users.json, read tolerantly and never rewritten; signup documents from it.
+"""The legacy app's users.json, read tolerantly and never rewritten; one signup per new user.
 
 Shapes accepted (what versions of the desktop app wrote):
 - a dict keyed by username, `{"ptr": {"password": ..., "full_name": ...}, ...}` (the
   app's own form: it looked users up by name), the key filling a missing `username`;
 - a list of user objects, each with `username`;
 - either of those wrapped as `{"users": ...}`.
-A file that is not JSON, empty, or of another shape raises UsersFileError and is left as
-it is: a half-written file is the legacy app's to finish, and resetting it would lose users.
-Single entries that are not objects or have no username are skipped with a warning.
+The file is read with a size bound (USERS_MAX_MB), never through a link, and parsed within
+the interpreter's recursion limit: a file that is not JSON, nested 100k deep, holding a
+5000-digit number or of another shape raises UsersFileError and is left as it is (a
+half-written file is the legacy app's to finish; resetting it would lose users). One user
+whose entry cannot make a signup (a lone surrogate in a name, no username) is skipped with
+one line naming a hash of the entry, and the others go on.
+
+A signup document depends only on the user's own fields and registration time, so a unit
+that lost its outbox produces byte-identical bodies (the conditional put then says
+"already delivered" instead of keeping a second copy).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from device_agent import s3keys
+from device_agent.clock import Clock
 from device_agent.errors import UsersFileError
+from device_agent.fsutil import FileTooLarge, NotRegularFile, atomic_write, read_regular
+from device_agent.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
+SOURCE = "users"
 SIGNUP_FIELDS = ("username", "full_name", "phone", "serial_id", "email", "age", "gender",
                  "registration_date", "last_sync", "uploaded_at")
 _LEGACY_TIME = "%Y-%m-%d %H:%M:%S"
+_REGISTRATION_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d")
+_MAX_TEXT = 500
 
 
-def read_users(path: Path | str) -> list[dict[str, Any]]:
+def user_ref(username: str) -> str:
+    """How logs and problems name a user: a hash, never the name."""
+    return "user#" + hashlib.sha256(username.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
+def read_users(path: Path | str, *, max_bytes: int = 4 << 20) -> list[dict[str, Any]]:
     """Every user in users.json as a dict with a `username`; [] if the file does not exist."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        raw = read_regular(path, max_bytes=max_bytes)
     except FileNotFoundError:
         return []
+    except FileTooLarge:
+        raise UsersFileError(f"users file {path} is over USERS_MAX_MB ({max_bytes} bytes); "
+                             "it was not read: check what is writing it") from None
+    except NotRegularFile as exc:
+        raise UsersFileError(f"users file {path} is {exc.strerror}; point USERS_FILE at the "
+                             "legacy app's users.json") from None
     except OSError as exc:
-        raise UsersFileError(f"cannot read users file {path}: {exc}; check its permissions"
-                             ) from exc
+        raise UsersFileError(f"cannot read users file {path}: {exc.strerror}; check its "
+                             "permissions") from exc
     if not raw.strip():
         raise UsersFileError(f"users file {path} is empty (half-written?); it was left as it "
                              "is: restore it from the front end or a backup")
     try:
-        doc = json.loads(raw.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsersFileError(f"users file {path} is not valid JSON ({exc}; half-written?); it "
-                             "was left as it is: fix or restore it, signups wait until then"
-                             ) from exc
+        doc = json.loads(raw.decode("utf-8-sig"), parse_int=_bounded_int)
+    except RecursionError:
+        raise UsersFileError(f"users file {path} is nested too deeply to be users; it was "
+                             "left as it is: fix or restore it") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UsersFileError(f"users file {path} is not valid JSON ({type(exc).__name__}; "
+                             "half-written?); it was left as it is: fix or restore it, "
+                             "signups wait until then") from None
     if isinstance(doc, dict) and set(doc) == {"users"}:
         doc = doc["users"]
     if isinstance(doc, dict):
-        entries = [(name, entry) for name, entry in doc.items()]
+        entries: list[tuple[str | None, Any]] = list(doc.items())
     elif isinstance(doc, list):
         entries = [(None, entry) for entry in doc]
     else:
@@ -61,25 +92,55 @@ def read_users(path: Path | str) -> list[dict[str, Any]]:
             log.warning("users file %s: entry %d is not an object; skipped", path, index)
             continue
         user = dict(entry)
-        if not str(user.get("username") or "").strip() and name:
+        if name and not user.get("username"):
             user["username"] = name
-        if not str(user.get("username") or "").strip():
+        if not isinstance(user.get("username"), str) or not user["username"].strip():
             log.warning("users file %s: entry %d has no username; skipped", path, index)
             continue
-        user["username"] = str(user["username"]).strip()
+        user["username"] = user["username"].strip()
         users.append(user)
     return users
+
+
+def _bounded_int(text: str) -> int | str:
+    """A JSON integer, or its text when it is too long to be a number a person typed."""
+    return int(text) if len(text) <= 64 else text
 
 
 def _text(value: Any) -> str:
     if value is None or isinstance(value, dict | list):
         return ""
-    return str(value)
+    return str(value)[:_MAX_TEXT]
 
 
-def signup_document(user: dict[str, Any], registered_at: datetime,
-                    uploaded_at: datetime) -> bytes:
-    """The legacy `user_signup_*.json` body: exactly the legacy fields, never a password."""
+def parse_registration(value: Any) -> datetime | None:
+    """A users.json registration date (legacy 'YYYY-MM-DD HH:MM:SS' or ISO), local time."""
+    if not value or not isinstance(value, str):
+        return None
+    text = value.strip()
+    when: datetime | None
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        when = None
+        for fmt in _REGISTRATION_FORMATS:
+            try:
+                when = datetime.strptime(text, fmt)
+                break
+            except ValueError:
+                continue
+    if when is None or when.year < 2000:
+        return None
+    return when if when.tzinfo else when.astimezone()
+
+
+def signup_document(user: Mapping[str, Any], registered_at: datetime) -> bytes:
+    """The legacy `user_signup_*.json` body: exactly the legacy fields, never a password.
+
+    `last_sync` and `uploaded_at` are the registration time: a signup is sent once, when
+    the user is first seen, so both describe that moment (and the body stays the same
+    whenever it is rebuilt). UnicodeEncodeError for text that is not valid Unicode.
+    """
     registration = registered_at.strftime(_LEGACY_TIME)
     doc = {
         "username": _text(user.get("username")),
@@ -90,7 +151,73 @@ def signup_document(user: dict[str, Any], registered_at: datetime,
         "age": _text(user.get("age")),
         "gender": _text(user.get("gender")),
         "registration_date": registration,
-        "last_sync": _text(user.get("last_sync")) or registration,
-        "uploaded_at": uploaded_at.isoformat(),
+        "last_sync": registration,
+        "uploaded_at": registered_at.isoformat(),
     }
     return json.dumps(doc, indent=2, ensure_ascii=False).encode("utf-8")
+
+
+@dataclass
+class SignupResult:
+    queued: int = 0
+    skipped: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class SignupsFinder:
+    """Queues one signup document per user first seen in USERS_FILE."""
+
+    def __init__(self, users_file: Path, signups_dir: Path, outbox: Outbox, *, clock: Clock,
+                 max_bytes: int) -> None:
+        self.users_file = Path(users_file)
+        self.signups_dir = Path(signups_dir)
+        self.outbox = outbox
+        self.clock = clock
+        self.max_bytes = max_bytes
+
+    def find(self) -> SignupResult:
+        result = SignupResult()
+        try:
+            users = read_users(self.users_file, max_bytes=self.max_bytes)
+        except UsersFileError as exc:
+            if self.outbox.note_problem(SOURCE, "users.json", str(exc)):
+                log.error("%s", exc)  # once per distinct problem, not every pass
+            result.errors.append(str(exc))
+            return result
+        self.outbox.clear_problems(SOURCE, keep=())
+        known = self.outbox.known_users()
+        problems: set[str] = set()
+        for user in users:
+            username = user["username"]
+            if username in known:
+                continue
+            try:
+                if self._queue(user):
+                    result.queued += 1
+            except (UnicodeEncodeError, ValueError) as exc:
+                ref = user_ref(username)
+                problems.add(ref)
+                result.skipped += 1
+                reason = f"cannot make its signup ({type(exc).__name__}); fix the entry"
+                if self.outbox.note_problem(SOURCE, ref, reason):
+                    log.warning("users file %s: %s %s", self.users_file, ref, reason)
+        if problems:
+            self.outbox.clear_problems(SOURCE, keep=problems)
+        return result
+
+    def _queue(self, user: Mapping[str, Any]) -> bool:
+        username = str(user["username"])
+        registered = parse_registration(user.get("registration_date"))
+        if registered is None:
+            if not self.clock.synced():
+                return False  # never stamp a signup from an unsynchronised clock
+            registered = self.clock.now().replace(microsecond=0)
+        username.encode("utf-8")  # a lone surrogate cannot be a key or a body
+        key = s3keys.signup_key(username, registered)
+        doc = signup_document(user, registered)
+        self.signups_dir.mkdir(parents=True, exist_ok=True)
+        local = self.signups_dir / key.rsplit("/", 1)[-1]
+        atomic_write(local, doc)  # durable before its row
+        return self.outbox.add_signup(username, registered.isoformat(), local, key=key,
+                                      sha256=hashlib.sha256(doc).hexdigest(),
+                                      size=len(doc)) is not None

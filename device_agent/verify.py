@@ -1,20 +1,23 @@
-"""`device-agent verify`: does the bucket still hold what the device believes it delivered?
+"""Does the bucket still hold what the device believes it delivered? And send it again if not.
 
 Each object is HEADed with ChecksumMode=ENABLED. If S3 returns the object's SHA-256 checksum
 (every object this agent puts carries one), size and hash are compared without downloading.
 Otherwise (an object replaced by another writer, or a store that keeps no checksums) it is
 downloaded and hashed: our own `sha256` metadata is never trusted as proof of content.
+`repair` queues what is missing or different again (the next sync pass delivers it; the
+conditional puts still decide: a different object at the key is kept, ours goes beside it).
+Verify checks what the outbox still remembers: RETENTION_DAYS of history.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+
+from device_agent.outbox import Outbox
+from device_agent.uploader import Uploader
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +29,12 @@ SHA = "sha256_differs"
 
 @dataclass(frozen=True)
 class Expected:
-    """An object the device believes is in the bucket."""
+    """An object the device believes is in the bucket (`item_id`: its outbox row)."""
 
     key: str
     size: int
     sha256: str
-    source: str = ""
+    item_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -45,91 +48,68 @@ class Finding:
     expected_sha256: str
     actual_sha256: str | None
     method: str
-    source: str = ""
+    item_id: int | None = None
 
     @property
     def ok(self) -> bool:
         return self.status == OK
 
 
-def _check(uploader: Any, item: Any) -> Finding:
+def _check(uploader: Uploader, item: Expected) -> Finding:
     key, size, sha = item.key, int(item.size), str(item.sha256).lower()
-    source = getattr(item, "source", "")
     head = uploader.head(key)
     if head is None:
-        return Finding(key, MISSING, size, None, sha, None, "head", source)
-    if head["sha256"] and head["sha256_source"] == "checksum":
-        actual, method = head["sha256"], "checksum"
+        return Finding(key, MISSING, size, None, sha, None, "head", item.item_id)
+    if head.sha256 and head.sha256_source == "checksum":
+        actual: str | None = head.sha256
+        method = "checksum"
     else:
         actual, method = uploader.download_sha256(key), "get"
         if actual is None:
-            return Finding(key, MISSING, size, None, sha, None, "get", source)
-    if head["size"] != size:
+            return Finding(key, MISSING, size, None, sha, None, "get", item.item_id)
+    if head.size != size:
         status = SIZE
     elif actual != sha:
         status = SHA
     else:
         status = OK
-    return Finding(key, status, size, head["size"], sha, actual, method, source)
+    return Finding(key, status, size, head.size, sha, actual, method, item.item_id)
 
 
-def verify_objects(uploader: Any, items: Iterable[Any], *, max_workers: int = 4
+def verify_objects(uploader: Uploader, items: Iterable[Expected], *, max_workers: int = 4
                    ) -> list[Finding]:
-    """One Finding per item (key, size, sha256), in order; UploadError if S3 cannot answer."""
-    items = list(items)
-    if not items:
+    """One Finding per item, in order; UploadError if S3 cannot answer."""
+    todo = list(items)
+    if not todo:
         return []
     with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="verify") as pool:
-        return list(pool.map(lambda item: _check(uploader, item), items))
+        return list(pool.map(lambda item: _check(uploader, item), todo))
 
 
-def delivered_items(settings: Any) -> list[Expected]:
-    """What the outbox says S3 confirmed: the latest delivery of each key."""
-    from device_agent.outbox import DB_NAME, Outbox
+def delivered_items(outbox: Outbox) -> list[Expected]:
+    """What the outbox says S3 confirmed: the latest delivery for each key asked for.
 
-    if not (Path(settings.state_dir) / DB_NAME).exists():
-        return []
-    with Outbox.open(settings) as box:
-        rows = box.delivered()
+    A replaced report has a row per version, a resent object a row per sending: only the
+    last one must match the bucket, where it landed (its key, or the key it was kept under
+    beside another writer's object).
+    """
     latest: dict[str, Expected] = {}
-    for row in sorted(rows, key=lambda r: r.id):
-        key = row.final_key or row.key
-        # a replaced report has a row per version; only the last one must match the bucket
-        latest[key] = Expected(key, row.size, row.sha256, f"outbox #{row.id}")
+    for row in sorted(outbox.delivered(), key=lambda r: r.id):
+        latest[row.key] = Expected(row.final_key or row.key, row.size, row.sha256, row.id)
     return list(latest.values())
 
 
-def cmd_verify(settings: Any, args: Any) -> int:
-    """Check every delivered object against the bucket; exit 1 if any is missing or different."""
-    from device_agent.cli import echo
-    from device_agent.uploader import Uploader
-
-    expected = delivered_items(settings)
-    uploader = Uploader.from_settings(settings)
-    uploader.check_bucket()
-    findings = verify_objects(uploader, expected)
-    problems = [f for f in findings if not f.ok]
-    methods = sorted({f.method for f in findings})
-    if getattr(args, "json", False):
-        echo(json.dumps({
-            "bucket": uploader.bucket,
-            "checked": len(findings),
-            "problems": len(problems),
-            "findings": [{**asdict(f), "ok": f.ok} for f in findings],
-        }, indent=2))
-    else:
-        if problems:
-            width = max(len(f.status) for f in problems)
-            for f in problems:
-                detail = (f"expected {f.expected_size} B sha256 {f.expected_sha256[:12]}, "
-                          f"found {'-' if f.actual_size is None else f'{f.actual_size} B'}"
-                          f"{'' if f.actual_sha256 is None else ' sha256 ' + f.actual_sha256[:12]}")
-                echo(f"{f.status:<{width}}  s3://{uploader.bucket}/{f.key}  {detail}")
-        echo(f"verified {len(findings)} objects in s3://{uploader.bucket}: "
-             f"{len(findings) - len(problems)} ok, {len(problems)} missing or different"
-             + (f" (hash by {', '.join(methods)})" if methods else ""))
-    if problems:
-        log.error("verify: %d of %d delivered objects are missing or different in s3://%s",
-                  len(problems), len(findings), uploader.bucket)
-    return 1 if problems else 0
-
+def repair(outbox: Outbox, findings: Sequence[Finding]) -> tuple[list[int], list[Finding]]:
+    """Queue again what verify found missing or different; (new item ids, unrepairable)."""
+    queued: list[int] = []
+    lost: list[Finding] = []
+    for f in findings:
+        if f.ok or f.item_id is None:
+            continue
+        new_id = outbox.resend(f.item_id)
+        if new_id is None:
+            lost.append(f)
+            log.error("cannot send %s again: its local copy was pruned or deleted", f.key)
+        else:
+            queued.append(new_id)
+    return queued, lost

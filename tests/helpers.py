@@ -1,12 +1,74 @@
-"""Helpers for the outbox/sync tests: small real packages on disk without rendering a record."""
+"""Builders the tests share: synthetic records and patients, packages with or without real
+encoders, small real packages on disk without rendering a record."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
-from device_agent.package import PackageFile, PackageInfo
+import numpy as np
+
+from device_agent.package import (
+    Disposition,
+    PackageFile,
+    PackageInfo,
+    build_package,
+    manifest_doc,
+)
+from device_agent.record import DeviceInfo, Record
+
+IST = timezone(timedelta(hours=5, minutes=30))
+# A synthetic patient: no real person's identity is ever used in fixtures.
+PATIENT = {"first_name": "Test", "last_name": "Patient-7", "age": "45", "gender": "F",
+           "doctor": "Dr. Synthetic", "Org.": "Demo Clinic", "patient_name": "Test Patient-7",
+           "date_time": "2026-01-24 12:18:15"}
+
+
+def make_record(ecg_data_dir: Path | None = None, *, when: datetime | None = None,
+                record_id: str | None = None, measurements: Mapping[str, Any] | None = None
+                ) -> Record:
+    """A 12-lead record: real HR06000 if the data dir is given, else a short synthetic one."""
+    from device_agent.lab.wfdb import to_record
+
+    when = when or datetime(2026, 1, 24, 12, 18, 15, tzinfo=IST)
+    device = DeviceInfo("ECG-0042", "ECG12-PI", "test")
+    if ecg_data_dir is not None:
+        return to_record(ecg_data_dir / "HR06000", acquired_at=when, record_id=record_id,
+                         device=device)
+    samples = (np.arange(12 * 500, dtype=np.int32).reshape(12, 500) % 97) - 48
+    return Record(acquired_at=when, sampling_rate=500, samples=samples,
+                  missing=np.zeros(samples.shape, dtype=bool), record_id=record_id,
+                  device=device, measurements=dict(measurements or {"heart_rate_bpm": 60}))
+
+
+class FakeEncoders:
+    """Cheap stand-ins for the JSON, PDF and DICOM encoders (package-format tests)."""
+
+    def __init__(self, *, dicom: bool = False) -> None:
+        self.with_dicom = dicom
+
+    def ecg_json(self, record: Record) -> bytes:
+        return json.dumps({"record_id": record.record_id, "m": record.measurements}).encode()
+
+    def pdf(self, record: Record, patient: Mapping[str, Any]) -> bytes:
+        return b"%PDF-1.4 fake " + record.stamp.encode()
+
+    def dicom(self, record: Record, patient: Mapping[str, Any]) -> bytes | None:
+        return b"DICM fake " + record.stamp.encode() if self.with_dicom else None
+
+
+def build(record: Record, patient: Mapping[str, Any] | None, out_root: Path, *,
+          disposition: Disposition | None = None, encoders: Any = None) -> PackageInfo:
+    """build_package with fake encoders and the test device serial."""
+    kwargs: dict[str, Any] = {}
+    if disposition is not None:
+        kwargs["disposition"] = disposition
+    return build_package(record, patient, out_root, device_serial="ECG-0042",
+                         encoders=encoders or FakeEncoders(), **kwargs)
 
 
 def _write(path: Path, data: bytes, kind: str) -> PackageFile:
@@ -28,11 +90,8 @@ def make_package(root: Path, stamp: str = "20260124_121815", *, seed: int = 0) -
                json.dumps({"leads": {"I": [seed] * 500}}).encode(), "ecg_12lead_data"),
     )
     date_prefix = f"{stamp[:4]}/{stamp[4:6]}/{stamp[6:8]}"
-    pkg = PackageInfo(folder, stamp, date_prefix, rid, "SN-TEST", files, files[0])
-    manifest_doc = {
-        "record_id": rid, "stamp": stamp,
-        "files": [{"key": pkg.key(f), "size": f.size, "sha256": f.sha256} for f in files],
-    }
-    manifest = _write(folder / f"manifest_{stamp}.json",
-                      json.dumps(manifest_doc).encode(), "manifest")
+    (folder / "disposition.json").write_text('{"disposition": "queued", "reason": null}')
+    doc = manifest_doc(files, stamp=stamp, date_prefix=date_prefix, record_id=rid,
+                       device_serial="SN-TEST", acquired_at="")
+    manifest = _write(folder / f"manifest_{stamp}.json", json.dumps(doc).encode(), "manifest")
     return PackageInfo(folder, stamp, date_prefix, rid, "SN-TEST", files, manifest)

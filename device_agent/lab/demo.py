@@ -11,12 +11,21 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
-from datetime import datetime
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from device_agent.capture import capture_package
+from device_agent.clock import clock_from_settings
+from device_agent.config import Settings
+from device_agent.drain import Drainer
 from device_agent.errors import AgentError
+from device_agent.lab.simulator import BoardSimulator
+from device_agent.outbox import Outbox
+from device_agent.port import SerialReader
+from device_agent.sync import SyncLoop
+from device_agent.uploader import Uploader
+from device_agent.verify import delivered_items, verify_objects
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +37,7 @@ DEMO_COUNTS_PER_MV = 500.0
 # A synthetic patient: no real person's identity is ever used in fixtures or demos.
 DEMO_PATIENT = {"patient_name": "Demo Patient", "age": 59, "gender": "Female",
                 "doctor": "Dr. Example", "Org.": "Demo Clinic"}
-_KIND_ORDER = ("ECG_Report_", "patient_details_", "ecg_data_", "manifest_")
+_KIND_ORDER = ("ECG_Report_", "patient_details_", "ecg_data_", "ECG_", "manifest_")
 
 
 def default_record() -> Path:
@@ -46,7 +55,7 @@ def bucket_tree(bucket: str, keys: Iterable[str]) -> str:
 
     def order(name: str) -> tuple:
         # The layout document's order: report PDF, its JSON twin, patient details, data, then
-        # our manifest; folders and anything else after.
+        # the DICOM copy and our manifest; folders and anything else after.
         rank = next((i for i, p in enumerate(_KIND_ORDER) if name.startswith(p)), -1)
         stem, _, ext = name.rpartition(".")
         return (rank, stem, ext != "pdf", name)
@@ -66,7 +75,7 @@ def bucket_tree(bucket: str, keys: Iterable[str]) -> str:
     return "\n".join(lines)
 
 
-def demo_settings(settings: Any, *, out: Path, link: Path, endpoint: str) -> Any:
+def demo_settings(settings: Settings, *, out: Path, link: Path, endpoint: str) -> Settings:
     """The embedded defaults: local folders, the simulated board, the local endpoint."""
     return settings.replace(
         cloud_upload_enabled=True, cloud_service="s3",
@@ -82,23 +91,15 @@ def demo_settings(settings: Any, *, out: Path, link: Path, endpoint: str) -> Any
     )
 
 
-def run_demo(settings: Any, *, out: Path, record_path: Path, speed: float,
-             echo: Any) -> int:
+def run_demo(settings: Settings, *, out: Path, record_path: Path, speed: float,
+             echo: Callable[[str], None],
+             progress: Callable[[int, int], None] | None = None) -> int:
     """Simulate, capture, package, upload, verify; print the tree. Returns an exit code."""
-    import boto3
-
     try:
         from moto.server import ThreadedMotoServer
     except ImportError as exc:
         raise AgentError("the demo needs moto's S3 server: run 'make demo', or "
                          "pip install 'device_agent[demo]' in this environment") from exc
-
-    from device_agent.capture import ProgressBar, capture_package
-    from device_agent.outbox import Outbox
-    from device_agent.port import SerialReader
-    from device_agent.lab.simulator import BoardSimulator
-    from device_agent.sync import SyncLoop, build_uploader
-    from device_agent.verify import delivered_items, verify_objects
 
     out.mkdir(parents=True, exist_ok=True)
     link = out / "board-tty"
@@ -108,21 +109,20 @@ def run_demo(settings: Any, *, out: Path, record_path: Path, speed: float,
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
         s = demo_settings(settings, out=out, link=link, endpoint=endpoint)
+        clock = clock_from_settings(s)
         echo(f"S3-compatible endpoint (moto) on {endpoint}, bucket {DEMO_BUCKET}")
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                     aws_access_key_id="demo", aws_secret_access_key="demo",
-                     ).create_bucket(Bucket=DEMO_BUCKET)
+        uploader = Uploader.from_settings(s)
+        uploader.client.create_bucket(Bucket=DEMO_BUCKET)
 
         with BoardSimulator(record_path, link, counts_per_mv=s.counts_per_mv,
                             byte_order=s.byte_order, speed=speed, loop=True):
-            echo(f"board simulator replaying {record_path.name} on {link} -> "
-                 f"{link.resolve()} at {speed:g}x real time (a 10 s record takes "
-                 f"{10 / speed:.1f} s here)")
+            echo(f"board simulator replaying {record_path.name} on {link.name} at {speed:g}x "
+                 f"real time (a 10 s record takes {10 / speed:.1f} s here)")
             reader = SerialReader.from_settings(s).start(fail_fast=True)
             with Outbox.open(s) as outbox:
                 try:
                     outcome = capture_package(reader, s, DEMO_PATIENT, outbox=outbox,
-                                              progress=ProgressBar())
+                                              clock=clock, progress=progress)
                 finally:
                     reader.stop()
         record, info = outcome.record, outcome.info
@@ -133,47 +133,37 @@ def run_demo(settings: Any, *, out: Path, record_path: Path, speed: float,
             raise AgentError(f"the demo capture was not packaged and queued ({q.verdict}: "
                              f"{'; '.join(q.reasons) or 'clock not synchronised'}); see "
                              f"{outcome.folder}")
-        hr = _heart_rate(info.folder / f"ecg_data_{info.stamp}.json")
-        echo(f"package {info.stamp} written to {info.folder} "
-             f"(heart rate {'-' if hr is None else f'{hr:.0f}'} bpm)")
+        hr = record.measurements.get("heart_rate_bpm")
+        echo(f"package {info.stamp} written ({len(info.files)} files and a manifest; heart "
+             f"rate {'-' if hr is None else f'{hr:.0f}'} bpm)")
 
         stop = threading.Event()
         with Outbox.open(s) as outbox:
-            uploader = build_uploader(s)
-            result = SyncLoop(s, outbox=outbox, uploader=uploader, stop=stop).run_once()
+            drainer = Drainer(outbox, uploader, clock=clock, stop=stop)
+            loop = SyncLoop(s, outbox=outbox, drainer=drainer, stop=stop, clock=clock)
+            try:
+                result = loop.run_once()
+            finally:
+                loop.close()
             echo(f"sync pass: {result.summary()}")
-            findings = verify_objects(uploader, delivered_items(s))
+            findings = verify_objects(uploader, delivered_items(outbox))
         bad = [f for f in findings if not f.ok]
         echo(f"verified {len(findings)} objects by SHA-256: "
              f"{len(findings) - len(bad)} intact, {len(bad)} missing or different")
 
-        client = uploader.client
-        keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
-            Bucket=DEMO_BUCKET) for o in page.get("Contents", ())]
+        keys = list(uploader.list_prefix(""))
         echo("")
         echo(bucket_tree(DEMO_BUCKET, keys))
         echo("")
-        echo(f"report (PDF): {info.folder / f'ECG_Report_{info.stamp}.pdf'}")
+        echo(f"report (PDF): {_shown(info.folder / f'ECG_Report_{info.stamp}.pdf')}")
         return 0 if findings and not bad and result.pending == 0 else 1
     finally:
         server.stop()
 
 
-def _heart_rate(path: Path) -> float | None:
-    import json
-
+def _shown(path: Path) -> Path:
+    """A path as the user can type it from where they ran the demo."""
     try:
-        return json.loads(path.read_bytes()).get("measurements", {}).get("heart_rate_bpm")
-    except (OSError, ValueError):
-        return None
-
-
-def cmd_demo(settings: Any, args: Any) -> int:
-    """`device-agent demo` (`make demo`): the whole job on embedded defaults, then exit."""
-    from device_agent.cli import echo
-
-    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
-    out = Path(args.out) if args.out else Path("demo-output") / stamp
-    record_path = Path(args.record) if args.record else default_record()
-    return run_demo(settings, out=out.resolve(), record_path=record_path,
-                    speed=float(args.speed), echo=echo)
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from device_agent.framing import END, FRAME_LEN, LENGTH, OPCODE, START
-from device_agent.record import ELECTRODES, MEASURED_LEADS
 from device_agent.lab.wfdb import read_record
+from device_agent.record import ELECTRODES, MEASURED_LEADS
 
 log = logging.getLogger(__name__)
 
@@ -340,43 +340,3 @@ class BoardSimulator:
             self.truth.bytes_discarded += len(pending)
             pending.clear()
         return pending
-
-
-def cmd_simulate(settings, args) -> int:
-    """`device-agent simulate`: stream a record into a pty until done or interrupted."""
-    from device_agent.cli import echo
-
-    try:
-        faults = FaultSpec.parse(args.faults or "")
-    except ValueError as exc:
-        from device_agent.errors import ConfigError
-
-        raise ConfigError(f"--faults: {exc}") from None
-    record = args.record
-    if record is None:
-        from device_agent.lab.demo import default_record
-
-        record = default_record()
-    hea = record if Path(record).suffix == ".hea" else Path(f"{record}.hea")
-    if not hea.exists():
-        from device_agent.errors import ConfigError
-
-        raise ConfigError(f"--record {record}: no WFDB header {hea}; name a .hea file or its "
-                          "stem, or leave --record out to replay the shipped recording")
-    sim = BoardSimulator(
-        record, args.link, counts_per_mv=settings.counts_per_mv,
-        byte_order=settings.byte_order, speed=args.speed, loop=args.loop, faults=faults,
-        seconds=args.seconds,
-    )
-    sim.start()
-    echo(f"simulating {Path(record).name} on {args.link} at {args.speed:g}x "
-         f"(ECG_COUNTS_PER_MV={settings.counts_per_mv:g}); Ctrl-C to stop")
-    try:
-        while not sim.finished.wait(0.5):
-            pass
-    finally:
-        sim.stop()
-    t = sim.truth
-    echo(f"sent {t.frames_sent} frames; lost {len(t.lost)}, damaged {len(t.damaged)}, "
-         f"garbage bytes {t.garbage_bytes}, unread bytes discarded {t.bytes_discarded}")
-    return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import threading
 from datetime import datetime, timedelta
@@ -69,18 +70,24 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="agent %(levelname)s %(name)s: %(message)s")
 
+    from device_agent.capture import measure_once, package_and_decide
+    from device_agent.clock import clock_from_settings
+    from device_agent.drain import Drainer
     from device_agent.outbox import Outbox
-    from device_agent.package import build_package, load_package
-    from device_agent.sync import SyncLoop, build_uploader, install_signal_handlers
+    from device_agent.sync import SyncLoop
+    from device_agent.uploader import Uploader
 
     extra = dict(item.split("=", 1) for item in args.overrides)
     settings = settings_for(args.state, args.endpoint, args.bucket, **extra)
     records = args.state / "records"
     stop = threading.Event()
-    install_signal_handlers(stop)  # SIGTERM ends the --serve loop within a second
+    for sig in (signal.SIGTERM, signal.SIGINT):  # SIGTERM ends the --serve loop
+        signal.signal(sig, lambda *_: stop.set())
+    clock = clock_from_settings(settings)
     with Outbox.open(settings) as outbox:
-        loop = SyncLoop(settings, outbox=outbox, uploader=build_uploader(settings), stop=stop,
-                        backoff_base_s=0.2, load_package=load_package)
+        drainer = Drainer(outbox, Uploader.from_settings(settings), clock=clock, stop=stop,
+                          backoff_base_s=0.2, backoff_cap_s=settings.retry_max_backoff_s)
+        loop = SyncLoop(settings, outbox=outbox, drainer=drainer, stop=stop, clock=clock)
         for index in range(args.records):
             if stop.is_set():
                 break
@@ -88,10 +95,11 @@ def main() -> int:
                     captured_stamps(records):
                 continue
             stop.wait(args.pace)  # the acquisition itself
-            info = build_package(make_record(index, settings.device_serial),
-                                 {"first_name": "Synthetic", "last_name": f"P{index}",
-                                  "age": 50, "gender": "F"}, records, settings)
-            outbox.add_package(info)
+            record = measure_once(make_record(index, settings.device_serial),
+                                  mains_hz=settings.mains_hz)
+            package_and_decide(record, {"first_name": "Synthetic", "last_name": f"P{index}",
+                                        "age": 50, "gender": "F"}, settings, outbox,
+                               out_root=records, withheld=False)
             loop.run_once(wait=True)
             stop.wait(args.pace)
         while args.serve and not stop.is_set():
@@ -102,6 +110,7 @@ def main() -> int:
                 break
             stop.wait(0.1)
         left = outbox.stats().pending
+        loop.close()
     print(f"done pending={left}", flush=True)
     return 0 if left == 0 else 1
 

@@ -107,8 +107,8 @@ def _run(tmp_path, endpoint, bucket, *, kills, records, seed, pace, capsys):
     assert numbers["duplicates"] == 0
     assert numbers["strays"] == 0
     assert numbers["misplaced"] == 0
-    assert numbers["objects"] == 4 * records
-    assert numbers["log_entries"] == 4 * records
+    assert numbers["objects"] == 5 * records
+    assert numbers["log_entries"] == 5 * records
     assert stats.pending == 0 and stats.failed == 0
     return numbers
 

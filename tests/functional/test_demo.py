@@ -34,8 +34,8 @@ def test_bucket_tree_draws_the_layout_documents_example():
 @pytest.mark.functional
 def test_demo_runs_end_to_end_and_prints_todays_layout(tmp_path: Path):
     proc = subprocess.run(
-        [sys.executable, "-m", "device_agent", "--env-file", str(tmp_path / "none"),
-         "demo", "--out", str(tmp_path / "demo"), "--speed", "20"],
+        [sys.executable, "-m", "device_agent", "demo", "--out", str(tmp_path / "demo"),
+         "--speed", "20"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -44,16 +44,17 @@ def test_demo_runs_end_to_end_and_prints_todays_layout(tmp_path: Path):
     date = f"{stamp[:4]}/{stamp[4:6]}/{stamp[6:8]}"
     keys = [f"ecg-reports/{date}/{stamp}/{n}_{stamp}.{e}" for n, e in (
         ("ECG_Report", "pdf"), ("patient_details", "json"), ("ecg_data", "json"),
-        ("manifest", "json"))]
-    # The printed tree is the layout document's Example 2 for the day it ran, plus manifest.
+        ("ECG", "dcm"), ("manifest", "json"))]
+    # The printed tree is the layout document's Example 2 for the day it ran, plus the DICOM
+    # copy and the manifest.
     assert bucket_tree("demo-ecg-bucket", keys) in out
     example = _example_tree(2).replace("my-ecg-bucket", "demo-ecg-bucket")
     example = example.replace("20260124_121815", stamp)
     for old, new in (("2026", stamp[:4]), ("01", stamp[4:6]), ("24", stamp[6:8])):
         example = example.replace(f"└── {old}/", f"└── {new}/", 1)
-    example = example.replace("└── ecg_data", "├── ecg_data")  # the manifest comes last
+    example = example.replace("└── ecg_data", "├── ecg_data")  # two more files come after
     assert example in out, f"expected\n{example}\nin\n{out}"
-    assert "4 intact, 0 missing or different" in out
-    pdf = Path(re.search(r"report \(PDF\): (\S+)", out).group(1))
+    assert "5 intact, 0 missing or different" in out
+    pdf = tmp_path / Path(re.search(r"report \(PDF\): (\S+)", out).group(1))
     assert pdf.read_bytes().startswith(b"%PDF")
     assert not (tmp_path / "demo" / "board-tty").exists(), "the simulator's link was left behind"

@@ -7,22 +7,15 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from device_agent.disk import ensure_free_space, is_disk_full, prune
+from device_agent.disk import ensure_free_space, prune, remove_incomplete
 from device_agent.errors import DiskSpaceError
-from device_agent.fsutil import atomic_write
+from device_agent.fsutil import atomic_write, is_disk_full
 from device_agent.outbox import Outbox
 from tests.helpers import make_package
-
-
-def _settings(tmp_path: Path, **kw):
-    base = dict(state_dir=tmp_path / "state", disk_reserve_mb=0, retention_days=30.0,
-                retry_max_backoff_s=60.0, reports_dir=tmp_path / "reports")
-    base.update(kw)
-    return SimpleNamespace(**base)
+from tests.unit.test_sync import settings_for
 
 
 @pytest.fixture
@@ -40,15 +33,15 @@ def tiny_fs(tmp_path):
 
 def test_reserve_refuses_with_a_clear_message(tmp_path):
     with pytest.raises(DiskSpaceError) as info:
-        ensure_free_space(_settings(tmp_path, disk_reserve_mb=10**9), tmp_path / "state")
+        ensure_free_space(tmp_path / "state", 10**9)
     text = str(info.value)
     assert "DISK_RESERVE_MB=1000000000" in text and str(tmp_path / "state") in text
     assert "nothing was written" in text
-    ensure_free_space(_settings(tmp_path), tmp_path / "state" / "not-yet-created")
+    ensure_free_space(tmp_path / "state" / "not-yet-created", 0)
 
 
 def test_prune_deletes_only_old_delivered_packages(tmp_path):
-    settings = _settings(tmp_path)
+    settings = settings_for(tmp_path)
     records = settings.state_dir / "records"
     old = make_package(records, "20260101_000001", seed=1)
     pending = make_package(records, "20260101_000002", seed=2)
@@ -61,17 +54,17 @@ def test_prune_deletes_only_old_delivered_packages(tmp_path):
                 box.mark_delivered(item.id, etag='"e"', final_key=item.key, outcome="created")
         now = time.time()
         # 'old' was delivered 31 days ago from the pruner's point of view
-        result = prune(box, settings, now=now + 31 * 86400)
+        result = prune(box, settings.state_dir, cutoff=now + 86400)
         assert set(result.folders) == {old.folder.resolve(), recent.folder.resolve()}
         assert pending.folder.exists(), "an undelivered record must never be pruned"
-        assert result.files == 8
+        assert result.files == 10  # 4 delivered files and the disposition, per folder
         assert all(i.pruned_at for i in box.items() if i.package
                    == str(old.folder.resolve()))
         again = make_package(records, "20260101_000004", seed=4)
         box.add_package(again)
         for item in box.due():
             box.mark_delivered(item.id, etag=None, final_key=item.key, outcome="created")
-        assert prune(box, settings, now=now).folders == ()  # delivered but too recent
+        assert prune(box, settings.state_dir, cutoff=now - 86400).folders == ()  # too recent
         assert again.folder.exists()
 
 
@@ -85,31 +78,34 @@ def test_real_enospc_on_tiny_tmpfs_is_recognised_and_nothing_lost(tiny_fs):
     assert keep.read_bytes() == b'{"keep": true}'
     assert not list(tiny_fs.glob(".*.tmp")), "a failed atomic write must leave no temp file"
     with pytest.raises(DiskSpaceError):
-        ensure_free_space(SimpleNamespace(disk_reserve_mb=2), tiny_fs)
+        ensure_free_space(tiny_fs, 2)
+
+
+def test_a_crash_left_folder_is_removed_after_the_grace_period_only(tmp_path):
+    records = tmp_path / "records"
+    done = make_package(records, "20260124_121815", seed=1)
+    half = records / "20260124_121816"
+    half.mkdir()
+    (half / "ecg_data_20260124_121816.json").write_text("{}")  # killed before its manifest
+    assert remove_incomplete(records, grace_s=3600) == []  # it may be being written now
+    assert remove_incomplete(records, grace_s=3600, now=time.time() + 7200) == [half]
+    assert not half.exists() and done.folder.exists(), "complete folders stay"
 
 
 @pytest.mark.functional
 def test_service_survives_a_full_disk_and_loses_nothing(tiny_fs, tmp_path):
-    import random
     import threading
 
-    from device_agent.package import load_package
-    from device_agent.sync import SyncLoop
     from tests.conftest import wait_until
-    from tests.functional.test_sync import FakeUploader, _real_package
+    from tests.unit.test_sync import Env
 
-    settings = _settings(tmp_path, state_dir=tiny_fs / "state",
-                         reports_dir=tiny_fs / "reports",
-                         users_file=tmp_path / "users.json", sync_interval_s=0.05,
-                         retry_max_backoff_s=1.0, clock_check="floor")
-    settings.reports_dir.mkdir(parents=True)
-    uploader = FakeUploader()
-    stop = threading.Event()
-    with Outbox.open(settings) as box:
-        loop = SyncLoop(settings, outbox=box, uploader=uploader, stop=stop,
-                        rng=random.Random(1), backoff_base_s=0.1, load_package=load_package)
-        pkg = _real_package(settings.state_dir / "records", "20260124_121815", 1)
-        pdf = settings.reports_dir / "ECG_Report_20260124_130000.pdf"
+    env = Env(tmp_path, STATE_DIR=str(tiny_fs / "state"), REPORTS_DIR=str(tiny_fs / "reports"),
+              RETRY_MAX_BACKOFF_S="1")
+    settings, box, loop = env.settings, env.outbox, env.loop
+    try:
+        Path(settings.reports_dir).mkdir(parents=True)
+        pkg = make_package(Path(settings.state_dir) / "records", "20260124_121815", seed=1)
+        pdf = Path(settings.reports_dir) / "ECG_Report_20260124_130000.pdf"
         pdf.write_bytes(b"%PDF dropped by the legacy app")
         os.utime(pdf, (time.time() - 60, time.time() - 60))
         filler = tiny_fs / "filler"
@@ -128,17 +124,21 @@ def test_service_survives_a_full_disk_and_loses_nothing(tiny_fs, tmp_path):
         assert all("\n" not in e for e in errors)
         assert pkg.folder.exists() and pdf.exists()
 
-        runner = threading.Thread(target=loop.run, name="sync-run")
+        passes: list[object] = []
+        runner = threading.Thread(target=loop.run, name="sync-run",
+                                  kwargs={"on_pass": lambda r, e: passes.append(r)})
         runner.start()
         try:
-            time.sleep(0.3)  # a few passes on the full disk: the loop must keep going
+            wait_until(lambda: len(passes) >= 3, what="passes on the full disk")
             assert runner.is_alive(), "the service must keep running on a full disk"
             filler.unlink()
             wait_until(lambda: box.stats().pending == 0 and box.stats().delivered == 5,
                        timeout=15, what="delivery once space is back")
         finally:
-            stop.set()
+            env.stop.set()
             runner.join(timeout=5)
-        keys = sorted(uploader.objects)
+        keys = sorted(env.uploader.objects)
         assert len(keys) == 5 and not [k for k in keys if k.endswith("__dup")]
-        assert (settings.reports_dir / "upload_log.json").exists()
+        assert (Path(settings.reports_dir) / "upload_log.json").exists()
+    finally:
+        env.close()

@@ -11,18 +11,20 @@ import threading
 import boto3
 import pytest
 
+from device_agent.clock import Clock
 from device_agent.config import load_settings
+from device_agent.drain import Drainer
 from device_agent.outbox import Outbox
 from device_agent.package import load_package
 from device_agent.sync import SyncLoop
 from device_agent.uploader import Uploader, make_client
-from tests.functional.test_sync import _real_package
+from tests.helpers import make_package
 
 STAMP = "20260124_121815"
 
 
 def _unit(tmp_path, name, endpoint, bucket):
-    return load_settings(env_file=None, environ={}).replace(
+    return load_settings(environ={}).replace(
         state_dir=tmp_path / name / "state", reports_dir=tmp_path / name / "reports",
         users_file=tmp_path / name / "users.json", s3_bucket=bucket,
         s3_endpoint_url=endpoint, s3_region="us-east-1", aws_access_key_id="testing",
@@ -31,12 +33,18 @@ def _unit(tmp_path, name, endpoint, bucket):
 
 
 def _deliver(settings, seed):
-    pkg = _real_package(settings.state_dir / "records", STAMP, seed)
+    pkg = make_package(settings.state_dir / "records", STAMP, seed=seed)
+    stop = threading.Event()
+    clock = Clock(check="floor")
     with Outbox.open(settings) as outbox:
         outbox.add_package(load_package(pkg.folder))
-        loop = SyncLoop(settings, outbox=outbox, uploader=Uploader.from_settings(
-            settings, make_client(settings)), stop=threading.Event(), rng=random.Random(1))
-        result = loop.run_once()
+        drainer = Drainer(outbox, Uploader.from_settings(settings, make_client(settings)),
+                          clock=clock, stop=stop, rng=random.Random(1))
+        loop = SyncLoop(settings, outbox=outbox, drainer=drainer, stop=stop, clock=clock)
+        try:
+            result = loop.run_once()
+        finally:
+            loop.close()
         assert result.pending == 0 and not result.errors, result.errors
     return pkg
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.unit.test_qrs import wfdb_record
 
 from device_agent import report
-from device_agent.cli import main
+from device_agent.commands import main
 from device_agent.record import LEAD_ORDER, ElectrodeOff, Quality, Record
+from tests.unit.test_qrs import wfdb_record
 
 DPI = 300
 PX_PER_MM = DPI / 25.4  # 11.81
@@ -118,7 +118,7 @@ def test_path_ops_clips_to_the_page_range():
 
 def test_page_is_a4_or_letter_landscape(hr06000):
     for paper, (w, h) in (("a4", (841.89, 595.28)), ("letter", (792.0, 612.0))):
-        pdf = report.render_pdf(hr06000, PATIENT, paper=paper)
+        pdf = report.render_pdf(hr06000, PATIENT, style=report.ReportStyle(paper=paper))
         box = re.search(rb"/MediaBox \[\s*0 0 ([\d.]+) ([\d.]+)\s*\]", pdf)
         assert box, "no MediaBox"
         assert float(box[1]) == pytest.approx(w, abs=0.01)
@@ -134,9 +134,9 @@ def test_page_is_compressed_and_small(hr06000):
 
 def test_unknown_paper_or_grid_is_refused(hr06000):
     with pytest.raises(ValueError, match="paper"):
-        report.render_pdf(hr06000, None, paper="a3")
+        report.render_pdf(hr06000, None, style=report.ReportStyle(paper="a3"))
     with pytest.raises(ValueError, match="grid"):
-        report.render_pdf(hr06000, None, grid="blue")
+        report.render_pdf(hr06000, None, style=report.ReportStyle(grid="blue"))
 
 
 def test_lost_samples_break_the_trace(hr06000):
@@ -208,7 +208,7 @@ def test_trace_is_25_mm_per_s_and_10_mm_per_mv(tmp_path):
         spikes += np.clip(1.0 - np.abs(t - second - 0.5) / 0.02, 0, None) * 1000
     samples[LEAD_ORDER.index("II")] = np.rint(spikes).astype(np.int32)
     record = Record(record.acquired_at, 500, samples, record.missing, record_id="spikes")
-    page = _raster(report.render_pdf(record, None, grid="grey"), tmp_path)
+    page = _raster(report.render_pdf(record, None, style=report.ReportStyle(grid="grey")), tmp_path)
     geo = report.layout("a4")
     black = page.astype(int).sum(axis=2) < 200
     height_px = page.shape[0]
@@ -237,12 +237,17 @@ def test_trace_is_25_mm_per_s_and_10_mm_per_mv(tmp_path):
 @pytest.mark.functional
 @needs_poppler
 def test_header_and_footer_say_what_was_measured(hr06000, tmp_path):
-    text = _text(report.render_pdf(hr06000, PATIENT), tmp_path)
+    from device_agent.capture import measure_once
+
+    record = measure_once(hr06000, mains_hz=50)
+    text = _text(report.render_pdf(record, PATIENT), tmp_path)
     assert "Testa Synthetica" in text and "Age 59" in text and "Sex Female" in text
     assert "2026-11-27 09:30:00 UTC+01:00" in text
-    match = re.search(r"HR (\d+) bpm\s+RR (\d+) ms", text)
+    match = re.search(r"Vent. rate\s+(\d+) bpm", text)
     assert match and 65 <= int(match[1]) <= 72
+    assert int(match[1]) == round(record.measurements["heart_rate_bpm"])
     assert "25 mm/s" in text and "10 mm/mV" in text and "500 Hz" in text
+    assert "Display filter 0.05-150 Hz" in text
     assert "Record test-HR06000" in text and "Quality: ok" in text
     for lead in LEAD_ORDER:
         assert re.search(rf"(^|\s){lead}(\s|$)", text, re.M), lead
@@ -252,24 +257,32 @@ def test_header_and_footer_say_what_was_measured(hr06000, tmp_path):
 @needs_poppler
 def test_no_rate_prints_a_dash_and_the_reason_and_warnings(tmp_path):
     record = _flat_record()
+    reasons = ("electrode V2 off for 10.00 s", "flat line on V2", "mains noise 62 uV at 50 Hz")
     quality = Quality(frames_expected=5000, frames_received=4990, frames_lost=10,
                       electrodes_off=(ElectrodeOff("V2", 0, 5000),), flat_leads=("V2",),
-                      mains_noise_uv=42.0, verdict="warning")
+                      mains_noise_uv=62.0, verdict="warning", reasons=reasons)
     missing = record.missing.copy()
     missing[:, 100:110] = True
-    record = Record(record.acquired_at, 500, record.samples, missing, quality=quality)
+    record = Record(record.acquired_at, 500, record.samples, missing, quality=quality,
+                    measurements={"heart_rate_bpm": None, "rr_ms": None,
+                                  "reasons": {"heart_rate_bpm": "lead II is flat",
+                                              "rr_ms": "lead II is flat"}})
     text = _text(report.render_pdf(record, None), tmp_path)
-    assert "HR -" in text and "RR -" in text and "bpm" not in text.split("RR -")[0][-30:]
-    assert "Heart rate not measured: lead II is flat" in text
-    assert "electrode off: V2" in text and "flat: V2" in text
-    assert "lost samples: 10" in text and "mains noise 42 uV" in text
+    assert re.search(r"Vent. rate\s+-", text) and re.search(r"RR interval\s+-", text)
+    assert "bpm" not in text
+    assert "Not measured: rate, RR (lead II is flat)" in text
+    # the page says exactly what the record's quality says (decided once, in record.py)
+    for reason in reasons:
+        assert reason in text
     assert "Quality: warning" in text
 
 
-def test_patient_line_tolerates_missing_keys():
-    assert report._patient_line(None).startswith("-")
-    assert report._patient_line({"patient_name": "P-17", "age": None}) == (
-        "P-17    Age -    Sex -")
+def test_patient_lines_tolerate_missing_keys_and_show_id_and_birth_date():
+    assert report._patient_lines(None)[0] == "-"
+    assert report._patient_lines({"patient_name": "P-17", "age": None}) == (
+        "P-17", "ID -    DOB -    Age -    Sex -")
+    _, details = report._patient_lines({"patient_id": "MRN-0042", "dob": "1967-03-02"})
+    assert "ID MRN-0042" in details and "DOB 1967-03-02" in details
 
 
 def test_missing_leads_are_labelled_not_invented(hr06000):
@@ -280,7 +293,6 @@ def test_missing_leads_are_labelled_not_invented(hr06000):
     absent = {name for name, _, _, gone in labels if gone}
     assert absent == {"V3", "II"}
     assert report.render_pdf(partial, None).startswith(b"%PDF-")
-    assert report._qrs_result(partial, 50.0).reason == "lead II not recorded"
 
 
 # --- the CLI -------------------------------------------------------------------------------
@@ -296,14 +308,14 @@ def test_cli_report_rerenders_from_stored_files(hr06000, tmp_path, capsys):
     details.write_text(json.dumps(PATIENT))
     out = tmp_path / "out" / "report.pdf"
     out.parent.mkdir()
-    argv = ["--env-file", str(tmp_path / "none.env"), "--debug", "--set", "REPORT_PAPER=letter",
+    argv = ["--debug", "--set", "REPORT_PAPER=letter",
             "report", "--input", str(data), "--patient", str(details), "--out", str(out)]
     assert main(argv) == 0
     pdf = out.read_bytes()
     assert pdf.startswith(b"%PDF-") and b"792 612" in pdf
     assert [p.name for p in out.parent.iterdir()] == ["report.pdf"]  # no temp file left
     captured = capsys.readouterr()  # main() logs to stderr through its own handler
-    assert str(out) in captured.out and "report for record" in captured.err
+    assert str(out) in captured.out
     assert "Testa" not in captured.err + captured.out
     assert "Synthetica" not in captured.err + captured.out
 
@@ -313,9 +325,8 @@ def test_cli_report_names_the_bad_file(tmp_path, capsys):
     bad = tmp_path / "ecg_data_bad.json"
     bad.write_text("{not json")
     out = tmp_path / "x.pdf"
-    argv = ["--env-file", str(tmp_path / "none.env"), "report", "--input", str(bad),
-            "--out", str(out)]
+    argv = ["report", "--input", str(bad), "--out", str(out)]
     assert main(argv) == 1
     assert str(bad) in capsys.readouterr().err and not out.exists()
-    assert main([*argv[:3], "--input", str(tmp_path / "absent.json"), "--out", str(out)]) == 1
+    assert main(["report", "--input", str(tmp_path / "absent.json"), "--out", str(out)]) == 1
     assert "absent.json" in capsys.readouterr().err

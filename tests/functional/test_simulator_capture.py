@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 from device_agent.capture import capture_record
-from device_agent.cli import main
+from device_agent.clock import Clock
+from device_agent.commands import main
 from device_agent.config import load_settings
 from device_agent.errors import CaptureRejected, SerialLinkError
-from device_agent.port import SerialReader
-from device_agent.record import LEAD_ORDER, MEASURED_LEADS, derive_leads
 from device_agent.lab.simulator import MID_SCALE, BoardSimulator, FaultSpec, resample
 from device_agent.lab.wfdb import read_record
+from device_agent.port import SerialReader
+from device_agent.record import LEAD_ORDER, MEASURED_LEADS, derive_leads
 from tests.conftest import RECORDS, wait_until
 
 CPM = 400.0
@@ -50,7 +51,7 @@ def test_each_record_survives_the_link(name, ecg_data_dir, tmp_path, capsys):
     link = tmp_path / "board"
     sim = BoardSimulator(ecg_data_dir / name, link, counts_per_mv=CPM, speed=25, loop=True)
     with sim:
-        code = main(["--env-file", str(tmp_path / "none.env"), "--set", f"ECG_COUNTS_PER_MV={CPM}",
+        code = main(["--set", f"ECG_COUNTS_PER_MV={CPM}",
                      "--set", f"STATE_DIR={tmp_path / 'state'}", "capture", "--port", str(link),
                      "--seconds", "10", "--no-upload", "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out.strip().splitlines()
@@ -87,15 +88,20 @@ def test_faults_every_arrived_sample_exact_every_lost_one_null(ecg_data_dir, tmp
     sim.open()
     reader = SerialReader.from_settings(SETTINGS, str(link)).start(fail_fast=True)
     try:
-        sim.start()  # the reader is draining before the first byte: stream frame k = sample k
-        record = capture_record(reader, SETTINGS, seconds=9.5)
+        sim.start()
+        record = capture_record(reader, SETTINGS, seconds=9.5, clock=Clock(check="floor"))
     finally:
         reader.stop()
         sim.stop()
     truth = sim.truth
     assert truth.bytes_discarded == 0 and truth.lost and truth.damaged and truth.garbage_bytes
     bad = truth.lost | truth.damaged
-    first = min(set(range(5000)) - bad)
+    base = np.array(record.adc.baseline)
+    got = np.rint(np.stack([record.samples[LEAD_ORDER.index(k)] for k in MEASURED_LEADS]).T
+                  / STEP + base).astype(int)
+    # the capture starts at the first frame that arrived after it was asked for
+    first = next(o for o in range(len(sim.counts) - 100)
+                 if o not in bad and np.array_equal(sim.counts[o].astype(int), got[0]))
     arrived = ~record.missing[0]
     expect_arrived = np.array([(first + k) not in bad for k in range(record.n_samples)])
     assert np.array_equal(arrived, expect_arrived)  # no shift: lost ones exactly where lost
@@ -123,7 +129,7 @@ def test_unplug_and_replug_during_a_capture(ecg_data_dir, tmp_path):
                           retry_min_s=0.02, retry_max_s=0.05).start(fail_fast=True)
     try:
         sim.start()
-        record = capture_record(reader, settings, seconds=10)
+        record = capture_record(reader, settings, seconds=10, clock=Clock(check="floor"))
         wait_until(lambda: reader.state.reconnects >= 1, timeout=5, what="a reconnect")
     finally:
         reader.stop()
@@ -150,7 +156,7 @@ def test_rejected_capture_keeps_its_files_and_fails_clearly(ecg_data_dir, tmp_pa
     sim = BoardSimulator(ecg_data_dir / "HR06001", link, counts_per_mv=CPM, speed=25,
                          loop=True, faults=FaultSpec(lose=0.02), seed=1)
     with sim:
-        code = main(["--env-file", str(tmp_path / "none.env"), "--set", f"ECG_COUNTS_PER_MV={CPM}",
+        code = main(["--set", f"ECG_COUNTS_PER_MV={CPM}",
                      "--set", f"STATE_DIR={tmp_path / 'state'}", "capture", "--port", str(link),
                      "--no-upload", "--out", str(tmp_path / "out")])
     captured = capsys.readouterr()
@@ -162,9 +168,12 @@ def test_rejected_capture_keeps_its_files_and_fails_clearly(ecg_data_dir, tmp_pa
     assert None in doc["leads"]["II"]
 
 
-def test_bad_port_fails_fast(tmp_path):
-    with pytest.raises(SerialLinkError, match="nothing-here"):
-        capture_record(str(tmp_path / "nothing-here"), SETTINGS, seconds=1)
+def test_bad_port_fails_fast(tmp_path, capsys):
+    code = main(["--set", f"STATE_DIR={tmp_path / 'state'}", "capture", "--direct",
+                 "--port", str(tmp_path / "nothing-here"), "--seconds", "1"])
+    assert code == SerialLinkError.exit_code
+    err = capsys.readouterr().err.strip()
+    assert "nothing-here" in err and len(err.splitlines()) == 1
 
 
 def test_fault_spec_parses_and_refuses_nonsense():
@@ -184,8 +193,8 @@ def test_simulate_command_ends_even_when_nobody_reads(tmp_path):
 
     link = tmp_path / "tty"
     proc = subprocess.run(
-        [sys.executable, "-m", "device_agent", "--env-file", str(tmp_path / "none"),
-         "simulate", "--link", str(link), "--speed", "20", "--seconds", "2"],
+        [sys.executable, "-m", "device_agent", "simulate", "--link", str(link), "--speed", "20",
+         "--seconds", "2"],
         cwd=tmp_path, capture_output=True, text=True, timeout=30,
     )
     assert proc.returncode == 0, proc.stderr
@@ -195,7 +204,7 @@ def test_simulate_command_ends_even_when_nobody_reads(tmp_path):
 
 
 def test_simulate_names_a_missing_record(tmp_path, capsys):
-    code = main(["--env-file", str(tmp_path / "none"), "simulate", "--record",
+    code = main(["simulate", "--record",
                  str(tmp_path / "nope"), "--link", str(tmp_path / "tty")])
     assert code == 2
     err = capsys.readouterr().err

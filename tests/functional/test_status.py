@@ -13,15 +13,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from device_agent.cli import main
+from device_agent.commands import main
 from device_agent.config import load_settings
+from device_agent.doctor import port_holders, run_doctor
 from device_agent.spool import ServiceAlreadyRunning, ServiceLock, Spool, running_pid
-from device_agent.status import (
-    collect_status,
-    port_holders,
-    run_doctor,
-    write_status_file,
-)
+from device_agent.status import collect_status, write_status_file
 
 
 class FakeClock:
@@ -118,8 +114,8 @@ def test_spool_threads_claim_each_request_once(tmp_path: Path):
 
 # --- status ---------------------------------------------------------------------------------
 
-STATUS_KEYS = {"service", "port", "last_capture", "outbox", "last_sync", "clock", "disk",
-               "device_serial", "checked_at"}
+STATUS_KEYS = {"service", "port", "last_capture", "held", "undated", "outbox", "last_sync",
+               "clock", "clock_source", "disk", "device_serial", "checked_at"}
 
 
 def test_status_json_when_stopped(tmp_path: Path, capsys):
@@ -128,12 +124,15 @@ def test_status_json_when_stopped(tmp_path: Path, capsys):
     assert main(["--env-file", str(env), "status", "--json"]) == 1
     doc = json.loads(capsys.readouterr().out)
     assert set(doc) == STATUS_KEYS
-    assert doc["service"] == {"running": False, "pid": None, "state": "stopped",
-                              "status_age_s": None, "started_at": None, "status": None}
+    assert doc["service"] == {"running": False, "healthy": False, "pid": None,
+                              "state": "stopped", "status_age_s": None, "started_at": None,
+                              "status": None, "stuck": None}
     assert doc["port"]["present"] is False and doc["port"]["connected"] is None
     assert doc["outbox"]["present"] is False and doc["outbox"]["pending"] == 0
     assert doc["clock"]["synced"] in (True, False)
     assert doc["disk"]["free_mb"] > 0
+    assert main(["--env-file", str(env), "status"]) == 1
+    assert capsys.readouterr().out.startswith("service      STOPPED")
 
 
 def test_status_reads_outbox_read_only(tmp_path: Path):
@@ -201,7 +200,7 @@ def test_doctor_port_owned_by_another_process(tmp_path: Path):
                                          clock=FakeClock(True)))
             assert not checks["port"].ok
             assert f"pid {holder.pid}" in checks["port"].message
-            assert f"kill {holder.pid}" in checks["port"].message
+            assert "stop that program" in checks["port"].message
         finally:
             os.write(master, b"\n")
             holder.wait(timeout=10)
@@ -258,7 +257,7 @@ def test_queue_list_and_retry(tmp_path: Path, capsys):
     env = tmp_path / ".env"
     env.write_text(f"STATE_DIR={settings.state_dir}\n")
     assert main(["--env-file", str(env), "queue", "list", "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    rows = json.loads(capsys.readouterr().out)["items"]
     assert [(r["id"], r["state"]) for r in rows] == [(item_id, "failed")]
     assert main(["--env-file", str(env), "queue", "retry", "9999"]) == 1
     assert main(["--env-file", str(env), "queue", "retry", "--failed"]) == 0

@@ -117,7 +117,7 @@ def test_install_script_into_a_temp_root(tmp_path: Path):
         assert stat.S_IMODE(cred.stat().st_mode) == 0o600
     wrapper = root / "usr/local/bin/device-agent"
     assert os.access(wrapper, os.X_OK)
-    assert (root / "opt/device-agent/src/device_agent/cli.py").is_file()
+    assert (root / "opt/device-agent/src/device_agent/commands/__init__.py").is_file()
     # a second run keeps an edited env file instead of overwriting it
     env_file.write_text("AWS_S3_BUCKET=kept\n")
     proc = subprocess.run(["sh", str(INSTALL)], cwd=REPO, env=env, capture_output=True,

@@ -97,7 +97,7 @@ def test_uploader_conditional_puts_work_through_the_sender(s3_endpoint, s3_bucke
     again = uploader.put_new("ecg-reports/a.pdf", body, sha256=sha, metadata={},
                              content_type="application/pdf")
     assert (first.outcome, again.outcome) == ("created", "already_delivered")  # 412 path
-    assert uploader.remote_sha256("ecg-reports/a.pdf")[0] == sha
+    assert uploader.head("ecg-reports/a.pdf").sha256 == sha
 
 
 def test_moto_in_process_mock_keeps_answering(monkeypatch):

@@ -14,9 +14,11 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
 from device_agent import s3keys
+from device_agent.clock import Clock
 from device_agent.config import load_settings
+from device_agent.drain import Drainer, SynchronousExecutor
 from device_agent.errors import UploadError
-from device_agent.package import build_package
+from device_agent.outbox import DELIVERED, FAILED, Outbox
 from device_agent.uploader import (
     ALREADY_DELIVERED,
     COLLISION,
@@ -25,15 +27,16 @@ from device_agent.uploader import (
     Uploader,
     classify_error,
     make_client,
-    upload_package,
 )
-from tests.unit.test_package import FAKES, make_record
+from tests.faultproxy import FaultProxy
+from tests.helpers import FakeEncoders, build, make_record
 
 LAYOUT = Path(__file__).resolve().parents[2] / "docs" / "s3-layout.md"
 IST = timezone(timedelta(hours=5, minutes=30))
 PATIENT = {"first_name": "Zyxwa", "last_name": "Qwertzuiop", "age": "73", "gender": "M",
            "patient_name": "Zyxwa Qwertzuiop", "doctor": "Dr. Synthetic"}
 ALLOWED_META = {"type", "uploaded_at", "filename", "sha256", "record-id", "device-serial"}
+MOTO_PORT = re.compile(r":(\d+)$")
 
 
 def _settings(tmp_path, endpoint, **extra):
@@ -83,19 +86,32 @@ def _layout_package_keys(date_prefix: str, stamp: str) -> list[str]:
     )
 
 
+def _drain(tmp_path, uploader, info=None):
+    """Queue a package (if given) and drain the outbox through the real delivery path."""
+    import threading
+
+    box = Outbox(tmp_path / "outbox.sqlite3")
+    if info is not None:
+        box.add_package(info)
+    drainer = Drainer(box, uploader, clock=Clock(check="floor"), stop=threading.Event(),
+                      executor=SynchronousExecutor())
+    for _ in range(3):
+        drainer.drain()
+    return box
+
+
 @pytest.mark.functional
 def test_package_lands_with_exact_layout_and_clean_metadata(tmp_path, settings, client,
                                                             uploader, s3_bucket):
     when = datetime(2026, 11, 27, 9, 5, 3, tzinfo=IST)
-    info = build_package(make_record(when=when, record_id="rec-1"), PATIENT, tmp_path / "r",
-                         settings, **FAKES)
-    order = []
-    results = upload_package(uploader, info, on_delivered=lambda f, r: order.append(f.kind))
+    info = build(make_record(when=when, record_id="rec-1"), PATIENT, tmp_path / "r")
+    box = _drain(tmp_path, uploader, info)
     assert _listed(client, s3_bucket) == _layout_package_keys("2026/11/27", "20261127_090503")
-    assert {r.outcome for r in results} == {CREATED}
-    assert order[-1] == "manifest" and sorted(order[:3]) == sorted(f.kind for f in info.files)
+    items = sorted(box.items(), key=lambda i: i.delivered_at)
+    assert {i.outcome for i in items} == {CREATED} and {i.state for i in items} == {DELIVERED}
+    assert items[-1].kind == "manifest", "the manifest goes last"
 
-    for f in (*info.files, info.manifest):
+    for f in info.all_files:
         head = client.head_object(Bucket=s3_bucket, Key=info.key(f), ChecksumMode="ENABLED")
         meta = head["Metadata"]
         assert set(meta) <= ALLOWED_META and meta["type"] == f.kind
@@ -107,6 +123,77 @@ def test_package_lands_with_exact_layout_and_clean_metadata(tmp_path, settings, 
         assert "73" not in meta.values() and not {"age", "name", "patient"} & set(meta)
         assert head["ServerSideEncryption"] == "AES256"
         assert base64.b64decode(head["ChecksumSHA256"]).hex() == f.sha256
+    box.close()
+
+
+@pytest.mark.functional
+def test_a_captive_portal_200_is_never_taken_as_delivery(tmp_path, s3_endpoint, s3_bucket,
+                                                         s3_env):
+    """An endpoint answering 200 OK with an HTML page stores nothing and proves nothing."""
+    port = int(MOTO_PORT.search(s3_endpoint)[1])
+    with FaultProxy(port) as proxy:
+        proxy.set_mode("portal")
+        settings = _settings(tmp_path, proxy.url, AWS_S3_BUCKET=s3_bucket,
+                             S3_MAX_ATTEMPTS="1")
+        info = build(make_record(record_id="portal"), PATIENT, tmp_path / "r",
+                     encoders=FakeEncoders(dicom=True))
+        box = _drain(tmp_path, Uploader.from_settings(settings), info)
+        assert proxy.counts["portals"] >= 1
+        assert box.stats().delivered == 0 and not box.items(DELIVERED)
+        assert not box.items(FAILED), "nothing is given up: the queue waits"
+        _, reason = box.paused()
+        assert "Unproven" in reason and "captive portal" in reason
+        proxy.set_mode("pass")  # the network is fixed: everything goes, once
+        box.resume()
+        box = _drain(tmp_path, Uploader.from_settings(settings))
+        assert box.stats().delivered == 5 and box.stats().pending == 0
+        assert len(_listed(make_client(settings), s3_bucket)) == 5
+
+
+@pytest.mark.functional
+def test_a_dripping_answer_ends_at_the_deadline_and_delivers_later(tmp_path, s3_endpoint,
+                                                                   s3_bucket, s3_env):
+    port = int(MOTO_PORT.search(s3_endpoint)[1])
+    with FaultProxy(port, drip_interval_s=0.5) as proxy:
+        proxy.set_mode("drip")
+        settings = _settings(tmp_path, proxy.url, AWS_S3_BUCKET=s3_bucket,
+                             S3_MAX_ATTEMPTS="1", S3_READ_TIMEOUT_S="1", S3_CONNECT_TIMEOUT_S="1")
+        up = Uploader.from_settings(settings)
+        body = b"%PDF drip"
+        with pytest.raises(UploadError) as err:
+            up.put_new("ecg-reports/2026/01/24/ECG_Report_20260124_121815.pdf", body,
+                       sha256=_sha(body), metadata={}, content_type="application/pdf")
+        assert err.value.retryable and err.value.scope == "queue"
+        assert err.value.code == "Timeout"
+        assert proxy.counts["drip_answer_bytes"] >= 1, "the answer had started to drip"
+        proxy.set_mode("pass")
+        done = up.put_new("ecg-reports/2026/01/24/ECG_Report_20260124_121815.pdf", body,
+                          sha256=_sha(body), metadata={}, content_type="application/pdf")
+        assert done.outcome in (CREATED, ALREADY_DELIVERED)
+
+
+@pytest.mark.functional
+def test_report_rewritten_after_a_lost_answer_replaces_its_object(uploader, client, s3_bucket):
+    """v1 landed but its answer was lost; the file is rewritten; v2 replaces v1 in place."""
+    key = "ecg-reports/2026/01/24/ECG_Report_20260124_121815.pdf"
+    v1, v2 = b"%PDF v1", b"%PDF v2 rewritten by the legacy app"
+    client.put_object(Bucket=s3_bucket, Key=key, Body=v1, ChecksumAlgorithm="SHA256")
+    result = uploader.put_new(key, v2, sha256=_sha(v2), metadata={},
+                              content_type="application/pdf", ours=[_sha(v1)])
+    assert result.outcome == REPLACED and result.key == key
+    assert client.get_object(Bucket=s3_bucket, Key=key)["Body"].read() == v2
+    assert _listed(client, s3_bucket) == [key], "no copy kept aside under __sha12"
+
+
+@pytest.mark.functional
+def test_objects_carry_the_owner_tag_the_bucket_policy_checks(tmp_path, settings, client,
+                                                              s3_bucket):
+    up = Uploader.from_settings(settings, client)
+    body = b"{}"
+    up.put_new("ecg-reports/t.json", body, sha256=_sha(body), metadata={},
+               content_type="application/json")
+    tags = client.get_object_tagging(Bucket=s3_bucket, Key="ecg-reports/t.json")["TagSet"]
+    assert tags == [{"Key": "device", "Value": settings.device_serial}]
 
 
 @pytest.mark.functional
@@ -195,41 +282,31 @@ def test_sse_kms_is_requested_with_the_key_id(client, s3_bucket):
 @pytest.mark.functional
 def test_manifest_not_sent_when_a_data_file_fails(tmp_path, settings, client, uploader,
                                                   s3_bucket):
-    info = build_package(make_record(record_id="rec-2"), PATIENT, tmp_path / "r", settings,
-                         **FAKES)
+    info = build(make_record(record_id="rec-2"), PATIENT, tmp_path / "r")
     pdf = next(f for f in info.files if f.kind == "ecg_report_pdf")
     pdf.path.write_bytes(b"%PDF tampered after packaging")
-    delivered = []
-    with pytest.raises(UploadError) as failed:
-        upload_package(uploader, info, on_delivered=lambda f, r: delivered.append(f.kind))
-    assert failed.value.code == "LocalFileChanged" and not failed.value.retryable
+    box = _drain(tmp_path, uploader, info)
+    failed = box.items(FAILED)
+    assert [i.kind for i in failed] == ["ecg_report_pdf"]
+    assert "no longer matches" in failed[0].last_error
     listed = _listed(client, s3_bucket)
     assert not any("manifest_" in k for k in listed)
     assert info.key(pdf) not in listed
-    assert sorted(delivered) == ["ecg_12lead_data", "patient_details"]
-
-
-@pytest.mark.functional
-def test_skip_sends_only_the_rest_and_manifest(tmp_path, settings, client, uploader, s3_bucket):
-    info = build_package(make_record(record_id="rec-3"), PATIENT, tmp_path / "r", settings,
-                         **FAKES)
-    done = {f.name for f in info.files if f.kind != "ecg_report_pdf"}
-    results = upload_package(uploader, info, skip=done)
-    assert [r.key.rsplit("/", 1)[1] for r in results] == [
-        f"ECG_Report_{info.stamp}.pdf", f"manifest_{info.stamp}.json"]
+    assert len(listed) == 2
 
 
 # --- classify_error: one place decides retryable vs permanent ---------------------------------
 
 
 @pytest.mark.functional
-def test_missing_bucket_is_permanent_and_named(tmp_path, s3_endpoint, s3_env):
+def test_missing_bucket_pauses_the_queue_and_is_named(tmp_path, s3_endpoint, s3_env):
     settings = _settings(tmp_path, s3_endpoint, AWS_S3_BUCKET="no-such-bucket-here")
     up = Uploader.from_settings(settings)
     with pytest.raises(UploadError) as err:
         up.put_new("ecg-reports/x.json", b"{}", sha256=_sha(b"{}"), metadata={},
                    content_type="application/json")
-    assert err.value.code == "NoSuchBucket" and not err.value.retryable
+    assert err.value.code == "NoSuchBucket" and err.value.retryable
+    assert err.value.scope == "queue"
     assert "s3://no-such-bucket-here/ecg-reports/x.json" in str(err.value)
     assert "AWS_S3_BUCKET" in str(err.value)
     with pytest.raises(UploadError) as err:
@@ -238,7 +315,7 @@ def test_missing_bucket_is_permanent_and_named(tmp_path, s3_endpoint, s3_env):
 
 
 @pytest.mark.functional
-def test_wrong_credentials_are_permanent(tmp_path, s3_endpoint, s3_bucket, monkeypatch):
+def test_wrong_credentials_pause_the_queue(tmp_path, s3_endpoint, s3_bucket, monkeypatch):
     import moto.settings
 
     # make moto's server check credentials (it accepts any by default)
@@ -251,7 +328,7 @@ def test_wrong_credentials_are_permanent(tmp_path, s3_endpoint, s3_bucket, monke
         up.put_new("ecg-reports/x.json", b"{}", sha256=_sha(b"{}"), metadata={},
                    content_type="application/json")
     assert err.value.code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied")
-    assert not err.value.retryable
+    assert err.value.retryable and err.value.scope == "queue"
     assert "not-the-secret-value" not in str(err.value)
     assert s3_bucket in str(err.value)
 
@@ -277,37 +354,48 @@ def _client_error(code: str, status: int) -> ClientError:
 
 
 @pytest.mark.parametrize(
-    ("code", "status", "retryable"),
+    ("code", "status", "retryable", "scope"),
     [
-        ("SlowDown", 503, True),
-        ("ServiceUnavailable", 503, True),
-        ("InternalError", 500, True),
-        ("RequestTimeout", 400, True),
-        ("OperationAborted", 409, True),
-        ("SomethingNew", 502, True),
-        ("SomethingNew", 409, True),
-        ("TooManyRequests", 429, True),
-        ("AccessDenied", 403, False),
-        ("NoSuchBucket", 404, False),
-        ("InvalidAccessKeyId", 403, False),
-        ("SignatureDoesNotMatch", 403, False),
-        ("KMS.NotFoundException", 400, False),
-        ("SomethingNew", 400, False),
+        ("SlowDown", 503, True, "queue"),
+        ("ServiceUnavailable", 503, True, "queue"),
+        ("InternalError", 500, True, "queue"),
+        ("RequestTimeout", 400, True, "queue"),
+        ("SomethingNew", 502, True, "queue"),
+        ("TooManyRequests", 429, True, "queue"),
+        # credentials, policy, bucket: the queue waits for a person or a refresh
+        ("AccessDenied", 403, True, "queue"),
+        ("NoSuchBucket", 404, True, "queue"),
+        ("InvalidAccessKeyId", 403, True, "queue"),
+        ("SignatureDoesNotMatch", 403, True, "queue"),
+        ("ExpiredToken", 400, True, "queue"),
+        ("KMS.NotFoundException", 400, True, "queue"),
+        ("SomethingNew", 400, True, "queue"),  # a proxy's answer without an S3 code
+        # about this object alone
+        ("OperationAborted", 409, True, "item"),
+        ("KeyTooLongError", 400, False, "item"),
+        ("EntityTooLarge", 400, False, "item"),
     ],
 )
-def test_classify_client_errors(code, status, retryable):
+def test_classify_client_errors(code, status, retryable, scope):
     err = classify_error(_client_error(code, status), bucket="b", key="ecg-reports/k")
-    assert err.retryable is retryable and err.code == code
+    assert err.retryable is retryable and err.code == code and err.scope == scope
     assert "s3://b/ecg-reports/k" in str(err) and f"HTTP {status}" in str(err)
+
+
+def test_a_proxys_bare_403_and_404_pause_the_queue():
+    for status in (403, 404):
+        err = classify_error(_client_error(str(status), status), bucket="b", key="k")
+        assert err.retryable and err.scope == "queue"
 
 
 def test_classify_transport_errors():
     timeout = classify_error(ReadTimeoutError(endpoint_url="http://x"), bucket="b", key="k")
     refused = classify_error(EndpointConnectionError(endpoint_url="http://x"), bucket="b",
                              key="k")
-    assert timeout.retryable and timeout.code == "Timeout"
+    assert timeout.retryable and timeout.code == "Timeout" and timeout.scope == "queue"
     assert refused.retryable and refused.code == "ConnectionError"
-    assert not classify_error(ValueError("bug"), bucket="b", key="k").retryable
+    bug = classify_error(ValueError("bug"), bucket="b", key="k")
+    assert bug.retryable and bug.scope == "item", "a bug in one item's path backs that item off"
 
 
 def test_make_client_uses_standard_retries_and_timeouts(tmp_path):
@@ -315,13 +403,18 @@ def test_make_client_uses_standard_retries_and_timeouts(tmp_path):
     config = make_client(settings).meta.config
     assert config.retries == {"mode": "standard", "total_max_attempts": 7}
     assert config.connect_timeout == 2 and config.read_timeout == 5
+    from device_agent.transport import DeadlineSender
+
+    sender = make_client(settings)._endpoint.http_session
+    assert isinstance(sender, DeadlineSender), "every request has a total deadline"
 
 
-def test_boto3_is_not_imported_by_keys_or_package():
+def test_boto3_and_numpy_are_not_imported_by_the_light_modules():
     import subprocess
     import sys
 
-    code = ("import sys, device_agent.s3keys, device_agent.package, device_agent.uploader;"
+    code = ("import sys, device_agent.s3keys, device_agent.patient, device_agent.outbox,"
+            " device_agent.status;"
             "print('boto3' in sys.modules, 'numpy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()

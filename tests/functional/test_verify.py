@@ -8,12 +8,12 @@ import json
 
 import pytest
 
-from device_agent.outbox import Outbox
-from device_agent.package import build_package
-from device_agent.uploader import Uploader, make_client, upload_package
-from device_agent.verify import MISSING, OK, SHA, SIZE, Expected, cmd_verify, verify_objects
-from tests.unit.test_package import FAKES, make_record
-from tests.functional.test_uploader import PATIENT, _settings
+from device_agent.commands.verify import run as cmd_verify
+from device_agent.outbox import DELIVERED, Outbox
+from device_agent.uploader import Uploader, make_client
+from device_agent.verify import MISSING, OK, SHA, SIZE, Expected, verify_objects
+from tests.functional.test_uploader import PATIENT, _drain, _settings
+from tests.helpers import build, make_record
 
 pytestmark = pytest.mark.functional
 
@@ -56,15 +56,10 @@ def test_verify_objects_reports_ok_missing_and_altered(uploader, s3_bucket):
 
 def test_cmd_verify_checks_what_the_outbox_delivered(tmp_path, settings, uploader, s3_bucket,
                                                      capsys):
-    info = build_package(make_record(record_id="rec-v"), PATIENT, tmp_path / "r", settings,
-                         **FAKES)
-    with Outbox.open(settings) as box:
-        ids = dict(zip([f.name for f in (*info.files, info.manifest)], box.add_package(info),
-                       strict=True))
-        upload_package(uploader, info, on_delivered=lambda f, r: box.mark_delivered(
-            ids[f.name], etag=r.etag, final_key=r.key, outcome=r.outcome))
+    info = build(make_record(record_id="rec-v"), PATIENT, tmp_path / "r")
+    _drain(tmp_path, uploader, info).close()  # STATE_DIR is tmp_path: the same outbox
 
-    args = argparse.Namespace(json=False)
+    args = argparse.Namespace(json=False, repair=False)
     assert cmd_verify(settings, args) == 0
     assert "verified 4 objects" in capsys.readouterr().out
 
@@ -72,7 +67,7 @@ def test_cmd_verify_checks_what_the_outbox_delivered(tmp_path, settings, uploade
                     for k in ("ecg_report_pdf", "patient_details"))
     uploader.client.delete_object(Bucket=s3_bucket, Key=info.key(pdf))
     uploader.client.put_object(Bucket=s3_bucket, Key=info.key(patient), Body=b"{}")
-    assert cmd_verify(settings, argparse.Namespace(json=True)) == 1
+    assert cmd_verify(settings, argparse.Namespace(json=True, repair=False)) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["checked"] == 4 and report["problems"] == 2
     bad = {f["key"]: f["status"] for f in report["findings"] if not f["ok"]}
@@ -81,8 +76,21 @@ def test_cmd_verify_checks_what_the_outbox_delivered(tmp_path, settings, uploade
     assert cmd_verify(settings, args) == 1
     out = capsys.readouterr().out
     assert info.key(pdf) in out and "1 missing" not in out and "2 missing or different" in out
+    assert "verify --repair" in out
+
+    # --repair queues both again; the next pass sends them and the conditional puts decide:
+    # the missing PDF is put back, the object someone replaced is kept and ours goes beside it
+    assert cmd_verify(settings, argparse.Namespace(json=False, repair=True)) == 1
+    assert "2 queued again" in capsys.readouterr().out
+    _drain(tmp_path, uploader).close()
+    assert cmd_verify(settings, args) == 0, capsys.readouterr().out
+    assert uploader.client.get_object(Bucket=s3_bucket, Key=info.key(pdf))["Body"].read() \
+        == pdf.path.read_bytes()
+    with Outbox.open(settings) as box:
+        resent = [i for i in box.items(DELIVERED) if i.id > len(info.all_files)]
+        assert sorted(i.outcome for i in resent) == ["collision", "created"]
 
 
 def test_cmd_verify_with_nothing_delivered_is_ok(settings, capsys):
-    assert cmd_verify(settings, argparse.Namespace(json=False)) == 0
+    assert cmd_verify(settings, argparse.Namespace(json=False, repair=False)) == 0
     assert "verified 0 objects" in capsys.readouterr().out

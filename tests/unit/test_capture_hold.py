@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from device_agent.capture import capture_package, held_dir, release_held
-from device_agent.clock import Clock
+from device_agent.capture import capture_package, release_held
+from device_agent.clock import Clock, held_dir
 from device_agent.config import load_settings
-from device_agent.lab.demo import default_record
 from device_agent.framing import FrameDecoder
-from device_agent.outbox import Outbox
+from device_agent.lab.demo import default_record
 from device_agent.lab.simulator import encode_frames, record_counts
+from device_agent.outbox import Outbox
 
 BOOT_1970 = 3600.0  # a board without an RTC boots at the epoch
 
@@ -68,18 +68,19 @@ def test_unsynced_capture_is_held_then_named_from_monotonic_time(tmp_path: Path)
         clock.wall, clock.is_synced = 1_800_000_000.0, True
         released = release_held(settings, outbox=outbox, clock=clock)
         assert len(released) == 1
-        info = released[0]
+        info = released[0].info
+        assert info is not None and released[0].queued
         captured_at = info.acquired_at
         doc = json.loads((info.folder / f"ecg_data_{info.stamp}.json").read_bytes())
         # Named from the synced clock minus the monotonic time since capture (seconds here).
         assert doc["acquired_at"] == captured_at
         assert abs(1_800_000_000.0 - _epoch(captured_at)) < 60
         assert info.stamp.startswith("2027")
-        assert outbox.stats().pending == 4
-        assert not any(held_dir(settings).iterdir()), "the held copy goes once packaged"
+        assert outbox.stats().pending == len(info.all_files) == 5  # with the DICOM copy
+        assert not any(held_dir(settings.state_dir).iterdir()), "the held copy goes once packaged"
         # A second pass finds nothing more to release and queues nothing twice.
         assert release_held(settings, outbox=outbox, clock=clock) == []
-        assert outbox.stats().pending == 4
+        assert outbox.stats().pending == len(info.all_files) == 5  # with the DICOM copy
 
 
 def test_capture_held_in_an_earlier_boot_is_never_guessed(tmp_path: Path, monkeypatch):

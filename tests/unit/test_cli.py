@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from device_agent import __version__
-from device_agent.cli import main
+from device_agent.commands import main
 
 
 def test_config_prints_redacted(tmp_path: Path, capsys, monkeypatch):
@@ -39,9 +39,38 @@ def test_bad_value_is_one_line_and_exit_2(tmp_path: Path, capsys, line: str):
     assert key in err and value in err
 
 
-def test_set_override_unknown_key(capsys, tmp_path: Path):
-    assert main(["--env-file", str(tmp_path / "none"), "--set", "NOPE=1", "config"]) == 2
-    assert "NOPE" in capsys.readouterr().err
+def test_set_override_unknown_key_names_the_closest(capsys, tmp_path: Path):
+    env = tmp_path / ".env"
+    env.write_text("")
+    assert main(["--env-file", str(env), "--set", "AWS_S3_BUKET=b", "config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "AWS_S3_BUKET" in err and "did you mean AWS_S3_BUCKET?" in err
+
+
+def test_misspelt_keys_in_env_file_and_environment_warn_with_the_closest(
+        capsys, tmp_path: Path, monkeypatch):
+    env = tmp_path / ".env"
+    env.write_text("AWS_S3_BUKET=ecg\nECG_SERIAL_PROT=/dev/ttyUSB1\n")
+    monkeypatch.setenv("ECG_BAUD_RAT", "9600")
+    monkeypatch.setenv("CLOUD_SDK_VERSION", "4")  # another program's variable: not ours
+    assert main(["--env-file", str(env), "config"]) == 0
+    err = capsys.readouterr().err
+    assert "AWS_S3_BUKET" in err and "did you mean AWS_S3_BUCKET?" in err
+    assert "ECG_SERIAL_PROT" in err and "did you mean ECG_SERIAL_PORT?" in err
+    assert "ECG_BAUD_RAT" in err and "did you mean ECG_BAUD_RATE?" in err
+    assert "CLOUD_SDK_VERSION" not in err
+
+
+def test_named_env_file_that_does_not_exist_is_an_error(capsys, tmp_path: Path):
+    assert main(["--env-file", str(tmp_path / "nope.env"), "config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nope.env does not exist" in err
+
+
+def test_default_env_file_may_be_absent(capsys, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["config"]) == 0
 
 
 def test_version(capsys):
@@ -54,7 +83,7 @@ def test_version(capsys):
 def _imported_modules(args: list[str], cwd: Path) -> set[str]:
     code = (
         "import sys, json\n"
-        "from device_agent.cli import main\n"
+        "from device_agent.commands import main\n"
         "try:\n"
         f"    main({args!r})\n"
         "except SystemExit:\n"
@@ -68,10 +97,10 @@ def _imported_modules(args: list[str], cwd: Path) -> set[str]:
 
 @pytest.mark.parametrize("args", [["--help"], ["config"], ["status"], ["status", "--json"]])
 def test_light_commands_import_no_heavy_library(tmp_path: Path, args: list[str]):
-    modules = _imported_modules(["--env-file", str(tmp_path / "none"), *args], tmp_path)
+    modules = _imported_modules(list(args), tmp_path)
     heavy = {m for m in modules if m.split(".")[0] in {"numpy", "boto3", "botocore",
                                                        "reportlab", "serial"}}
-    assert "device_agent.cli" in modules
+    assert "device_agent.commands" in modules
     assert not heavy, f"{args} imported {sorted(heavy)[:5]}"
 
 

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from device_agent.outbox import DELIVERED, FAILED, PENDING, Outbox
+from device_agent.package import reconcile_folders
 from tests.helpers import make_package
 
 
@@ -110,28 +111,15 @@ def test_state_survives_reopen(tmp_path):
         assert box.stats().delivered == 1
 
 
-def test_reconcile_enqueues_orphan_folders_and_fails_missing_files(outbox, tmp_path):
+def test_reconcile_enqueues_orphan_folders_only(outbox, tmp_path):
     records = tmp_path / "records"
     orphan = make_package(records, "20260124_121815", seed=1)
     queued_pkg = make_package(records, "20260124_121816", seed=2)
     (records / "20260124_121817").mkdir()  # a capture that never wrote its manifest
     outbox.add_package(queued_pkg)
-    queued_pkg.files[1].path.unlink()  # deleted behind our back before delivery
-
-    loaded = {str(orphan.folder): orphan}
-
-    def fake_load(folder):
-        return loaded[str(folder)]
-
-    folders, failed = outbox.reconcile(records, load_package=fake_load)
-    assert folders == [orphan.folder]
-    assert [f.path for f in failed] == [queued_pkg.files[1].path]
-    reason = outbox.get(failed[0].id).last_error
-    assert "missing" in reason and str(queued_pkg.files[1].path) in reason
-    assert outbox.get(failed[0].id).state == FAILED
+    assert reconcile_folders(records, outbox) == [orphan.folder]
     assert len(outbox.items()) == 8
-    # a second start-up changes nothing
-    assert outbox.reconcile(records, load_package=fake_load) == ([], [])
+    assert reconcile_folders(records, outbox) == []  # a second start-up changes nothing
 
 
 def test_upload_log_is_a_view_of_delivered_rows(outbox, tmp_path):

@@ -9,8 +9,8 @@ import pytest
 import serial
 
 from device_agent.errors import SerialLinkError
-from device_agent.port import SerialReader, open_port
 from device_agent.lab.simulator import encode_frames
+from device_agent.port import SerialReader, open_port
 from tests.conftest import wait_until
 
 

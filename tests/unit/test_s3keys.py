@@ -147,6 +147,36 @@ def test_object_metadata_values_are_ascii_and_kind_checked():
         "report_json", "ECG_Report_Ü.json", uploaded_at=datetime.now(UTC), sha256="0" * 64
     )
     assert all(v.isascii() for v in meta.values())
-    assert meta["filename"] == "ECG_Report_%C3%9C.json"
+    # a name the agent did not give (it may carry a patient's name) is hashed, never shown
+    assert meta["filename"].startswith("name#") and "Ü" not in meta["filename"]
+    own = s3keys.object_metadata("ecg_report_pdf", "ECG_Report_20260124_121815.pdf",
+                                 uploaded_at="now", sha256="0" * 64)
+    assert own["filename"] == "ECG_Report_20260124_121815.pdf"
     with pytest.raises(ValueError):
         s3keys.object_metadata("patient_name", "x", uploaded_at="now", sha256="0" * 64)
+
+
+@pytest.mark.parametrize("name", ["Zyxwa Qwertzuiop.pdf", "user_signup_ptr_20260124_120419.json",
+                                  "ECG_Report_20260124_121815_J_Doe.pdf"])
+def test_display_name_hashes_names_the_agent_did_not_give(name):
+    shown = s3keys.display_name(name)
+    assert shown.startswith("name#") and shown == s3keys.display_name(name)
+    assert all(part not in shown for part in ("Zyxwa", "ptr", "Doe"))
+
+
+@pytest.mark.parametrize(("name", "why"), [
+    ("a\\b.pdf", "backslash"), ("a\nb.pdf", "control"), ("\udcff.pdf", "UTF-8"),
+    ("x" * 300 + ".pdf", "255 bytes"), ("..", "dot"),
+])
+def test_key_problem_names_why_a_file_name_cannot_be_a_key(name, why):
+    assert why in (s3keys.key_problem(name) or "")
+    with pytest.raises(ValueError) as caught:
+        s3keys.report_key(name, datetime(2026, 1, 1))
+    assert name not in str(caught.value)  # the name itself never reaches an error
+
+
+def test_content_types_come_from_one_table():
+    assert s3keys.content_type("ECG_20260124_121815.dcm") == "application/dicom"
+    assert s3keys.content_type("a/b/ECG_Report_x.PDF") == "application/pdf"
+    assert s3keys.content_type("manifest_x.json") == "application/json"
+    assert s3keys.content_type("noext") == "application/octet-stream"

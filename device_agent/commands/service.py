@@ -1,0 +1,41 @@
+"""`device-agent run`: the service under systemd (Type=notify); this is its process edge.
+
+It reads NOTIFY_SOCKET/WATCHDOG_USEC from the environment, takes the service lock, opens the
+outbox, builds the one S3 client and wires everything once (service.build_service).
+SIGTERM stops it cleanly (exit 0, as systemd asks); Ctrl-C (SIGINT) stops it with 130.
+SIGHUP is left alone: under systemd it is not a request to stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+
+from device_agent.commands import EXIT_INTERRUPTED, Interrupt
+from device_agent.config import Settings
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    from device_agent.clock import clock_from_settings
+    from device_agent.notify import Notifier
+    from device_agent.outbox import Outbox
+    from device_agent.service import build_service
+    from device_agent.spool import ServiceLock
+    from device_agent.uploader import Uploader
+
+    notifier = Notifier.from_environ(os.environ)
+    clock = clock_from_settings(settings)
+    with Interrupt(signal.SIGTERM, signal.SIGINT) as interrupt, \
+            ServiceLock(settings.state_dir), Outbox.open(settings) as outbox:
+        try:
+            uploader = Uploader.from_settings(settings) if settings.cloud_upload_enabled \
+                else None
+            service = build_service(settings, outbox=outbox, stop=interrupt.stop,
+                                    notifier=notifier, clock=clock, uploader=uploader)
+            code = service.run()
+        finally:
+            notifier.close()
+    if interrupt.signum == signal.SIGINT:
+        return EXIT_INTERRUPTED
+    return code

@@ -1,0 +1,46 @@
+"""`device-agent sync [--once] [--wait]`: one sync pass, as the service makes them.
+
+Exit 0 when the pass met no problem; 1 when an item failed for good or an input was skipped
+(a broken users.json, a report that cannot be uploaded); 3 when S3 could not be reached or
+refused the credentials (uploads paused, retried later); 4 when another process drains;
+130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from device_agent.commands import EXIT_INTERRUPTED, Interrupt, echo
+from device_agent.config import Settings
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    from device_agent.clock import clock_from_settings
+    from device_agent.drain import Drainer
+    from device_agent.outbox import Outbox
+    from device_agent.sync import SyncLoop
+    from device_agent.uploader import Uploader
+
+    clock = clock_from_settings(settings)
+    with Interrupt() as interrupt, Outbox.open(settings) as outbox:
+        uploader = Uploader.from_settings(settings) if settings.cloud_upload_enabled else None
+        drainer = Drainer(outbox, uploader, clock=clock, stop=interrupt.stop,
+                          backoff_cap_s=settings.retry_max_backoff_s,
+                          report_max_bytes=settings.report_max_bytes)
+        loop = SyncLoop(settings, outbox=outbox, drainer=drainer, stop=interrupt.stop,
+                        clock=clock)
+        try:
+            result = loop.run_once(wait=bool(args.wait))
+        finally:
+            loop.close()
+    if interrupt.interrupted:
+        echo(f"sync: interrupted; {result.summary()}", err=True)
+        return EXIT_INTERRUPTED
+    # each error was logged once, where it happened; the summary counts what was done
+    echo(f"sync: {result.summary()}" + (f", {len(result.errors)} error(s) above"
+                                         if result.errors else ""))
+    if result.paused or result.retrying:
+        return 3
+    if result.failed or result.errors:
+        return 1
+    return 0

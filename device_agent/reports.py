@@ -1,0 +1,127 @@
+"""Finding work in REPORTS_DIR: PDFs other programs drop there, and their .json twins.
+
+Each entry is looked at without following links: only regular files, within REPORT_MAX_MB,
+whose names can form an S3 key, are queued. Anything else (a symlink to /etc/passwd or to
+the agent's own credentials, a FIFO named *.pdf, a 1 GiB file, a name with a backslash, a
+newline or bytes that are not UTF-8) is skipped with one line, once, and recorded as a
+problem `status` shows; it never stops the other entries. Names are hashed in logs (a
+report may be named after its patient). A file is queued once it has stopped changing; its
+content hash is kept in the outbox keyed by (path, size, mtime, inode), so a pass never
+re-reads a file it already knows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from device_agent import s3keys
+from device_agent.fsutil import FileTooLarge, NotRegularFile, hash_regular
+from device_agent.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+SOURCE = "reports"
+STABLE_AGE_S = 2.0  # a report untouched this long is taken as completely written
+
+
+@dataclass
+class ScanResult:
+    queued: int = 0
+    skipped: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class ReportsFinder:
+    """Queues new or modified reports from one folder; `find()` is one look."""
+
+    def __init__(self, reports_dir: Path, outbox: Outbox, *, max_bytes: int,
+                 hasher: Callable[..., tuple[str, os.stat_result]] = hash_regular) -> None:
+        self.reports_dir = Path(reports_dir)
+        self.outbox = outbox
+        self.max_bytes = max_bytes
+        self.hasher = hasher
+        self._seen: dict[str, tuple[int, int, int]] = {}
+
+    def find(self, *, now: float | None = None) -> ScanResult:
+        result = ScanResult()
+        now = time.time() if now is None else now
+        try:
+            entries = sorted(os.scandir(self.reports_dir), key=lambda e: e.name)
+        except FileNotFoundError:
+            return result
+        except OSError as exc:
+            result.errors.append(f"cannot list REPORTS_DIR {self.reports_dir}: {exc.strerror}")
+            return result
+        names = {e.name for e in entries}
+        present: set[str] = set()
+        problems: set[str] = set()
+        for entry in entries:
+            if not entry.name.lower().endswith(".pdf"):
+                continue
+            candidates = [(entry.name, "ecg_report_pdf")]
+            twin = entry.name[:-4] + ".json"
+            if twin in names:
+                candidates.append((twin, "report_json"))
+            for name, kind in candidates:
+                path = self.reports_dir / name
+                present.add(str(path))
+                try:
+                    problem = self._look(path, kind, now, result)
+                except Exception as exc:  # one entry's trouble never stops the others
+                    log.exception("report %s: unexpected error", s3keys.display_name(name))
+                    problem = f"unexpected {type(exc).__name__}"
+                if problem:
+                    ref = s3keys.display_name(name)
+                    problems.add(ref)
+                    result.skipped += 1
+                    if self.outbox.note_problem(SOURCE, ref, problem):
+                        log.warning("report %s skipped: %s", ref, problem)
+        self.outbox.clear_problems(SOURCE, keep=problems)
+        self.outbox.forget_hashes(present)
+        self._seen = {p: sig for p, sig in self._seen.items() if p in present}
+        return result
+
+    def _look(self, path: Path, kind: str, now: float, result: ScanResult) -> str | None:
+        """Queue one entry if it is ready; the reason it was skipped, or None."""
+        problem = s3keys.key_problem(path.name)
+        if problem:
+            return f"its name cannot form an S3 key ({problem}); rename the file"
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return ("not a regular file (a link, FIFO, folder or device); only regular files "
+                    "are uploaded")
+        if st.st_size > self.max_bytes:
+            return f"{st.st_size} bytes, over REPORT_MAX_MB; not uploaded"
+        sig = (st.st_size, st.st_mtime_ns, st.st_ino)
+        key = str(path)
+        previous = self._seen.get(key)
+        self._seen[key] = sig
+        if previous != sig and now - st.st_mtime < STABLE_AGE_S:
+            return None  # still being written? look again next pass
+        sha = self.outbox.cached_hash(key, size=st.st_size, mtime_ns=st.st_mtime_ns,
+                                      ino=st.st_ino)
+        if sha is None:
+            try:
+                sha, st = self.hasher(path, max_bytes=self.max_bytes)
+            except FileNotFoundError:
+                return None
+            except (NotRegularFile, FileTooLarge) as exc:
+                return f"{exc.strerror}; not uploaded"
+            self.outbox.remember_hash(key, size=st.st_size, mtime_ns=st.st_mtime_ns,
+                                      ino=st.st_ino, sha256=sha)
+        mtime = datetime.fromtimestamp(st.st_mtime).astimezone()
+        s3_key = s3keys.report_key(path.name, mtime)
+        if self.outbox.track_report(path, kind=kind, key=s3_key, sha256=sha,
+                                    size=st.st_size) is not None:
+            result.queued += 1
+        return None
