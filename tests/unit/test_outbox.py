@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import time
+from pathlib import Path
 
 import pytest
 
-from device_agent.outbox import DELIVERED, FAILED, PENDING, Outbox
+from device_agent.outbox import DELIVERED, FAILED, PENDING, Outbox, OutboxVersionError
 from device_agent.package import reconcile_folders
 from tests.helpers import make_package
 
@@ -132,3 +134,141 @@ def test_upload_log_is_a_view_of_delivered_rows(outbox, tmp_path):
     assert entries[0]["filename"] == "ECG_Report_20260124_121815.pdf"
     assert entries[0]["uploaded_at"]
     assert not list((tmp_path / "reports").glob(".*tmp"))
+
+
+FIXTURE = Path(__file__).resolve().parents[1] / "data" / "outbox-v0"
+FIXTURE_ROOT = Path("/tmp/device-agent-fixture-v0")  # where 0.1.0 wrote it (absolute paths)
+
+
+@pytest.fixture
+def v0_state():
+    """The outbox 0.1.0 left, restored where it lived (its rows hold absolute paths)."""
+    if FIXTURE_ROOT.exists():
+        shutil.rmtree(FIXTURE_ROOT)
+    shutil.copytree(FIXTURE, FIXTURE_ROOT)
+    yield FIXTURE_ROOT / "state"
+    shutil.rmtree(FIXTURE_ROOT, ignore_errors=True)
+
+
+def test_an_outbox_written_by_0_1_0_upgrades_without_losing_a_queued_item(v0_state):
+    db = v0_state / "outbox.sqlite3"
+    old = sqlite3.connect(db)
+    assert old.execute("PRAGMA user_version").fetchone()[0] == 0
+    before = {r[0]: r[1:] for r in old.execute("SELECT id, state, key, sha256 FROM items")}
+    old.close()
+    with Outbox(db) as box:
+        assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 2
+        after = {i.id: (i.state, i.key, i.sha256) for i in box.items()}
+        assert after == before, "every row kept as it was"
+        stats = box.stats()
+        assert (stats.pending, stats.failed, stats.delivered) == (6, 1, 5)
+        # the replaced report still carries the ETag it must match, and knows its v1
+        v2 = box.get(10)
+        assert v2.if_match == '"r1"' and v2.prior_sha256 == ()
+        assert box.user_stamp("synthetic_user") == "2026-11-19T08:00:00+05:30"
+        # both known packages are remembered as queued (0.1.0 queued every folder)
+        assert {p.disposition for p in box.recent_packages()} == {"queued"}
+        assert box.created_at() == 0.0, "a migrated outbox never triggers lost-state LISTs"
+        assert [d.id for d in box.due()] == [5, 6, 7, 10, 12]  # the manifest waits
+    with Outbox(db) as box:  # opening again is a no-op
+        assert {i.id: (i.state, i.key, i.sha256) for i in box.items()} == before
+
+
+def test_an_upgraded_outbox_drains(v0_state):
+    import threading
+
+    from device_agent.clock import Clock
+    from device_agent.drain import Drainer, SynchronousExecutor
+    from tests.unit.test_sync import FakeUploader
+
+    uploader = FakeUploader()
+    v1 = "ecg-reports/2026/11/19/ECG_Report_20261119_080000.pdf"
+    uploader.objects[v1] = (b"%PDF-1.4 v1", '"r1"')  # what 0.1.0 delivered
+    with Outbox(v0_state / "outbox.sqlite3") as box:
+        drainer = Drainer(box, uploader, clock=Clock(check="floor"), stop=threading.Event(),
+                          executor=SynchronousExecutor())
+        drainer.drain()
+        drainer.drain()
+        stats = box.stats()
+        assert (stats.pending, stats.failed) == (0, 1)  # the report whose file was gone
+        assert uploader.objects[v1][0] == b"%PDF-1.4 v2!"
+        assert len([k for k in uploader.objects if "20261121_103005" in k]) == 4
+
+
+def test_an_outbox_from_a_newer_agent_is_refused(tmp_path):
+    db = tmp_path / "outbox.sqlite3"
+    sqlite3.connect(db).execute("PRAGMA user_version=99")
+    with pytest.raises(OutboxVersionError, match="newer device-agent"):
+        Outbox(db)
+
+
+def test_problems_are_noted_once_and_cleared_when_gone(outbox):
+    assert outbox.note_problem("reports", "name#1", "a link") is True
+    assert outbox.note_problem("reports", "name#1", "a link") is False  # seen: no new line
+    assert outbox.note_problem("reports", "name#1", "too large") is True  # a new reason
+    outbox.note_problem("reports", "name#2", "a FIFO")
+    outbox.clear_problems("reports", keep=["name#2"])
+    assert [(p.ref, p.reason) for p in outbox.problems()] == [("name#2", "a FIFO")]
+    assert outbox.stats().problems == 1
+
+
+def test_the_queue_pause_is_durable_and_ends(outbox):
+    outbox.pause(time.time() + 60, "AccessDenied")
+    assert outbox.paused()[1] == "AccessDenied" and outbox.stats().pause_reason == "AccessDenied"
+    assert outbox.paused(now=time.time() + 61) is None, "a pause ends by itself"
+    outbox.resume()
+    assert outbox.paused() is None
+
+
+def test_compaction_keeps_a_count_per_day_and_the_reports_last_etag(outbox, tmp_path):
+    pkg = make_package(tmp_path / "records")
+    outbox.add_package(pkg)
+    report = tmp_path / "ECG_Report_20260124_121815.pdf"
+    report.write_bytes(b"v1")
+    rid = outbox.track_report(report, kind="ecg_report_pdf", key="ecg-reports/r.pdf",
+                              sha256="1" * 64, size=2)
+    for item in outbox.items():
+        outbox.mark_delivered(item.id, etag='"e"', final_key=item.key, outcome="created")
+    outbox.mark_pruned([i.id for i in outbox.items() if i.package])
+    assert outbox.stats().delivered == 5
+    removed = outbox.compact(before=time.time() + 1)
+    assert removed == 4, "the pruned package rows go; the report's last delivery stays"
+    assert outbox.stats().delivered == 5, "the count survives as a number per day"
+    assert [i.id for i in outbox.items()] == [rid]
+    assert outbox.track_report(report, kind="ecg_report_pdf", key="ecg-reports/r.pdf",
+                               sha256="2" * 64, size=2) is not None
+    assert outbox.items()[-1].if_match == '"e"', "an edit still replaces by ETag"
+
+
+def test_the_upload_log_is_a_bounded_window(outbox, tmp_path):
+    pkg = make_package(tmp_path / "records")
+    outbox.add_package(pkg)
+    for item in outbox.items():
+        outbox.mark_delivered(item.id, etag='"e"', final_key=item.key, outcome="created")
+    path = outbox.write_upload_log(tmp_path / "reports")
+    assert len(json.loads(path.read_text())) == 4
+    later = time.time() + 8 * 86400  # a week and a day on: nothing recent to show
+    assert json.loads(outbox.write_upload_log(tmp_path / "reports", now=later).read_text()) == []
+
+
+def test_a_rewrite_after_an_attempt_remembers_what_was_sent(outbox, tmp_path):
+    report = tmp_path / "ECG_Report_20260124_121815.pdf"
+    report.write_bytes(b"v1")
+    rid = outbox.track_report(report, kind="ecg_report_pdf", key="ecg-reports/r.pdf",
+                              sha256="1" * 64, size=2)
+    outbox.track_report(report, kind="ecg_report_pdf", key="ecg-reports/r.pdf",
+                        sha256="2" * 64, size=2)
+    assert outbox.get(rid).prior_sha256 == (), "never sent: nothing to remember"
+    outbox.note_attempt(rid, "timed out")  # a put went out; its answer did not come back
+    outbox.track_report(report, kind="ecg_report_pdf", key="ecg-reports/r.pdf",
+                        sha256="3" * 64, size=2)
+    assert outbox.get(rid).prior_sha256 == ("2" * 64,)
+    assert outbox.get(rid).sha256 == "3" * 64
+
+
+def test_hash_cache_is_keyed_by_size_mtime_and_inode(outbox):
+    outbox.remember_hash("/r/a.pdf", size=10, mtime_ns=5, ino=7, sha256="a" * 64)
+    assert outbox.cached_hash("/r/a.pdf", size=10, mtime_ns=5, ino=7) == "a" * 64
+    assert outbox.cached_hash("/r/a.pdf", size=10, mtime_ns=6, ino=7) is None
+    assert outbox.forget_hashes({"/r/b.pdf"}) == 1
+    assert outbox.cached_hash("/r/a.pdf", size=10, mtime_ns=5, ino=7) is None
