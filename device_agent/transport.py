@@ -651,13 +651,15 @@ class DeadlineSender:
         self.response_min_rate_bps = response_min_rate_bps
         self.pool = pool if pool is not None else ConnectionPool()
         self.requests = 0
+        self._count_lock = threading.Lock()
 
     def send(self, request: AWSPreparedRequest) -> AWSResponse:
         """Send a signed botocore request; raise botocore's own errors on failure."""
         from botocore.awsrequest import AWSResponse
         from botocore.compat import HTTPHeaders
 
-        self.requests += 1
+        with self._count_lock:
+            self.requests += 1
         try:
             stream = open_stream(request.method, request.url, request.headers.items(),
                                  request.body,

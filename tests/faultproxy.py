@@ -7,7 +7,8 @@ or after relaying a request but before its answer (the answer is lost, the write
 "drip" relays the request, then the answer one byte every `drip_interval_s`; "blackhole"
 accepts and never answers (not even a TLS handshake); "portal" answers every request with a
 captive portal's 200 OK HTML page. With `server_context` the proxy terminates TLS.
-`counts["client_gone"]` counts connections the client closed while the proxy held them.
+`counts["client_gone"]` counts connections the client closed while the proxy held them;
+`request_heads` holds the head (request line and headers) of every request relayed.
 """
 
 from __future__ import annotations
@@ -42,6 +43,39 @@ def _recv(sock: socket.socket) -> bytes:
     return data
 
 
+class _HeadRecorder:
+    """Fed a connection's request bytes; appends each request head, skipping bodies."""
+
+    def __init__(self, sink: list[bytes], lock: threading.Lock) -> None:
+        self.sink = sink
+        self.lock = lock
+        self.buf = b""
+        self.skip = 0
+        self.lost = False  # a chunked body: further heads on this connection are unknown
+
+    def feed(self, data: bytes) -> None:
+        while data and not self.lost:
+            if self.skip:
+                taken = min(self.skip, len(data))
+                self.skip -= taken
+                data = data[taken:]
+                continue
+            self.buf += data
+            data = b""
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head, data, self.buf = self.buf[:end], self.buf[end + 4:], b""
+            with self.lock:
+                self.sink.append(head)
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    self.skip = int(value.strip())
+                elif name.strip().lower() == b"transfer-encoding":
+                    self.lost = True
+
+
 def _reset(sock: socket.socket) -> None:
     """Close with RST (SO_LINGER 0), as a middlebox or a dying link would."""
     with contextlib.suppress(OSError):
@@ -61,6 +95,7 @@ class FaultProxy:
         self.rng = random.Random(seed)
         self.server_context = server_context
         self.drip_interval_s = drip_interval_s
+        self.request_heads: list[bytes] = []
         self.counts = {"accepted": 0, "refused_periods": 0, "slowdowns": 0, "resets": 0,
                        "lost_answers": 0, "client_gone": 0, "drip_bytes": 0,
                        "drip_answer_bytes": 0, "portals": 0, "tls_failures": 0}
@@ -250,6 +285,7 @@ class FaultProxy:
     def _relay(self, client: socket.socket, *, upstream: socket.socket | None = None,
                drop_answer: bool = False, cut_body_at: int | None = None) -> None:
         upstream = upstream or socket.create_connection(self.upstream, timeout=5)
+        recorder = _HeadRecorder(self.request_heads, self._lock)
         sent = b""
         try:
             while not self._stop.is_set():
@@ -259,6 +295,7 @@ class FaultProxy:
                     if not data:
                         return
                     if sock is client:
+                        recorder.feed(data)
                         if cut_body_at is not None:
                             sent += data
                             head_end = sent.find(b"\r\n\r\n")

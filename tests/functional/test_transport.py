@@ -134,6 +134,15 @@ def test_s3_over_https_with_a_ca_file(tmp_path, s3_endpoint, s3_bucket):
         assert "server certificate not trusted" in str(info.value)
 
 
+def test_deadline_policy_allows_the_body_at_the_minimum_rate():
+    from botocore.awsrequest import AWSRequest
+
+    policy = transport.DeadlinePolicy(base_s=30, min_rate_bps=16 * 1024)
+    big = AWSRequest("PUT", "http://127.0.0.1:9/b/k", data=b"x" * (16 * 1024 * 10)).prepare()
+    small = AWSRequest("GET", "http://127.0.0.1:9/b/k").prepare()
+    assert (policy(big), policy(small)) == (40.0, 30.0)
+
+
 # --- faults -----------------------------------------------------------------------------------
 
 def test_dripping_answer_is_cut_at_the_deadline(s3_endpoint, s3_bucket):
