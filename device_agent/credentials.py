@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from device_agent import transport
+from device_agent.config import Settings
 from device_agent.errors import ConfigError, UploadError
 
 if TYPE_CHECKING:
@@ -165,7 +166,8 @@ def parse_certificate(der: bytes) -> tuple[dt.datetime, dt.datetime, str | None,
             _common_name(der, subject[1], subject[2]), _common_name(der, issuer[1], issuer[2]))
 
 
-def _read_certificate(cert_file: str) -> bytes:
+def certificate_der(cert_file: str) -> bytes:
+    """The DER bytes of the first certificate in a PEM file (UploadError if unreadable)."""
     try:
         pem = Path(cert_file).read_text("ascii")
         begin = pem.index("-----BEGIN CERTIFICATE-----")
@@ -174,7 +176,8 @@ def _read_certificate(cert_file: str) -> bytes:
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise UploadError(f"AWS_IOT_CERT_FILE {cert_file}: cannot read a PEM certificate "
                           f"({_reason(exc)}): check the file exists and is readable by the "
-                          "agent's user", retryable=True, code="CertificateUnreadable") from exc
+                          "agent's user", retryable=True,
+                          scope="queue", code="CertificateUnreadable") from exc
 
 
 def _reason(exc: BaseException) -> str:
@@ -200,12 +203,12 @@ def key_mode_warning(key_file: str) -> str | None:
 def inspect_certificate(cert_file: str, key_file: str, *,
                         now: dt.datetime | None = None) -> CertificateInfo:
     """Validity, names and key match of the unit's certificate (for `doctor`)."""
-    der = _read_certificate(cert_file)
+    der = certificate_der(cert_file)
     try:
         not_before, not_after, subject, issuer = parse_certificate(der)
     except (ValueError, IndexError) as exc:
         raise UploadError(f"AWS_IOT_CERT_FILE {cert_file}: not an X.509 certificate ({exc})",
-                          retryable=True, code="CertificateUnreadable") from exc
+                          retryable=True, scope="queue", code="CertificateUnreadable") from exc
     problem = None
     try:
         _load_identity(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), cert_file, key_file)
@@ -256,6 +259,7 @@ class IotCredentialFetcher:
         self.connect_timeout_s = connect_timeout_s
         self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self.fetches = 0
+        self.last_expiry: str | None = None  # ISO 8601 UTC, of the credentials last fetched
         self._warned: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
 
@@ -267,11 +271,13 @@ class IotCredentialFetcher:
         except (OSError, ssl.SSLError) as exc:
             raise UploadError(f"AWS_IOT_CA_FILE {cfg.ca_file}: cannot load it ({_reason(exc)}): "
                               "check the path (Amazon Root CA 1 in PEM) or leave it empty for "
-                              "the system store", retryable=True, code="CAFileUnreadable") from exc
+                              "the system store", retryable=True,
+                              scope="queue", code="CAFileUnreadable") from exc
         try:
             _load_identity(context, cfg.cert_file, cfg.key_file)
         except (OSError, _EncryptedKey) as exc:
             raise UploadError(_key_problem(cfg.cert_file, cfg.key_file, exc), retryable=True,
+                              scope="queue",
                               code="CertificateUnreadable") from exc
         self._warn_key_mode()
         return context
@@ -307,7 +313,7 @@ class IotCredentialFetcher:
             f"AWS IoT credentials endpoint {cfg.host} rejected certificate {cfg.cert_file} "
             f"({why}): check it is ACTIVE in AWS IoT, attached to thing {cfg.thing_name} and to "
             f"a policy allowing iot:AssumeRoleWithCertificate on role alias {cfg.role_alias}"
-            f"{self._expiry_hint()}", retryable=True, code="CertificateRejected")
+            f"{self._expiry_hint()}", retryable=True, scope="queue", code="CertificateRejected")
 
     def fetch(self) -> dict[str, str]:
         """Credentials as botocore's refresh metadata (access_key, secret_key, token, expiry)."""
@@ -326,18 +332,19 @@ class IotCredentialFetcher:
                     f"AWS IoT credentials endpoint {cfg.host}: its server certificate is not "
                     f"trusted ({exc.verify_message}): check AWS_IOT_CREDENTIAL_ENDPOINT "
                     "(aws iot describe-endpoint --endpoint-type iot:CredentialProvider) and "
-                    "AWS_IOT_CA_FILE; uploads wait meanwhile", retryable=True,
+                    "AWS_IOT_CA_FILE; uploads wait meanwhile", retryable=True, scope="queue",
                     code="EndpointNotTrusted") from exc
             raise UploadError(
                 f"AWS IoT credentials endpoint {cfg.host}: TLS failed ({exc}): check "
                 "AWS_IOT_CREDENTIAL_ENDPOINT and whether a proxy or portal intercepts HTTPS; "
-                "uploads wait meanwhile", retryable=True, code="TLSError") from exc
+                "uploads wait meanwhile", retryable=True, scope="queue", code="TLSError") from exc
         except transport.TransportError as exc:
             code = "Timeout" if isinstance(exc, TimeoutError) else "ConnectionError"
             raise UploadError(
                 f"cannot reach the AWS IoT credentials endpoint {cfg.host} "
                 f"({type(exc).__name__} during {exc.phase}): check the network and "
                 "AWS_IOT_CREDENTIAL_ENDPOINT; uploads wait and resume", retryable=True,
+                    scope="queue",
                 code=code) from exc
         self.fetches += 1
         if response.status != 200:
@@ -345,6 +352,7 @@ class IotCredentialFetcher:
         metadata = self._parse(response)
         log.info("AWS IoT credentials for thing %s valid until %s", cfg.thing_name,
                  metadata["expiry_time"])
+        self.last_expiry = metadata["expiry_time"]
         return metadata
 
     __call__ = fetch
@@ -357,9 +365,9 @@ class IotCredentialFetcher:
             return self._rejected(why)
         if code:
             return UploadError(f"AWS IoT credentials endpoint {self.config.host} refused "
-                               f"({why}): {hint}", retryable=True, code=code)
+                               f"({why}): {hint}", retryable=True, scope="queue", code=code)
         return UploadError(f"AWS IoT credentials endpoint {self.config.host} failed ({why}); "
-                           "uploads wait and retry", retryable=True,
+                           "uploads wait and retry", retryable=True, scope="queue",
                            code="CredentialsUnavailable")
 
     def _parse(self, response: transport.Response) -> dict[str, str]:
@@ -372,6 +380,7 @@ class IotCredentialFetcher:
                 f"credentials ({what}; {response.header('content-type') or 'no content-type'}, "
                 f"{len(response.body)} bytes): check AWS_IOT_CREDENTIAL_ENDPOINT is the "
                 "credentials provider endpoint, not a portal or proxy", retryable=True,
+                    scope="queue",
                 code="MalformedCredentials")
 
         try:
@@ -396,7 +405,7 @@ class IotCredentialFetcher:
             raise UploadError(
                 f"AWS IoT credentials from {cfg.host} expire at {expiry:%Y-%m-%d %H:%M:%S} UTC, "
                 f"already past by the unit's clock ({now:%Y-%m-%d %H:%M:%S} UTC): check NTP "
-                "(timedatectl)", retryable=True, code="RequestTimeTooSkewed")
+                "(timedatectl)", retryable=True, scope="queue", code="RequestTimeTooSkewed")
         return {"access_key": creds["accessKeyId"], "secret_key": creds["secretAccessKey"],
                 "token": creds["sessionToken"],
                 "expiry_time": expiry.astimezone(dt.UTC).isoformat()}
@@ -442,9 +451,10 @@ def make_provider(fetcher: IotCredentialFetcher) -> Any:
     return IotCredentialProvider()
 
 
-def iot_session(config: IotConfig, *, deadline_s: float,
-                connect_timeout_s: float) -> boto3.session.Session:
-    """A boto3 session whose clients sign with the unit's IoT credentials, refreshed in time."""
+def iot_session(config: IotConfig, *, deadline_s: float, connect_timeout_s: float
+                ) -> tuple[boto3.session.Session, IotCredentialFetcher]:
+    """A boto3 session whose clients sign with the unit's IoT credentials, refreshed in
+    time, and the fetcher (it knows when the credentials it last fetched expire)."""
     import boto3
     import botocore.session
 
@@ -452,4 +462,13 @@ def iot_session(config: IotConfig, *, deadline_s: float,
     fetcher = IotCredentialFetcher(config, deadline_s=deadline_s,
                                    connect_timeout_s=connect_timeout_s)
     core.get_component("credential_provider").insert_before("env", make_provider(fetcher))
-    return boto3.session.Session(botocore_session=core)
+    return boto3.session.Session(botocore_session=core), fetcher
+
+
+def config_from_settings(settings: Settings) -> IotConfig:
+    """The IoT credentials provider settings as an IotConfig (thing: DEVICE_SERIAL default)."""
+    return IotConfig(endpoint=settings.iot_endpoint or "",
+                     role_alias=settings.iot_role_alias or "", thing_name=settings.thing_name,
+                     cert_file=str(settings.iot_cert_file or ""),
+                     key_file=str(settings.iot_key_file or ""),
+                     ca_file=str(settings.iot_ca_file) if settings.iot_ca_file else None)

@@ -10,6 +10,7 @@ doctor answers within seconds whatever the endpoint does.
 
 from __future__ import annotations
 
+import datetime as dt
 import grp
 import os
 import pwd
@@ -22,6 +23,11 @@ from typing import Any
 
 from device_agent.clock import Clock, clock_from_settings, held_count, undated_count
 from device_agent.config import Settings
+from device_agent.credentials import (
+    IotCredentialFetcher,
+    config_from_settings,
+    inspect_certificate,
+)
 from device_agent.errors import UploadError
 from device_agent.spool import running_pid
 from device_agent.status import STALE_AFTER_S, disk_summary, outbox_summary, read_status_file
@@ -31,13 +37,18 @@ DOCTOR_TIMEOUT_S = 3.0
 _TTY_CLASS = Path("/sys/class/tty")
 
 
+CERT_WARN_DAYS = 30.0
+
+
 @dataclass(frozen=True)
 class Check:
-    """One doctor finding: ok, or a problem with the fix in its message."""
+    """One doctor finding: ok, or a problem with the fix in its message; `warn` is ok but
+    needs doing soon (a certificate near its end)."""
 
     name: str
     ok: bool
     message: str
+    warn: bool = False
 
 
 @dataclass(frozen=True)
@@ -206,7 +217,8 @@ def check_bucket(settings: Settings, client: Any = None) -> list[Check]:
     if not bucket:
         return [Check("s3", False, "AWS_S3_BUCKET is empty: set it in the env file")]
     try:
-        client = client or make_client(settings, attempts=1, read_timeout_s=DOCTOR_TIMEOUT_S)
+        client = client or make_client(settings, attempts=1, read_timeout_s=DOCTOR_TIMEOUT_S,
+                                       connect_timeout_s=DOCTOR_TIMEOUT_S)
     except UploadError as exc:
         return [Check("credentials", False, str(exc))]
     try:
@@ -237,6 +249,45 @@ def check_bucket(settings: Settings, client: Any = None) -> list[Check]:
                                   "uploads do not need)")]
     return [Check("s3", False, f"{error}; probe answered {probe}: check the bucket policy "
                                "(docs/s3-policy.md)")]
+
+
+def check_identity(settings: Settings, *, now: dt.datetime | None = None) -> list[Check]:
+    """The unit's certificate (AWS IoT): dates, key match, key mode, and a real fetch."""
+    if not settings.cloud_upload_enabled or not settings.iot_endpoint:
+        return []
+    config = config_from_settings(settings)
+    try:
+        info = inspect_certificate(config.cert_file, config.key_file, now=now)
+    except UploadError as exc:
+        return [Check("identity", False, str(exc))]
+    checks = []
+    ends = f"{info.not_after:%Y-%m-%d}"
+    if info.days_left <= 0:
+        checks.append(Check("identity", False, f"certificate {info.cert_file} expired on {ends}: "
+                                               "rotate it (docs/fleet-identity.md)"))
+    elif info.days_left <= CERT_WARN_DAYS:
+        checks.append(Check("identity", True, f"certificate {info.cert_file} expires on {ends}, "
+                                              f"in {info.days_left:.0f} days: rotate it soon "
+                                              "(docs/fleet-identity.md)", warn=True))
+    else:
+        checks.append(Check("identity", True, f"certificate {info.cert_file} (CN "
+                                              f"{info.subject_cn}) valid until {ends}"))
+    if not info.key_matches:
+        checks.append(Check("identity", False, info.key_problem or "the key does not match"))
+        return checks
+    if info.key_mode_warning:
+        checks.append(Check("identity", True, info.key_mode_warning, warn=True))
+    fetcher = IotCredentialFetcher(config, deadline_s=DOCTOR_TIMEOUT_S,
+                                   connect_timeout_s=DOCTOR_TIMEOUT_S)
+    try:
+        fetched = fetcher.fetch()
+    except UploadError as exc:
+        checks.append(Check("identity", False, str(exc)))
+    else:
+        checks.append(Check("identity", True, f"credentials obtained from {config.host} for "
+                                              f"thing {config.thing_name}, valid until "
+                                              f"{fetched['expiry_time']}"))
+    return checks
 
 
 def check_clock(settings: Settings, clock: Clock | None = None) -> list[Check]:
@@ -308,5 +359,6 @@ def run_doctor(settings: Settings, *, clock: Clock | None = None, client: Any = 
     """Every doctor check, in the order a field engineer would fix them."""
     account = account or service_account(settings.service_user)
     return [*check_paths(settings, account), *check_port(settings, account, proc=proc),
-            *check_bucket(settings, client), *extra, *check_clock(settings, clock),
+            *check_identity(settings), *check_bucket(settings, client), *extra,
+            *check_clock(settings, clock),
             *check_queue(settings), *check_disk(settings)]

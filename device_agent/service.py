@@ -71,7 +71,7 @@ class Service:
 
     def __init__(self, settings: Settings, *, reader: Any, sync_loop: Any, outbox: Any,
                  capture: CaptureFn, notifier: Notifier, stop: threading.Event,
-                 clock: Clock) -> None:
+                 clock: Clock, credentials: Callable[[], dict[str, Any]] | None = None) -> None:
         self.settings = settings
         self.state_dir = Path(settings.state_dir)
         self.reader = reader
@@ -87,6 +87,7 @@ class Service:
         self.last_capture: dict[str, Any] | None = None
         self.last_sync: dict[str, Any] | None = None
         self.stuck: str | None = None
+        self.credentials = credentials or (lambda: {"source": "upload disabled"})
         self._capture_thread: threading.Thread | None = None
         self._sync_thread: threading.Thread | None = None
 
@@ -131,7 +132,8 @@ class Service:
                "started_at": self.started_at, "updated_at": time.time(), "status": line,
                "port": port, "last_capture": self.last_capture, "last_sync": self.last_sync,
                "clock": {"synced": clock.synced, "reason": clock.reason},
-               "held": held_count(self.state_dir), "stuck": self.stuck}
+               "held": held_count(self.state_dir), "stuck": self.stuck,
+               "credentials": self.credentials()}
         try:
             write_status_file(self.state_dir, doc)
         except OSError as exc:  # a full disk must not stop captures or uploads
@@ -306,4 +308,5 @@ def build_service(settings: Settings, *, outbox: Outbox, stop: threading.Event,
     loop = SyncLoop(settings, outbox=outbox, drainer=drainer, stop=stop, clock=clock)
     capture = PackageCapture(settings, reader, outbox, clock)
     return Service(settings, reader=reader, sync_loop=loop, outbox=outbox, capture=capture,
-                   notifier=notifier, stop=stop, clock=clock)
+                   notifier=notifier, stop=stop, clock=clock,
+                   credentials=uploader.credentials.describe if uploader is not None else None)

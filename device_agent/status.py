@@ -19,6 +19,8 @@ from typing import Any
 
 from device_agent.clock import Clock, clock_from_settings, held_count, undated_count
 from device_agent.config import Settings
+from device_agent.credentials import certificate_der, parse_certificate
+from device_agent.errors import UploadError
 from device_agent.fsutil import atomic_write, free_mb
 from device_agent.outbox import DB_NAME, read_only_stats
 from device_agent.spool import running_pid
@@ -96,6 +98,29 @@ def outbox_summary(state_dir: Path, *, now: float) -> dict[str, Any]:
     return doc
 
 
+def credentials_summary(settings: Settings, live: dict[str, Any] | None) -> dict[str, Any]:
+    """Where S3 credentials come from and when they expire (never the secrets)."""
+    if not settings.cloud_upload_enabled:
+        return {"source": "upload disabled", "expires_at": None, "certificate_expires": None}
+    if settings.iot_endpoint:
+        source = f"AWS IoT certificate (thing {settings.thing_name})"
+    elif settings.aws_access_key_id:
+        source = "static keys (AWS_ACCESS_KEY_ID)"
+    elif settings.aws_profile:
+        source = f"profile {settings.aws_profile}"
+    else:
+        source = "boto3 default chain"
+    summary: dict[str, Any] = {"source": source, "expires_at": (live or {}).get("expires_at"),
+                               "certificate_expires": None}
+    if settings.iot_cert_file:
+        try:
+            der = certificate_der(str(settings.iot_cert_file))
+            summary["certificate_expires"] = parse_certificate(der)[1].isoformat()
+        except (UploadError, ValueError) as exc:
+            summary["certificate_error"] = str(exc)
+    return summary
+
+
 def service_state(pid: int | None, doc: dict[str, Any], now: float) -> tuple[str, bool]:
     """(state, healthy): stopped, starting, hung, wedged, or the phase the service reports."""
     if pid is None:
@@ -155,6 +180,7 @@ def collect_status(settings: Settings, *, clock: Clock | None = None,
         "clock": doc.get("clock") if fresh and doc.get("clock") else own_clock,
         "clock_source": "service" if fresh and doc.get("clock") else "this command",
         "disk": disk_summary(state_dir, settings.disk_reserve_mb),
+        "credentials": credentials_summary(settings, doc.get("credentials") if fresh else None),
         "device_serial": settings.device_serial,
         "checked_at": iso(now),
     }

@@ -29,6 +29,7 @@ from botocore.config import Config
 from device_agent import s3keys, transport
 from device_agent.clock import local_now
 from device_agent.config import Settings
+from device_agent.credentials import IotCredentialFetcher, config_from_settings, iot_session
 from device_agent.errors import Scope, UploadError
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ _CODES: dict[str, tuple[bool, Scope, str]] = {
                                        "and AWS_ENDPOINT_URL_S3"),
     "CertificateRejected": (True, "queue", "the credentials provider refused the unit's "
                                            "certificate: check AWS_IOT_CERT_FILE"),
+    "TLSError": (True, "queue", "TLS failed (a proxy or portal intercepting HTTPS, or a wrong "
+                                "CA?): check the network and AWS_ENDPOINT_URL_S3"),
     "RequestTimeTooSkewed": (True, "queue", "the device clock is wrong: check NTP "
                                             "(timedatectl)"),
     "RequestTimeout": (True, "queue", "the network is slow"),
@@ -110,41 +113,72 @@ def deadline_s(settings: Settings, size: int) -> float:
             + size / (settings.s3_min_rate_kbps * 1024.0))
 
 
-def make_client(settings: Settings, *, attempts: int | None = None,
-                read_timeout_s: float | None = None) -> Any:
-    """The process's one S3 client: explicit timeouts, a total deadline per request."""
-    if settings.iot_endpoint:
-        from device_agent.credentials import iot_session
+@dataclass
+class CredentialSource:
+    """Where the client's credentials come from, for `status`; never the secrets."""
 
-        session = iot_session(settings)
-    else:
-        session_args: dict[str, Any] = {}
-        if settings.aws_access_key_id:
-            session_args.update(
-                aws_access_key_id=settings.aws_access_key_id,
-                aws_secret_access_key=settings.aws_secret_access_key,
-                aws_session_token=settings.aws_session_token,
-            )
-        elif settings.aws_profile:
-            session_args["profile_name"] = settings.aws_profile
-        session = boto3.session.Session(**session_args)
+    kind: str
+    fetcher: IotCredentialFetcher | None = None
+
+    def describe(self) -> dict[str, str | None]:
+        return {"source": self.kind,
+                "expires_at": self.fetcher.last_expiry if self.fetcher else None}
+
+
+def make_session(settings: Settings, *, connect_timeout_s: float, deadline_s: float
+                 ) -> tuple[boto3.session.Session, CredentialSource]:
+    """A boto3 session: the unit's certificate (AWS IoT), static keys, a profile, or the
+    default chain, in that order of what is configured (config.py refuses two at once)."""
+    if settings.iot_endpoint:
+        session, fetcher = iot_session(config_from_settings(settings), deadline_s=deadline_s,
+                                       connect_timeout_s=connect_timeout_s)
+        return session, CredentialSource(f"AWS IoT certificate (thing {settings.thing_name})",
+                                         fetcher)
+    if settings.aws_access_key_id:
+        return boto3.session.Session(
+            aws_access_key_id=settings.aws_access_key_id,
+            aws_secret_access_key=settings.aws_secret_access_key,
+            aws_session_token=settings.aws_session_token,
+        ), CredentialSource("static keys (AWS_ACCESS_KEY_ID)")
+    if settings.aws_profile:
+        return (boto3.session.Session(profile_name=settings.aws_profile),
+                CredentialSource(f"profile {settings.aws_profile}"))
+    return boto3.session.Session(), CredentialSource("boto3 default chain")
+
+
+def make_client(settings: Settings, *, attempts: int | None = None,
+                read_timeout_s: float | None = None,
+                connect_timeout_s: float | None = None) -> Any:
+    """The process's one S3 client: explicit timeouts, a total deadline per request."""
+    return make_client_and_source(settings, attempts=attempts, read_timeout_s=read_timeout_s,
+                                  connect_timeout_s=connect_timeout_s)[0]
+
+
+def make_client_and_source(settings: Settings, *, attempts: int | None = None,
+                           read_timeout_s: float | None = None,
+                           connect_timeout_s: float | None = None
+                           ) -> tuple[Any, CredentialSource]:
+    """make_client, and where its credentials come from."""
     read_timeout = read_timeout_s or settings.s3_read_timeout_s
+    connect_timeout = connect_timeout_s or settings.s3_connect_timeout_s
+    session, source = make_session(settings, connect_timeout_s=connect_timeout,
+                                   deadline_s=connect_timeout + read_timeout)
     config = Config(
         # botocore's "max_attempts" counts retries only; S3_MAX_ATTEMPTS means all attempts
         retries={"mode": "standard",
                  "total_max_attempts": attempts or settings.s3_max_attempts},
-        connect_timeout=settings.s3_connect_timeout_s,
+        connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         max_pool_connections=10,
     )
     client = session.client("s3", region_name=settings.s3_region or None,
                             endpoint_url=settings.s3_endpoint_url or None, config=config)
     transport.install_deadline_sender(
-        client, connect_timeout_s=settings.s3_connect_timeout_s,
+        client, connect_timeout_s=connect_timeout,
         deadline_for=transport.DeadlinePolicy(
-            base_s=settings.s3_connect_timeout_s + read_timeout,
+            base_s=connect_timeout + read_timeout,
             min_rate_bps=settings.s3_min_rate_kbps * 1024.0))
-    return client
+    return client, source
 
 
 def classify_error(exc: BaseException, *, bucket: str, key: str | None) -> UploadError:
@@ -171,6 +205,8 @@ def classify_error(exc: BaseException, *, bucket: str, key: str | None) -> Uploa
     elif isinstance(exc, bx.EndpointConnectionError | bx.ConnectionClosedError
                     | bx.HTTPClientError | ConnectionError):
         code = "ConnectionError"
+    elif isinstance(exc, bx.SSLError):
+        code = "TLSError"
     elif isinstance(exc, bx.ParamValidationError):
         return UploadError(f"{where}: invalid request ({exc}); report this bug",
                            retryable=False, code="ParamValidation", scope="item")
@@ -262,6 +298,7 @@ class Uploader:
         self.clock = clock
         self._deadline = deadline or (lambda size: 60.0 + size / 16384.0)
         self._attempts = attempts
+        self.credentials = CredentialSource("given client")
 
     @classmethod
     def from_settings(cls, settings: Settings, client: Any | None = None) -> Uploader:
@@ -269,11 +306,16 @@ class Uploader:
         if not settings.s3_bucket:
             raise UploadError("AWS_S3_BUCKET is not set: set it in the env file",
                               retryable=True, code="NoBucketConfigured", scope="queue")
-        return cls(client or make_client(settings), bucket=settings.s3_bucket,
-                   sse=settings.s3_sse, kms_key_id=settings.s3_sse_kms_key_id,
-                   owner=settings.thing_name,
-                   deadline=lambda size: deadline_s(settings, size),
-                   attempts=settings.s3_max_attempts)
+        source = CredentialSource("given client")
+        if client is None:
+            client, source = make_client_and_source(settings)
+        uploader = cls(client, bucket=settings.s3_bucket,
+                       sse=settings.s3_sse, kms_key_id=settings.s3_sse_kms_key_id,
+                       owner=settings.thing_name,
+                       deadline=lambda size: deadline_s(settings, size),
+                       attempts=settings.s3_max_attempts)
+        uploader.credentials = source
+        return uploader
 
     def max_duration_s(self, size: int) -> float:
         """The longest one put of `size` bytes can legitimately take, retries included."""

@@ -13,7 +13,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
     checks = run_doctor(settings)
     for c in checks:
-        echo(f"{'ok  ' if c.ok else 'FAIL'} {c.name:<11} {c.message}")
+        echo(f"{'FAIL' if not c.ok else 'warn' if c.warn else 'ok  '} {c.name:<11} {c.message}")
     failed = [c for c in checks if not c.ok]
     echo(f"{len(failed)} problem(s)" if failed else "all checks passed")
     return 1 if failed else 0

@@ -166,7 +166,7 @@ def _bucket_keys(endpoint: str, bucket: str) -> list[str]:
 def test_puts_keep_flowing_across_refreshes_signed_with_issued_keys(
         pki, provider, s3_endpoint, s3_bucket):
     url, state = provider
-    session = iot_session(_config(url, pki), deadline_s=5, connect_timeout_s=2)
+    session, _fetcher = iot_session(_config(url, pki), deadline_s=5, connect_timeout_s=2)
     with FaultProxy(int(urlparse(s3_endpoint).port or 0)) as proxy:
         client = _s3(session, proxy.url)
         assert state.issued == []  # building the client fetched nothing (offline boot works)
@@ -211,7 +211,7 @@ def test_certificate_from_another_ca_is_rejected_then_rotated(pki, provider, s3_
     url, state = provider
     rogue = pki.other_ca.issue(THING)
     config = _config(url, pki, rogue)
-    session = iot_session(config, deadline_s=5, connect_timeout_s=2)
+    session, _fetcher = iot_session(config, deadline_s=5, connect_timeout_s=2)
     uploader = Uploader(_s3(session, s3_endpoint), bucket=s3_bucket)
     body = b"%PDF rotated"
     sha = hashlib.sha256(body).hexdigest()
@@ -237,7 +237,7 @@ def test_expired_certificate_is_rejected_with_its_date(pki, provider, s3_endpoin
     now = dt.datetime.now(UTC)
     expired = pki.ca.issue("expired-unit", not_before=now - dt.timedelta(days=400),
                            not_after=now - dt.timedelta(days=2))
-    session = iot_session(_config(url, pki, expired, thing_name="expired-unit"), deadline_s=5,
+    session, _fetcher = iot_session(_config(url, pki, expired, thing_name="expired-unit"), deadline_s=5,
                           connect_timeout_s=2)
     error = _put_fails(session, s3_endpoint, s3_bucket)
     assert error.code == "CertificateRejected"
@@ -247,7 +247,7 @@ def test_expired_certificate_is_rejected_with_its_date(pki, provider, s3_endpoin
 
 def test_certificate_of_another_thing_gets_403(pki, provider, s3_endpoint, s3_bucket):
     url, state = provider
-    session = iot_session(_config(url, pki, thing_name="SN-9999"), deadline_s=5,
+    session, _fetcher = iot_session(_config(url, pki, thing_name="SN-9999"), deadline_s=5,
                           connect_timeout_s=2)
     error = _put_fails(session, s3_endpoint, s3_bucket)
     assert error.code == "CertificateRejected" and state.refusals == [403]
@@ -256,18 +256,18 @@ def test_certificate_of_another_thing_gets_403(pki, provider, s3_endpoint, s3_bu
 
 def test_unknown_role_alias_and_server_errors(pki, provider, s3_endpoint, s3_bucket):
     url, state = provider
-    session = iot_session(_config(url, pki, role_alias="nope"), deadline_s=5,
+    session, _fetcher = iot_session(_config(url, pki, role_alias="nope"), deadline_s=5,
                           connect_timeout_s=2)
     assert _put_fails(session, s3_endpoint, s3_bucket).code == "RoleAliasNotFound"
     state.mode = "error"
-    session = iot_session(_config(url, pki), deadline_s=5, connect_timeout_s=2)
+    session, _fetcher = iot_session(_config(url, pki), deadline_s=5, connect_timeout_s=2)
     assert _put_fails(session, s3_endpoint, s3_bucket).code == "CredentialsUnavailable"
 
 
 def test_unreachable_endpoint(pki, s3_endpoint, s3_bucket):
     with FaultProxy(1) as closed:  # a port that refuses
         closed.set_mode("refuse")
-        session = iot_session(_config(f"https://127.0.0.1:{closed.port}", pki), deadline_s=2,
+        session, _fetcher = iot_session(_config(f"https://127.0.0.1:{closed.port}", pki), deadline_s=2,
                               connect_timeout_s=1)
         error = _put_fails(session, s3_endpoint, s3_bucket)
     assert error.code == "ConnectionError" and f"127.0.0.1:{closed.port}" in str(error)
@@ -276,7 +276,7 @@ def test_unreachable_endpoint(pki, s3_endpoint, s3_bucket):
 
 def test_untrusted_provider_certificate(pki, provider, s3_endpoint, s3_bucket):
     url, _ = provider
-    session = iot_session(_config(url, pki, ca_file=str(pki.other_ca.cert_file)),
+    session, _fetcher = iot_session(_config(url, pki, ca_file=str(pki.other_ca.cert_file)),
                           deadline_s=5, connect_timeout_s=2)
     error = _put_fails(session, s3_endpoint, s3_bucket)
     assert error.code == "EndpointNotTrusted" and "AWS_IOT_CA_FILE" in str(error)
@@ -285,12 +285,12 @@ def test_untrusted_provider_certificate(pki, provider, s3_endpoint, s3_bucket):
 def test_malformed_and_stale_answers(pki, provider, s3_endpoint, s3_bucket):
     url, state = provider
     state.mode = "malformed"
-    session = iot_session(_config(url, pki), deadline_s=5, connect_timeout_s=2)
+    session, _fetcher = iot_session(_config(url, pki), deadline_s=5, connect_timeout_s=2)
     error = _put_fails(session, s3_endpoint, s3_bucket)
     assert error.code == "MalformedCredentials" and "not JSON" in str(error)
     assert "Guest Wi-Fi" not in str(error)  # the body is never echoed
     state.mode = "stale"
-    session = iot_session(_config(url, pki), deadline_s=5, connect_timeout_s=2)
+    session, _fetcher = iot_session(_config(url, pki), deadline_s=5, connect_timeout_s=2)
     assert _put_fails(session, s3_endpoint, s3_bucket).code == "RequestTimeTooSkewed"
 
 
@@ -371,3 +371,94 @@ def test_inspect_certificate_reads_dates_names_and_key_match(pki, tmp_path):
     with pytest.raises(UploadError) as info_error:
         inspect_certificate(str(pki.device.key_file), str(pki.device.key_file))
     assert info_error.value.code == "CertificateUnreadable"
+
+
+# --- the agent itself, configured for per-unit identity ---------------------------------------
+
+def _agent_flags(tmp_path: Path, url: str, pki: Pki, endpoint: str, bucket: str,
+                 device: Issued | None = None) -> list[str]:
+    device = device or pki.device
+    values = {"STATE_DIR": tmp_path / "state", "REPORTS_DIR": tmp_path / "reports",
+              "USERS_FILE": tmp_path / "users.json", "AWS_S3_BUCKET": bucket,
+              "AWS_S3_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": endpoint,
+              "AWS_IOT_CREDENTIAL_ENDPOINT": url, "AWS_IOT_ROLE_ALIAS": ALIAS,
+              "DEVICE_SERIAL": THING, "AWS_IOT_CERT_FILE": device.cert_file,
+              "AWS_IOT_KEY_FILE": device.key_file, "AWS_IOT_CA_FILE": pki.ca.cert_file,
+              "CLOCK_CHECK": "floor", "DISK_RESERVE_MB": "0", "S3_MAX_ATTEMPTS": "1",
+              "RETRY_MAX_BACKOFF_S": "1"}
+    flags = []
+    for key, value in values.items():
+        flags += ["--set", f"{key}={value}"]
+    return flags
+
+
+def test_the_agent_delivers_with_certificate_credentials_and_waits_out_an_outage(
+        tmp_path, pki, provider, s3_endpoint, s3_bucket, monkeypatch, capsys):
+    from device_agent.commands import main
+    from device_agent.outbox import Outbox
+    from tests.helpers import make_package
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)  # no shared key anywhere
+    url, state = provider
+    make_package(tmp_path / "state" / "records", "20260124_121815", seed=1)
+    with FaultProxy(int(urlparse(s3_endpoint).port or 0)) as proxy:
+        flags = _agent_flags(tmp_path, url, pki, proxy.url, s3_bucket)
+        state.mode = "error"  # the provider is down: uploads wait, nothing is lost
+        assert main([*flags, "sync", "--once"]) == 3
+        assert "CredentialsUnavailable" in capsys.readouterr().err
+        with Outbox(tmp_path / "state" / "outbox.sqlite3") as box:
+            assert box.stats().pending == 4 and box.stats().failed == 0
+            box.resume()
+        state.mode = "ok"
+        assert main([*flags, "sync", "--once"]) == 0
+        assert "delivered 4" in capsys.readouterr().out
+        heads = list(proxy.request_heads)
+    issued = {akid: token for akid, _, token in state.issued}
+    wire = _wire_keys([h for h in heads if b" /" + s3_bucket.encode() in h])
+    assert wire and all(akid in issued and token == issued[akid] for akid, token in wire)
+    assert main([*flags, "status", "--json"]) == 1  # no service runs here
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["credentials"]["source"] == f"AWS IoT certificate (thing {THING})"
+    assert doc["credentials"]["certificate_expires"].startswith(str(dt.date.today().year))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")  # the test's own look at the bucket
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    assert len(_bucket_keys(s3_endpoint, s3_bucket)) == 4
+
+
+def test_doctor_checks_the_certificate_and_warns_before_it_expires(tmp_path, pki, provider,
+                                                                   s3_endpoint, s3_bucket):
+    from device_agent.config import load_settings
+    from device_agent.doctor import check_identity
+
+    url, _state = provider
+
+    def settings(device: Issued):
+        flags = _agent_flags(tmp_path, url, pki, s3_endpoint, s3_bucket, device)
+        return load_settings(environ={}, overrides=dict(f.split("=", 1) for f in flags[1::2]))
+
+    now = dt.datetime.now(UTC)
+    year = pki.ca.issue(THING, not_after=now + dt.timedelta(days=365))
+    checks = check_identity(settings(year))
+    assert all(c.ok and not c.warn for c in checks), [c.message for c in checks]
+    assert any("credentials obtained" in c.message for c in checks)
+    soon = pki.ca.issue(THING, not_before=now - dt.timedelta(days=300),
+                        not_after=now + dt.timedelta(days=12))
+    checks = check_identity(settings(soon))
+    assert checks[0].ok and checks[0].warn and "in 12 days" in checks[0].message
+    gone = pki.ca.issue(THING, not_before=now - dt.timedelta(days=400),
+                        not_after=now - dt.timedelta(days=1))
+    checks = check_identity(settings(gone))
+    assert not checks[0].ok and "expired on" in checks[0].message
+    rogue = pki.other_ca.issue(THING)
+    assert not all(c.ok for c in check_identity(settings(rogue)))
+
+
+def test_certificate_and_static_keys_together_are_refused():
+    from device_agent.config import load_settings
+
+    with pytest.raises(ConfigError, match="AWS_IOT_CREDENTIAL_ENDPOINT.*AWS_ACCESS_KEY_ID"):
+        load_settings(environ={}, overrides={
+            "AWS_IOT_CREDENTIAL_ENDPOINT": "iot.example", "AWS_IOT_ROLE_ALIAS": ALIAS,
+            "AWS_IOT_CERT_FILE": "/c.pem", "AWS_IOT_KEY_FILE": "/k.pem",
+            "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "x"})
