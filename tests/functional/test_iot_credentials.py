@@ -237,8 +237,8 @@ def test_expired_certificate_is_rejected_with_its_date(pki, provider, s3_endpoin
     now = dt.datetime.now(UTC)
     expired = pki.ca.issue("expired-unit", not_before=now - dt.timedelta(days=400),
                            not_after=now - dt.timedelta(days=2))
-    session, _fetcher = iot_session(_config(url, pki, expired, thing_name="expired-unit"), deadline_s=5,
-                          connect_timeout_s=2)
+    session, _fetcher = iot_session(_config(url, pki, expired, thing_name="expired-unit"),
+                                    deadline_s=5, connect_timeout_s=2)
     error = _put_fails(session, s3_endpoint, s3_bucket)
     assert error.code == "CertificateRejected"
     assert f"expired on {(now - dt.timedelta(days=2)):%Y-%m-%d}" in str(error)
@@ -267,8 +267,8 @@ def test_unknown_role_alias_and_server_errors(pki, provider, s3_endpoint, s3_buc
 def test_unreachable_endpoint(pki, s3_endpoint, s3_bucket):
     with FaultProxy(1) as closed:  # a port that refuses
         closed.set_mode("refuse")
-        session, _fetcher = iot_session(_config(f"https://127.0.0.1:{closed.port}", pki), deadline_s=2,
-                              connect_timeout_s=1)
+        session, _fetcher = iot_session(_config(f"https://127.0.0.1:{closed.port}", pki),
+                                        deadline_s=2, connect_timeout_s=1)
         error = _put_fails(session, s3_endpoint, s3_bucket)
     assert error.code == "ConnectionError" and f"127.0.0.1:{closed.port}" in str(error)
     assert _bucket_keys(s3_endpoint, s3_bucket) == []
@@ -457,7 +457,7 @@ def test_doctor_checks_the_certificate_and_warns_before_it_expires(tmp_path, pki
 def test_certificate_and_static_keys_together_are_refused():
     from device_agent.config import load_settings
 
-    with pytest.raises(ConfigError, match="AWS_IOT_CREDENTIAL_ENDPOINT.*AWS_ACCESS_KEY_ID"):
+    with pytest.raises(ConfigError, match=r"AWS_IOT_CREDENTIAL_ENDPOINT.*AWS_ACCESS_KEY_ID"):
         load_settings(environ={}, overrides={
             "AWS_IOT_CREDENTIAL_ENDPOINT": "iot.example", "AWS_IOT_ROLE_ALIAS": ALIAS,
             "AWS_IOT_CERT_FILE": "/c.pem", "AWS_IOT_KEY_FILE": "/k.pem",
