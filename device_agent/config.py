@@ -392,8 +392,8 @@ def _read_credentials(directory: str | None) -> dict[str, str]:
     values = {}
     for key in KEYS:
         path = Path(directory) / key.env
-        if key.file:
-            if path.is_file():
+        if key.file:  # an empty placeholder (install.sh makes them) means "not given"
+            if path.is_file() and path.stat().st_size > 0:
                 values[key.env] = str(path)
             continue
         try:

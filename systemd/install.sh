@@ -47,19 +47,26 @@ say "installing the unit"
 install -D -m 0644 "$SRC/systemd/device-agent.service" \
     "$DESTDIR/etc/systemd/system/device-agent.service"
 
-install -d -m 0700 "$ETC" "$ETC/credentials"
+# Settings: read by the agent itself as the service user (root:device-agent 0640; they hold
+# no secret). Credentials: root only; systemd and the wrapper hand them over.
+install -d -m 0750 "$ETC"
+install -d -m 0700 "$ETC/credentials"
 if [ ! -e "$ETC/device-agent.env" ]; then
     say "writing the example settings $ETC/device-agent.env (edit it: bucket, serial)"
-    install -m 0600 "$SRC/systemd/device-agent.env.example" "$ETC/device-agent.env"
+    install -m 0640 "$SRC/systemd/device-agent.env.example" "$ETC/device-agent.env"
 else
     say "keeping the existing $ETC/device-agent.env"
+    chmod 0640 "$ETC/device-agent.env"
 fi
-for key in AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY; do
+for key in AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_IOT_KEY_FILE; do
     if [ ! -e "$ETC/credentials/$key" ]; then
-        (umask 077 && : > "$ETC/credentials/$key")
+        (umask 077 && : > "$ETC/credentials/$key")  # empty: not given (LoadCredential needs it)
     fi
     chmod 0600 "$ETC/credentials/$key"
 done
+if [ -z "$DESTDIR" ] && id "$USER_NAME" >/dev/null 2>&1; then
+    chgrp "$USER_NAME" "$ETC" "$ETC/device-agent.env"
+fi
 
 say "installing the field-command wrapper /usr/local/bin/device-agent"
 install -D -m 0755 "$SRC/systemd/device-agent-wrapper.sh" "$DESTDIR/usr/local/bin/device-agent"

@@ -15,7 +15,7 @@ import pytest
 
 from device_agent.commands import main
 from device_agent.config import load_settings
-from device_agent.doctor import port_holders, run_doctor
+from device_agent.doctor import Account, port_holders, run_doctor, service_account
 from device_agent.spool import ServiceAlreadyRunning, ServiceLock, Spool, running_pid
 from device_agent.status import collect_status, write_status_file
 
@@ -115,7 +115,7 @@ def test_spool_threads_claim_each_request_once(tmp_path: Path):
 # --- status ---------------------------------------------------------------------------------
 
 STATUS_KEYS = {"service", "port", "last_capture", "held", "undated", "outbox", "last_sync",
-               "clock", "clock_source", "disk", "device_serial", "checked_at"}
+               "clock", "clock_source", "disk", "credentials", "device_serial", "checked_at"}
 
 
 def test_status_json_when_stopped(tmp_path: Path, capsys):
@@ -264,3 +264,42 @@ def test_queue_list_and_retry(tmp_path: Path, capsys):
     assert "1 failed item(s)" in capsys.readouterr().out
     with Outbox.open(settings) as box:
         assert box.get(item_id).state == "pending"
+
+
+# --- doctor judges permissions as the service user, whoever runs it -------------------------
+
+SERVICE = Account("device-agent", 65534, frozenset({65534}), True)
+
+
+def test_doctor_as_root_still_sees_what_the_service_user_cannot(tmp_path: Path):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)  # root's, as a mistaken `sudo mkdir` leaves it
+    master, slave = os.openpty()
+    tty = os.ttyname(slave)
+    os.chmod(tty, 0o600)  # a root-only port, as /dev/ttyS0 is without dialout
+    try:
+        checks = _by_name(run_doctor(_settings(tmp_path, ECG_SERIAL_PORT=tty),
+                                     clock=FakeClock(True), account=SERVICE))
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert not checks["state"].ok and "not writable by the service user" in \
+        checks["state"].message and "chown" in checks["state"].message
+    assert not checks["port"].ok and "usermod -aG" in checks["port"].message
+    if os.geteuid() == 0:  # as root itself everything would look fine: the bug this fixes
+        root = Account("root", 0, frozenset({0}), True)
+        checks = _by_name(run_doctor(_settings(tmp_path, ECG_SERIAL_PORT="loop://"),
+                                     clock=FakeClock(True), account=root))
+        assert checks["state"].ok
+
+
+def test_doctor_says_dev_null_is_not_a_serial_port_and_blames_no_process(tmp_path: Path):
+    checks = _by_name(run_doctor(_settings(tmp_path, ECG_SERIAL_PORT="/dev/null"),
+                                 clock=FakeClock(True), account=SERVICE))
+    assert not checks["port"].ok and "not a serial port" in checks["port"].message
+    assert "kill" not in checks["port"].message and "pid" not in checks["port"].message
+
+
+def test_service_account_of_a_missing_user_falls_back_to_this_user():
+    acct = service_account("no-such-user-here")
+    assert acct.exists is False and acct.uid == os.getuid()
