@@ -15,8 +15,14 @@ from typing import Any
 
 from device_agent.commands import echo
 from device_agent.config import Settings
-from device_agent.errors import AgentError
-from device_agent.fsutil import FileTooLarge, NotRegularFile, atomic_write, read_regular
+from device_agent.errors import AgentError, DiskSpaceError
+from device_agent.fsutil import (
+    FileTooLarge,
+    NotRegularFile,
+    atomic_write,
+    is_disk_full,
+    read_regular,
+)
 
 MAX_INPUT_BYTES = 64 << 20
 
@@ -59,6 +65,9 @@ def _write(out: Path, data: bytes, what: str) -> None:
     except FileNotFoundError:
         raise AgentError(f"cannot write {what} {out}: its folder does not exist") from None
     except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskSpaceError(f"disk full writing {what} {out}: nothing was written; free "
+                                 "space and run it again") from None
         raise AgentError(f"cannot write {what} {out}: {exc.strerror}; check the folder"
                          ) from None
 

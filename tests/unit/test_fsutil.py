@@ -59,3 +59,34 @@ def test_sha256_file_matches_hashlib(tmp_path):
     path = tmp_path / "blob"
     path.write_bytes(data)
     assert fsutil.sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_new_files_get_the_process_umask(tmp_path):
+    """The unit's UMask=0027 keeps patient files from other users: nothing widens it."""
+    old = os.umask(0o027)
+    try:
+        fsutil.atomic_write(tmp_path / "patient_details_x.json", b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "patient_details_x.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_bounded_reads_never_follow_links_block_on_fifos_or_load_huge_files(tmp_path):
+    from device_agent.fsutil import FileTooLarge, NotRegularFile, read_regular
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s3cret")
+    link = tmp_path / "link.pdf"
+    link.symlink_to(secret)
+    fifo = tmp_path / "fifo.pdf"
+    os.mkfifo(fifo)
+    huge = tmp_path / "huge.pdf"
+    with open(huge, "wb") as fh:
+        fh.truncate(1 << 30)  # sparse 1 GiB
+    with pytest.raises(NotRegularFile, match="symbolic link"):
+        read_regular(link, max_bytes=100)
+    with pytest.raises(NotRegularFile, match="FIFO"):  # opened O_NONBLOCK: never blocks
+        read_regular(fifo, max_bytes=100)
+    with pytest.raises(FileTooLarge):
+        read_regular(huge, max_bytes=64 << 20)
+    assert read_regular(secret, max_bytes=100) == b"s3cret"
