@@ -91,7 +91,7 @@ def test_sync_interrupted_while_waiting_for_the_lock_is_130(tmp_path):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_until(lambda: _waiting(proc.pid), timeout=30, what="sync to wait on the lock")
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        _out, err = proc.communicate(timeout=30)
     finally:
         lock.release()
     assert proc.returncode == 130, err
