@@ -1,36 +1,41 @@
 # Every target bootstraps its own virtualenv: a fresh machine needs only python3 and make.
+# Installs are quiet (their log goes to .venv/install.log) and say once what they are doing;
+# each target installs only what it needs: the agent plus the demo's endpoint (demo), the
+# test tools (test, lint), the benchmark baselines (bench).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+LOG    := $(VENV)/install.log
+PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
 .PHONY: test lint demo bench install-dev clean install
 
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP) install --upgrade pip >$(LOG) 2>&1 || { tail -20 $(LOG); exit 1; }
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+$(VENV)/.installed-%: pyproject.toml | $(BIN)/python
+	@echo "make: installing device_agent with its $* tools into $(VENV)/ (first run only, about a minute; log: $(LOG))"
+	@$(PIP) install -e '.[$*]' >>$(LOG) 2>&1 || { tail -20 $(LOG); exit 1; }
+	@touch $@
 
-install-dev: $(STAMP)
+install-dev: $(VENV)/.installed-test
 
-lint: $(STAMP)
-	$(BIN)/ruff check device_agent tests bench
+lint: $(VENV)/.installed-test
+	@$(BIN)/ruff check device_agent tests bench
+	@$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-demo: $(STAMP)
-	$(BIN)/device-agent demo
+demo: $(VENV)/.installed-demo
+	@$(BIN)/device-agent demo
 
-bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
-	$(BIN)/python bench/run_all.py
+bench: $(VENV)/.installed-test $(VENV)/.installed-bench
+	@$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache
 
 # On a board, as root: service user, venv under /opt/device-agent, unit, settings (docs/operations.md).
 install:
