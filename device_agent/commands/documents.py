@@ -88,3 +88,34 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def export(settings: Settings, args: argparse.Namespace) -> int:
+    """Write a stored record as the DICOM 12-lead ECG a package carries, or as WFDB."""
+    record = load_ecg_json(args.input)
+    if args.format == "wfdb":
+        from device_agent.lab.wfdb import write_record
+
+        if args.patient is not None:
+            echo("warning: --patient is ignored for WFDB (it carries no patient block)",
+                 err=True)
+        try:
+            hea, dat = write_record(record, args.out)
+        except ValueError as exc:
+            raise AgentError(f"--out {args.out}: {exc}") from None
+        except OSError as exc:
+            raise AgentError(f"cannot write {args.out}.hea/.dat: {exc.strerror}") from None
+        echo(f"wrote {hea} and {dat}")
+        return 0
+    from device_agent.capture import PackageEncoders
+
+    patient = load_patient(args.patient) or {}
+    try:
+        data = PackageEncoders(settings.replace(package_dicom=True)).dicom(record, patient)
+    except ValueError as exc:
+        raise AgentError(f"{args.input}: cannot be a DICOM 12-lead ECG: {exc}") from None
+    if data is None:
+        raise AgentError(f"{args.input}: cannot be a DICOM 12-lead ECG (see the warning above)")
+    _write(args.out, data, "DICOM file")
+    echo(f"wrote {args.out} ({len(data)} bytes)")
+    return 0
