@@ -176,7 +176,8 @@ def display_filter(leads_uv: np.ndarray, fs: float, style: ReportStyle) -> np.nd
     """The leads as drawn: band-limited (and notched), zero phase, lost samples kept NaN.
 
     Lost samples are bridged by linear interpolation before filtering (so a gap does not ring)
-    and put back as NaN after; each lead is padded by reflection (1 s) against edge effects.
+    and put back as NaN after. Each lead is padded with 5 s of its point reflection (value and
+    slope continue, as scipy's filtfilt pads), so a slow baseline leaves no edge transient.
     """
     x = np.array(leads_uv, dtype=np.float64, copy=True)
     lost = np.isnan(x)
@@ -187,11 +188,11 @@ def display_filter(leads_uv: np.ndarray, fs: float, style: ReportStyle) -> np.nd
     for row in np.flatnonzero(lost.any(axis=1)):
         good = ~lost[row]
         x[row] = np.interp(idx, idx[good], x[row, good]) if good.any() else 0.0
-    pad = min(n - 1, int(fs))
-    padded = np.pad(x, ((0, 0), (pad, pad)), mode="reflect")
+    pad = min(n - 1, int(5 * fs))
+    padded = np.pad(x, ((0, 0), (pad, pad)), mode="reflect", reflect_type="odd")
     freqs = np.fft.rfftfreq(padded.shape[1], 1.0 / fs)
     with np.errstate(divide="ignore"):
-        gain = 1.0 / np.sqrt(1.0 + (style.highpass_hz / freqs) ** 4)  # 2nd-order magnitude
+        gain = 1.0 / np.sqrt(1.0 + (style.highpass_hz / freqs) ** 8)  # 4th-order magnitude
     gain[0] = 0.0
     gain *= 1.0 / np.sqrt(1.0 + (freqs / style.lowpass_hz) ** 8)
     if style.notch_hz:
@@ -498,9 +499,8 @@ def _banner(canvas: Canvas, geo: dict[str, Any]) -> None:
     canvas.setFillColorRGB(0.85, 0.0, 0.0)
     canvas.setFillAlpha(0.30)
     canvas.setFont("Helvetica-Bold", 40)
-    canvas.translate((x0 + w / 2) * mm, (y0 + h / 2) * mm)
-    canvas.rotate(12)
-    canvas.drawCentredString(0, 0, "REJECTED CAPTURE - NOT FOR DIAGNOSIS")
+    canvas.drawCentredString((x0 + w / 2) * mm, (y0 + h / 2 + 5.0) * mm,
+                             "REJECTED CAPTURE - NOT FOR DIAGNOSIS")
     canvas.restoreState()
 
 

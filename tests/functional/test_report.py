@@ -330,3 +330,77 @@ def test_cli_report_names_the_bad_file(tmp_path, capsys):
     assert str(bad) in capsys.readouterr().err and not out.exists()
     assert main(["report", "--input", str(tmp_path / "absent.json"), "--out", str(out)]) == 1
     assert "absent.json" in capsys.readouterr().err
+
+
+# --- a report a clinician trusts: display filter, rejected banner, marked spans ---------------
+
+
+def test_the_display_filter_removes_baseline_wander_from_the_drawing_only(hr06000):
+    """A 0.2 Hz, 1 mV wander (breathing): the 0.5 Hz filter takes it out of the drawing; the
+    record keeps every sample raw, and the default 0.05 Hz filter leaves it (diagnostic)."""
+    from dataclasses import replace
+
+    t = np.arange(hr06000.n_samples) / hr06000.sampling_rate
+    wander = np.rint(1000 * np.sin(2 * np.pi * 0.2 * t)).astype(np.int32)
+    wavy = replace(hr06000, samples=hr06000.samples + wander)
+    raw = np.where(wavy.missing, np.nan, wavy.samples.astype(float))
+    clean = np.where(hr06000.missing, np.nan, hr06000.samples.astype(float))
+    baseline, diagnostic = report.ReportStyle(highpass_hz=0.5), report.ReportStyle()
+    core = slice(500, -500)  # away from the edges
+
+    def centred(x: np.ndarray) -> np.ndarray:  # each trace is drawn centred on its median
+        x = x[:, core]
+        return x - np.median(x, axis=1, keepdims=True)
+
+    # the filters are linear: what they do to the wander is the difference of the drawings
+    removed = (report.display_filter(raw, 500, baseline)
+               - report.display_filter(clean, 500, baseline))
+    kept = (report.display_filter(raw, 500, diagnostic)
+            - report.display_filter(clean, 500, diagnostic))
+    assert np.max(np.abs(centred(removed))) < 60  # the 0.5 Hz filter takes the wander out
+    assert np.max(np.abs(centred(kept) - centred(wander[None, :].astype(float)))) < 60
+    assert np.array_equal(wavy.samples, hr06000.samples + wander), "the record is untouched"
+
+
+def test_the_40_hz_filter_and_the_notch_are_named_in_the_footer():
+    style = report.ReportStyle(highpass_hz=0.5, lowpass_hz=40.0, notch_hz=60.0)
+    assert style.filter_text() == "0.5-40 Hz, 60 Hz notch"
+    x = np.sin(2 * np.pi * 60 * np.arange(5000) / 500)[None, :] * 200
+    assert np.max(np.abs(report.display_filter(x, 500, style)[:, 500:-500])) < 20  # > 90% off
+
+
+def test_lost_samples_stay_lost_through_the_filter(hr06000):
+    raw = np.where(hr06000.missing, np.nan, hr06000.samples.astype(float))
+    raw[:, 2000:2100] = np.nan
+    drawn = report.display_filter(raw, 500, report.ReportStyle())
+    assert np.all(np.isnan(drawn[:, 2000:2100])) and not np.isnan(drawn[:, 1990]).any()
+
+
+@pytest.mark.functional
+@needs_poppler
+def test_a_rejected_capture_carries_a_banner_and_marked_spans(hr06000, tmp_path):
+    from dataclasses import replace
+
+    missing = hr06000.missing.copy()
+    missing[:, 600:800] = True  # 0.4 s lost in column 0
+    reasons = ("lost 200 of 5000 samples (4.00%), over the 0.50% allowed",
+               "electrode LA off for 2.00 s")
+    quality = Quality(frames_expected=5000, frames_received=4800, frames_lost=200,
+                      electrodes_off=(ElectrodeOff("LA", 2000, 1000),), verdict="rejected",
+                      reasons=reasons)
+    bad = replace(hr06000, missing=missing, samples=np.where(missing, 0, hr06000.samples),
+                  quality=quality)
+    pdf = report.render_pdf(bad, PATIENT)
+    text = _text(pdf, tmp_path)
+    assert "REJECTED CAPTURE - NOT FOR DIAGNOSIS" in text.replace("\n", " ")
+    assert "Quality: rejected" in text and reasons[1] in text
+    marks = report.marked_spans(bad, report.layout("a4"))
+    lost = [m for m in marks if m[0] == "lost"]
+    off = [m for m in marks if m[0] == "off"]
+    # 0.4 s lost at 25 mm/s: a 10 mm band on I, II, III (column 0) and the rhythm strip
+    assert len(lost) == 4 and {round(m[2] - m[1], 1) for m in lost} == {10.0}
+    # LA off 4-6 s: it feeds aVR, aVL, aVF, shown 2.5-5 s (column 1): 1 s = 25 mm each;
+    # I and III are shown 0-2.5 s, and lead II does not use LA
+    geo = report.layout("a4")
+    assert len(off) == 3 and {round(m[2] - m[1], 1) for m in off} == {25.0}
+    assert {m[3] for m in off} == set(geo["baselines_mm"][:3])
