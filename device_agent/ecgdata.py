@@ -197,44 +197,91 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _quality_doc(quality: Quality, rate: int) -> dict[str, Any]:
-    return {
-        "frames_expected": int(quality.frames_expected),
-        "frames_received": int(quality.frames_received),
-        "frames_lost": int(quality.frames_lost),
-        "lost_fraction": float(quality.lost_fraction),
-        "gaps": [
-            {"start_sample": int(g.start), "length": int(g.length), "start_s": g.start / rate}
-            for g in quality.gaps
-        ],
-        "electrodes_off": [
-            {
-                "electrode": str(e.electrode),
-                "start_sample": int(e.start),
-                "length": int(e.length),
-                "start_s": e.start / rate,
-                "end_s": (e.start + e.length) / rate,
-            }
-            for e in quality.electrodes_off
-        ],
-        "flat_leads": [str(x) for x in quality.flat_leads],
-        "saturated_leads": [str(x) for x in quality.saturated_leads],
-        "mains_noise_uv": _finite(quality.mains_noise_uv),
-        "bad_frames": int(quality.bad_frames),
-        "verdict": str(quality.verdict),
-        "reasons": [str(x) for x in quality.reasons],
-    }
+# The metadata is written with f-strings rather than by building dicts for json: its fields
+# have fixed types, and the dicts and the generic encoder cost more per record than all the
+# lead words. Each piece is exactly what `_COMPACT` writes for it: strings through the
+# encoder's own `encode_basestring`, floats as `float.__repr__`, ints as `int.__repr__`.
+_text = json.encoder.encode_basestring
+_repr_float = float.__repr__
 
 
-def _adc_doc(adc: AdcInfo | None) -> dict[str, Any] | None:
+def _num(value: float | None) -> str:
+    """A float field's JSON: `float.__repr__`, or `null` when unknown or not finite."""
+    value = _finite(value)
+    return "null" if value is None else _repr_float(value)
+
+
+def _texts(values: Any) -> str:
+    return "[" + ",".join([_text(str(x)) for x in values]) + "]"
+
+
+@lru_cache(maxsize=64)
+def _names_text(names: tuple[str, ...]) -> str:
+    """`"lead_order":[...],"derived_leads":[...]` for these lead names."""
+    derived = [n for n in names if n in DERIVED_LEADS]
+    return f'"lead_order":{_texts(names)},"derived_leads":{_texts(derived)}'
+
+
+def _quality_text(q: Quality, rate: int) -> str:
+    gaps = ",".join([
+        f'{{"start_sample":{int(g.start)},"length":{int(g.length)},'
+        f'"start_s":{_num(g.start / rate)}}}'
+        for g in q.gaps
+    ])
+    off = ",".join([
+        f'{{"electrode":{_text(str(e.electrode))},"start_sample":{int(e.start)},'
+        f'"length":{int(e.length)},"start_s":{_num(e.start / rate)},'
+        f'"end_s":{_num((e.start + e.length) / rate)}}}'
+        for e in q.electrodes_off
+    ])
+    return (
+        f'{{"frames_expected":{int(q.frames_expected)},'
+        f'"frames_received":{int(q.frames_received)},"frames_lost":{int(q.frames_lost)},'
+        f'"lost_fraction":{_num(q.lost_fraction)},"gaps":[{gaps}],"electrodes_off":[{off}],'
+        f'"flat_leads":{_texts(q.flat_leads)},"saturated_leads":{_texts(q.saturated_leads)},'
+        f'"mains_noise_uv":{_num(q.mains_noise_uv)},"bad_frames":{int(q.bad_frames)},'
+        f'"verdict":{_text(str(q.verdict))},"reasons":{_texts(q.reasons)}}}'
+    )
+
+
+def _adc_text(adc: AdcInfo | None) -> str:
     if adc is None:
-        return None
-    return {
-        "bits": int(adc.bits),
-        "baseline": [_finite(b) for b in adc.baseline],
-        "counts_per_mv": _finite(adc.counts_per_mv),
-        "byte_order": str(adc.byte_order),
-    }
+        return "null"
+    baseline = ",".join([_num(b) for b in adc.baseline])
+    return (
+        f'{{"bits":{int(adc.bits)},"baseline":[{baseline}],'
+        f'"counts_per_mv":{_num(adc.counts_per_mv)},"byte_order":{_text(str(adc.byte_order))}}}'
+    )
+
+
+def _head(record: Record, rate: int) -> bytes:
+    """`{"timestamp":...,"sampling_rate":...,"leads":` (the legacy keys come first)."""
+    at = record.acquired_at
+    return (
+        f'{{"timestamp":"{at.year:04d}-{at.month:02d}-{at.day:02d} '
+        f'{at.hour:02d}:{at.minute:02d}:{at.second:02d}","sampling_rate":{rate},"leads":'
+    ).encode()
+
+
+def _tail(record: Record, rate: int) -> bytes:
+    """`,"acquired_at":...}`: every key after `leads`, in the documented order."""
+    device = record.device
+    n = record.n_samples
+    return "".join((
+        ',"acquired_at":', _text(record.acquired_at.isoformat()),
+        ',"duration_s":', _num(n / rate),
+        ',"samples_per_lead":', str(n),
+        ',"units":', _text(UNITS), ",", _names_text(tuple(record.lead_names)),
+        ',"adc":', _adc_text(record.adc),
+        ',"device":{"serial":', _text(str(device.serial)),
+        ',"model":', _text(str(device.model)),
+        ',"agent_version":', _text(str(device.agent_version)),
+        '},"record_id":', "null" if record.record_id is None else _text(str(record.record_id)),
+        ',"quality":', _quality_text(record.quality, rate),
+        ',"measurements":',
+        _compact(_jsonable(record.measurements)) if record.measurements else "{}",
+        "}",
+    )).encode()
 
 
 def _check(record: Record) -> None:
@@ -261,39 +308,12 @@ def dumps(record: Record) -> bytes:
     """The record as canonical compact JSON bytes (the `ecg_data_{stamp}.json` content)."""
     _check(record)
     rate = int(record.sampling_rate)
-    at = record.acquired_at
-    head = _compact(
-        {
-            "timestamp": f"{at.year:04d}-{at.month:02d}-{at.day:02d} "
-            f"{at.hour:02d}:{at.minute:02d}:{at.second:02d}",
-            "sampling_rate": rate,
-        }
-    )
-    tail = _compact(
-        {
-            "acquired_at": at.isoformat(),
-            "duration_s": record.n_samples / rate,
-            "samples_per_lead": record.n_samples,
-            "units": UNITS,
-            "lead_order": list(record.lead_names),
-            "derived_leads": [n for n in record.lead_names if n in DERIVED_LEADS],
-            "adc": _adc_doc(record.adc),
-            "device": {
-                "serial": str(record.device.serial),
-                "model": str(record.device.model),
-                "agent_version": str(record.device.agent_version),
-            },
-            "record_id": None if record.record_id is None else str(record.record_id),
-            "quality": _quality_doc(record.quality, rate),
-            "measurements": _jsonable(record.measurements),
-        }
-    )
     return _document(
-        (head[:-1] + ',"leads":').encode(),
+        _head(record, rate),
         tuple(record.lead_names),
         record.samples,
         np.asarray(record.missing, dtype=bool),
-        ("," + tail[1:]).encode(),
+        _tail(record, rate),
     )
 
 
