@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -33,15 +34,17 @@ def interleaved_cpu(
     *,
     rounds: int = 31,
     calls: int = 5,
+    seed: int = 0,
 ) -> dict[str, list[float]]:
     """CPU seconds per call of each contestant, one mean per round, called round-robin.
 
-    A round is `calls` passes; each pass calls every contestant once, in an order rotated
-    from pass to pass, each call timed on its own (process_time has ns resolution on
-    Linux, and ~0.6 us of clock overhead is noise next to calls of 0.1 ms and more). So
-    each call finds the caches as another contestant left them, as a call made once per
-    record in a real process does, and no contestant always runs first or after the same
-    one. A round's value is the mean of its `calls` calls; take medians over rounds.
+    A round is `calls` passes; each pass calls every contestant once, in a freshly shuffled
+    order (seeded, so runs repeat), each call timed on its own (process_time has ns
+    resolution on Linux, and its ~0.6 us overhead is noise next to calls of 0.1 ms and
+    more). So each call finds the caches and the allocator as a random other contestant
+    left them, as a call made once per record in a real process does, and no contestant
+    always runs first or after the same one. A round's value is the mean of its calls;
+    take medians over rounds.
     """
     if rounds < MIN_ROUNDS:
         raise ValueError(f"rounds={rounds}: medians need at least {MIN_ROUNDS} rounds")
@@ -50,13 +53,13 @@ def interleaved_cpu(
         fn()  # warm up imports and caches (e.g. a lookup table built once per process)
     clock = time.process_time
     times: dict[str, list[float]] = {name: [] for name in names}
-    turn = 0
+    order = list(names)
+    shuffle = random.Random(seed).shuffle
     for _ in range(rounds):
         spent = dict.fromkeys(names, 0.0)
         for _ in range(calls):
-            k = turn % len(names)
-            turn += 1
-            for name in names[k:] + names[:k]:
+            shuffle(order)
+            for name in order:
                 fn = contestants[name]
                 t0 = clock()
                 fn()

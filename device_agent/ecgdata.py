@@ -53,8 +53,10 @@ log = logging.getLogger(__name__)
 UNITS = "uV"
 _TABLE_LO, _TABLE_HI = -32768, 32767  # int16: every value the board can produce
 _WORD = 8  # bytes per table entry: len("-32768,") fits, so one entry is one uint64
-_NULL_TEXT = b"null"
+_WIDE = 3 * _WORD  # bytes per sample outside int16: len("-9223372036854775808,") fits
+_NULL_TEXT = "null"
 _NUL = b"\0"
+_CLOSE = ord("]")
 
 
 _COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -62,57 +64,44 @@ _compact = _COMPACT.encode
 
 
 @cache
-def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """uint64 words `"<v>,"` and `"<v>]"` for every int16 v, their text lengths, null words.
+def _words() -> np.ndarray:
+    """uint64 word `"<v>,"` for every int16 v, NUL-padded to 8 bytes.
 
     Indexed with `take(samples, mode="wrap")`: entry v for v >= 0, entry 65536 + v for v < 0.
-    Text is NUL-padded to 8 bytes; JSON text never holds a raw NUL, so removing every NUL
-    byte from a stream of these words (one C pass: bytes.translate) leaves compact JSON.
-    Returns (values, ends, lengths, nulls) with nulls = [`null,`, `null]`].
+    JSON text never holds a raw NUL, so removing every NUL byte from a stream of these words
+    (one C pass: bytes.translate) leaves compact JSON.
     """
     text = np.arange(1 << 16).astype(np.uint16).view(np.int16).astype("S6")
-    words = [np.char.add(text, sep).astype(f"S{_WORD}").view(np.uint64) for sep in (b",", b"]")]
-    lengths = np.char.str_len(text).astype(np.intp) + 1
-    nulls = np.array([_NULL_TEXT + b",", _NULL_TEXT + b"]"], dtype=f"S{_WORD}").view(np.uint64)
-    return words[0], words[1], lengths, nulls
+    return np.char.add(text, b",").astype(f"S{_WORD}").view(np.uint64)
 
 
-def _narrow_words(samples: np.ndarray, missing: np.ndarray, nulls: bool) -> np.ndarray:
-    """(n_leads, n) words, one per int16 sample; the last of each lead ends with `]`."""
-    values, ends, _, null = _tables()
-    words = values.take(samples, mode="wrap")
-    words[:, -1] = ends.take(samples[:, -1], mode="wrap")
-    if nulls:
-        words[missing] = null[0]
-        words[:, -1][missing[:, -1]] = null[1]
-    return words
+_NULL_WORD = np.frombuffer(f"{_NULL_TEXT},".encode().ljust(_WORD, _NUL), dtype=np.uint64)[0]
 
 
 def _wide_words(samples: np.ndarray, missing: np.ndarray) -> np.ndarray:
-    """The slower path for values outside int16 (not from the board, but legal): 3 words each."""
-    outside = (samples < _TABLE_LO) | (samples > _TABLE_HI)
-    outside &= ~missing
-    clipped = np.clip(samples, _TABLE_LO, _TABLE_HI).astype(np.int16)
-    text = _narrow_words(clipped, missing, True).view(f"S{_WORD}").astype("S24")
-    ends = np.full(samples.shape, b",", dtype="S1")
-    ends[:, -1] = b"]"
-    text[outside] = np.char.add(samples[outside].astype("S21"), ends[outside])
+    """(n_leads, 3 n) words for leads with values outside int16 (legal, not from the board).
+
+    Each sample is its `"<v>,"` NUL-padded to 24 bytes, i.e. three words.
+    """
+    text = np.char.add(samples.astype("S20"), b",").astype(f"S{_WIDE}")
+    text[missing] = f"{_NULL_TEXT},"
     return text.view(np.uint64).reshape(samples.shape[0], -1)
 
 
 @lru_cache(maxsize=64)
 def _plan(
     names: tuple[str, ...], widths: tuple[int, ...], m: int
-) -> tuple[int, tuple[tuple[int, bytes], ...], tuple[tuple[int, int, int, int, int], ...]]:
+) -> tuple[int, int, tuple[tuple[int, bytes], ...], tuple[tuple[int, int, int, int, int], ...]]:
     """Where each lead's opening (`{"I":[`, `,"II":[`, ...) and its m words of widths[i] go.
 
     Openings get the same NUL-padded room, so leads of equal width are evenly spaced and
-    one strided copy writes a run of them. Returns (size, [(offset, opening)],
-    [(first lead, end lead, offset, lead stride, width)]), offsets relative to the stream.
+    one strided copy writes a run of them. Returns (size, room, [(offset, opening)],
+    [(first lead, end lead, offset, lead stride, width)]), offsets relative to the stream;
+    lead i's words start `room` bytes after its opening's offset.
     """
     keys = [(("{" if i == 0 else ",") + _compact(n) + ":[").encode() for i, n in enumerate(names)]
     room = max(len(key) for key in keys)
-    offsets = np.cumsum([0] + [room + m * w for w in widths]).tolist()
+    offsets: list[int] = np.cumsum([0] + [room + m * w for w in widths]).tolist()
     runs = []
     first = 0
     for i in range(1, len(widths) + 1):
@@ -120,7 +109,8 @@ def _plan(
             w = widths[first]
             runs.append((first, i, offsets[first] + room, room + m * w, w))
             first = i
-    return offsets[-1], tuple(zip(offsets, keys, strict=False)), tuple(runs)
+    openings = tuple(zip(offsets, keys, strict=False))
+    return offsets[-1], room, openings, tuple(runs)
 
 
 @cache
@@ -135,6 +125,11 @@ def _overlay_in_order() -> bool:
     return bool(np.array_equal(got, words.view(np.uint8).reshape(-1, _WORD)[:, :5]))
 
 
+def _empty_leads(names: tuple[str, ...]) -> bytes:
+    keys = [(("," if i else "{") + _compact(x) + ":[]") for i, x in enumerate(names)]
+    return ("".join(keys) + "}" if keys else "{}").encode()
+
+
 def _document(
     head: bytes, names: tuple[str, ...], samples: np.ndarray, missing: np.ndarray, tail: bytes
 ) -> bytes:
@@ -143,25 +138,31 @@ def _document(
     Each lead's words are written `width` bytes apart (in order, so each 8-byte word
     overwrites the previous one's NUL padding), `width` being the lead's longest value
     text plus its separator: typically 5 or 6 bytes, so the NUL pass reads far less than
-    8 bytes a sample.
+    8 bytes a sample. Each lead's last `,` then becomes `]`. The lead widths come from
+    Python ints (12 per record), not numpy calls: per call, fixed costs are what matter.
     """
     n_leads, n = samples.shape
     if n_leads == 0 or n == 0:
-        keys = [(("," if i else "{") + _compact(x) + ":[]") for i, x in enumerate(names)]
-        return b"".join((head, ("".join(keys) + "}" if keys else "{}").encode(), tail))
-    lo, hi = samples.min(axis=1), samples.max(axis=1)
+        return b"".join((head, _empty_leads(names), tail))
+    lo: list[int] = samples.min(axis=1).tolist()
+    hi: list[int] = samples.max(axis=1).tolist()
+    last: list[int] = samples[:, -1].tolist()
     nulls = bool(missing.any())
-    if int(lo.min()) >= _TABLE_LO and int(hi.max()) <= _TABLE_HI and _overlay_in_order():
-        words = _narrow_words(samples, missing, nulls)
-        lengths = _tables()[2]
-        widths = np.maximum(lengths.take(lo, mode="wrap"), lengths.take(hi, mode="wrap"))
+    lost = missing.any(axis=1).tolist() if nulls else [False] * n_leads
+    last_lost = missing[:, -1].tolist() if nulls else lost
+    if min(lo) >= _TABLE_LO and max(hi) <= _TABLE_HI and _overlay_in_order():
+        words = _words().take(samples, mode="wrap")
         if nulls:
-            widths = np.where(missing.any(axis=1), np.maximum(widths, len(_NULL_TEXT) + 1), widths)
-        plan = _plan(names, tuple(widths.tolist()), n)
+            words[missing] = _NULL_WORD
+        widths = tuple(
+            max(len(str(a)), len(str(b)), len(_NULL_TEXT) if gone else 0) + 1
+            for a, b, gone in zip(lo, hi, lost, strict=True)
+        )
+        slots = widths
     else:
         words = _wide_words(samples, missing)
-        plan = _plan(names, (_WORD,) * n_leads, words.shape[1])
-    size, keys, runs = plan
+        widths, slots = (_WORD,) * n_leads, (_WIDE,) * n_leads
+    size, room, keys, runs = _plan(names, widths, words.shape[1])
     start = len(head)
     buf = bytearray(start + size + max(_WORD, 1 + len(tail)))
     buf[:start] = head
@@ -169,8 +170,11 @@ def _document(
         dst = np.ndarray((stop - first, words.shape[1]), dtype=np.uint64, buffer=buf,
                          offset=start + offset, strides=(stride, width))
         np.copyto(dst, words[first:stop])
-    for offset, key in keys:  # after the words: a lead's last word spills NULs into them
+    for (offset, key), slot, v, gone in zip(keys, slots, last, last_lost, strict=True):
+        # after the words: a lead's last word spills NULs into the next opening
         buf[start + offset : start + offset + len(key)] = key
+        buf[start + offset + room + (n - 1) * slot + (
+            len(_NULL_TEXT) if gone else len(str(v)))] = _CLOSE
     buf[start + size : start + size + 1 + len(tail)] = b"}" + tail
     return bytes(buf.translate(None, _NUL))
 
@@ -203,16 +207,50 @@ def _jsonable(value: Any) -> Any:
 # encoder's own `encode_basestring`, floats as `float.__repr__`, ints as `int.__repr__`.
 _text = json.encoder.encode_basestring
 _repr_float = float.__repr__
+_isfinite = math.isfinite
+
+
+def _reject(value: object) -> object:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# `_COMPACT.encode` builds this C encoder anew on every call; measurements reuse one.
+_measurements_encoder = (
+    None if json.encoder.c_make_encoder is None
+    else json.encoder.c_make_encoder(None, _reject, _text, None, ":", ",", False, False, False)
+)
 
 
 def _num(value: float | None) -> str:
     """A float field's JSON: `float.__repr__`, or `null` when unknown or not finite."""
-    value = _finite(value)
-    return "null" if value is None else _repr_float(value)
+    if value is None:
+        return "null"
+    value = float(value)
+    return _repr_float(value) if _isfinite(value) else "null"
 
 
 def _texts(values: Any) -> str:
+    if not values:
+        return "[]"
     return "[" + ",".join([_text(str(x)) for x in values]) + "]"
+
+
+def _nums(values: Any) -> str:
+    if not values:
+        return "[]"
+    text = ",".join([_repr_float(float(v)) for v in values])
+    if "n" in text:  # the repr of a finite float has no `n`; `nan`, `inf` have
+        text = ",".join([_num(v) for v in values])
+    return "[" + text + "]"
+
+
+def _measurements_text(measurements: dict[str, Any]) -> str:
+    if not measurements:
+        return "{}"
+    doc = _jsonable(measurements)
+    if _measurements_encoder is None:
+        return _compact(doc)
+    return "".join(_measurements_encoder(doc, 0))
 
 
 @lru_cache(maxsize=64)
@@ -227,13 +265,13 @@ def _quality_text(q: Quality, rate: int) -> str:
         f'{{"start_sample":{int(g.start)},"length":{int(g.length)},'
         f'"start_s":{_num(g.start / rate)}}}'
         for g in q.gaps
-    ])
+    ]) if q.gaps else ""
     off = ",".join([
         f'{{"electrode":{_text(str(e.electrode))},"start_sample":{int(e.start)},'
         f'"length":{int(e.length)},"start_s":{_num(e.start / rate)},'
         f'"end_s":{_num((e.start + e.length) / rate)}}}'
         for e in q.electrodes_off
-    ])
+    ]) if q.electrodes_off else ""
     return (
         f'{{"frames_expected":{int(q.frames_expected)},'
         f'"frames_received":{int(q.frames_received)},"frames_lost":{int(q.frames_lost)},'
@@ -247,9 +285,8 @@ def _quality_text(q: Quality, rate: int) -> str:
 def _adc_text(adc: AdcInfo | None) -> str:
     if adc is None:
         return "null"
-    baseline = ",".join([_num(b) for b in adc.baseline])
     return (
-        f'{{"bits":{int(adc.bits)},"baseline":[{baseline}],'
+        f'{{"bits":{int(adc.bits)},"baseline":{_nums(adc.baseline)},'
         f'"counts_per_mv":{_num(adc.counts_per_mv)},"byte_order":{_text(str(adc.byte_order))}}}'
     )
 
@@ -267,25 +304,31 @@ def _tail(record: Record, rate: int) -> bytes:
     """`,"acquired_at":...}`: every key after `leads`, in the documented order."""
     device = record.device
     n = record.n_samples
-    return "".join((
-        ',"acquired_at":', _text(record.acquired_at.isoformat()),
-        ',"duration_s":', _num(n / rate),
-        ',"samples_per_lead":', str(n),
-        ',"units":', _text(UNITS), ",", _names_text(tuple(record.lead_names)),
-        ',"adc":', _adc_text(record.adc),
-        ',"device":{"serial":', _text(str(device.serial)),
-        ',"model":', _text(str(device.model)),
-        ',"agent_version":', _text(str(device.agent_version)),
-        '},"record_id":', "null" if record.record_id is None else _text(str(record.record_id)),
-        ',"quality":', _quality_text(record.quality, rate),
-        ',"measurements":',
-        _compact(_jsonable(record.measurements)) if record.measurements else "{}",
-        "}",
-    )).encode()
+    rid = record.record_id
+    return (
+        f',"acquired_at":{_text(record.acquired_at.isoformat())},"duration_s":{_num(n / rate)},'
+        f'"samples_per_lead":{n},"units":{_text(UNITS)},{_names_text(tuple(record.lead_names))},'
+        f'"adc":{_adc_text(record.adc)},"device":{{"serial":{_text(str(device.serial))},'
+        f'"model":{_text(str(device.model))},'
+        f'"agent_version":{_text(str(device.agent_version))}}},'
+        f'"record_id":{"null" if rid is None else _text(str(rid))},'
+        f'"quality":{_quality_text(record.quality, rate)},'
+        f'"measurements":{_measurements_text(record.measurements)}}}'
+    ).encode()
 
 
 def _check(record: Record) -> None:
     names = record.lead_names
+    samples = record.samples
+    if (
+        len(set(names)) == len(names)
+        and samples.ndim == 2
+        and samples.shape[0] == len(names)
+        and record.missing.shape == samples.shape
+        and samples.dtype.kind in "iu"
+        and int(record.sampling_rate) > 0
+    ):
+        return
     where = f"record {record.record_id or record.acquired_at.isoformat()}"
     if len(set(names)) != len(names):
         raise ValueError(f"{where}: lead names repeat ({', '.join(names)}); each must be unique")
