@@ -389,7 +389,10 @@ def _to_uv(numbers: np.ndarray, scale: float) -> np.ndarray:
     if numbers.dtype.kind == "f":
         if not np.isfinite(numbers).all():
             raise ValueError("non-finite lead value")
-        numbers = np.rint(numbers * scale).astype(np.int64)
+        numbers = np.rint(numbers * scale)
+        if numbers.size and np.abs(numbers).max() >= 2.0**63:  # else the cast gives garbage
+            raise ValueError("a lead value is beyond 64-bit integers; the file is damaged")
+        numbers = numbers.astype(np.int64)
     elif scale != 1:
         numbers = numbers.astype(np.int64) * int(scale)
     return numbers
@@ -447,6 +450,28 @@ _LOST = np.iinfo(np.int64).min  # what a `null` reads as here: re-encoding rejec
 _LOST_TEXT = str(_LOST).encode()
 
 
+def _rest_of(rest: bytes) -> dict[str, Any] | None:
+    """The document with `"leads":0` spliced in, or None unless that is its only leads key.
+
+    Any other key named leads (nested, repeated, spelled with escapes) could be the one the
+    general path reads, so then the general path decides.
+    """
+    keys = 0
+
+    def count(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal keys
+        keys += sum(1 for key, _ in pairs if key == "leads")
+        return dict(pairs)
+
+    try:
+        doc = json.loads(rest, object_pairs_hook=count)
+    except ValueError:
+        return None
+    if keys != 1 or not isinstance(doc, dict) or type(doc.get("leads")) is not int:
+        return None
+    return doc
+
+
 def _fast_leads(
     data: bytes,
 ) -> tuple[dict[str, Any], tuple[str, ...], np.ndarray, np.ndarray] | None:
@@ -473,17 +498,10 @@ def _fast_leads(
     end = pos + 1
     if not names or data[pos:end] != b"}" or len(set(names)) != len(names):
         return None
-    rest = data[:begin] + _LEADS_KEY + b"0" + data[end:]
-    if rest.count(b'"leads"') != 1:  # another key or string named leads: let json decide
-        return None
-    try:
-        doc = json.loads(rest)
-    except ValueError:
-        return None
-    order = doc.get("lead_order") if isinstance(doc, dict) else None
+    doc = _rest_of(data[:begin] + _LEADS_KEY + b"0" + data[end:])
+    order = None if doc is None else doc.get("lead_order")
     if (
-        not isinstance(doc, dict)
-        or type(doc.get("leads")) is not int  # our `0`: the span was the top-level leads
+        doc is None
         or doc.get("units") not in (None, "uV", "µV")
         or (order and tuple(order) != tuple(names))
     ):
