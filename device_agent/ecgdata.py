@@ -148,8 +148,10 @@ def _document(
     hi: list[int] = samples.max(axis=1).tolist()
     last: list[int] = samples[:, -1].tolist()
     nulls = bool(missing.any())
-    lost = missing.any(axis=1).tolist() if nulls else [False] * n_leads
-    last_lost = missing[:, -1].tolist() if nulls else lost
+    lost: list[bool] = [False] * n_leads
+    last_lost = lost
+    if nulls:
+        lost, last_lost = missing.any(axis=1).tolist(), missing[:, -1].tolist()
     if min(lo) >= _TABLE_LO and max(hi) <= _TABLE_HI and _overlay_in_order():
         words = _words().take(samples, mode="wrap")
         if nulls:
@@ -215,9 +217,10 @@ def _reject(value: object) -> object:
 
 
 # `_COMPACT.encode` builds this C encoder anew on every call; measurements reuse one.
+_make_encoder = getattr(json.encoder, "c_make_encoder", None)
 _measurements_encoder = (
-    None if json.encoder.c_make_encoder is None
-    else json.encoder.c_make_encoder(None, _reject, _text, None, ":", ",", False, False, False)
+    None if _make_encoder is None
+    else _make_encoder(None, _reject, _text, None, ":", ",", False, False, False)
 )
 
 
@@ -377,7 +380,7 @@ def _lead_array(values: Any, name: str, source: str) -> tuple[np.ndarray, np.nda
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
     if arr.dtype != object or arr.ndim != 1:
         raise ValueError(f"{source}: lead {name} holds {arr.dtype} values, not numbers or null")
-    missing = np.equal(arr, None)
+    missing = np.equal(arr, np.array(None))
     arr[missing] = 0
     numbers = np.array(arr.tolist())  # numpy infers int64 or float64 from the values
     if numbers.dtype.kind not in "iuf":
@@ -506,7 +509,7 @@ def _fast_leads(
         or (order and tuple(order) != tuple(names))
     ):
         return None
-    samples = np.empty(0, dtype=np.int64)
+    samples: np.ndarray | None = None
     for row, (first, stop) in enumerate(spans):
         chunk = data[first:stop]
         if b"n" in chunk:
@@ -515,11 +518,13 @@ def _fast_leads(
             numbers = np.fromstring(chunk, dtype=np.int64, sep=",")
         except ValueError:
             return None
-        if row == 0:
+        if samples is None:
             samples = np.empty((len(names), numbers.size), dtype=np.int64)
         if numbers.size != samples.shape[1] or numbers.size == 0:
             return None
         samples[row] = numbers
+    if samples is None:
+        return None
     missing = samples == _LOST
     text = _document(b"", tuple(names), samples, missing, b"")
     value = begin + len(_LEADS_KEY)
