@@ -151,7 +151,7 @@ def _document(
     lost: list[bool] = [False] * n_leads
     last_lost = lost
     if nulls:
-        lost = [bool(x) for x in missing.any(axis=1)]
+        lost = [bool(row.any()) for row in missing]
         last_lost = [bool(x) for x in missing[:, -1]]
     if min(lo) >= _TABLE_LO and max(hi) <= _TABLE_HI and _overlay_in_order():
         words = _words().take(samples, mode="wrap")
