@@ -257,11 +257,39 @@ def _measurements_text(measurements: dict[str, Any]) -> str:
     return "".join(_measurements_encoder(doc, 0))
 
 
-@lru_cache(maxsize=64)
-def _names_text(names: tuple[str, ...]) -> str:
-    """`"lead_order":[...],"derived_leads":[...]` for these lead names."""
+def _fixed_text_of(names: tuple[str, ...], device: DeviceInfo, adc: AdcInfo | None) -> str:
+    """`"lead_order":...,"derived_leads":...,"adc":...,"device":...`: what a device repeats."""
     derived = [n for n in names if n in DERIVED_LEADS]
-    return f'"lead_order":{_texts(names)},"derived_leads":{_texts(derived)}'
+    adc_text = "null" if adc is None else (
+        f'{{"bits":{int(adc.bits)},"baseline":{_nums(adc.baseline)},'
+        f'"counts_per_mv":{_num(adc.counts_per_mv)},"byte_order":{_text(str(adc.byte_order))}}}'
+    )
+    return (
+        f'"lead_order":{_texts(names)},"derived_leads":{_texts(derived)},"adc":{adc_text},'
+        f'"device":{{"serial":{_text(str(device.serial))},"model":{_text(str(device.model))},'
+        f'"agent_version":{_text(str(device.agent_version))}}}'
+    )
+
+
+_fixed_text_cached = lru_cache(maxsize=16)(_fixed_text_of)
+
+
+def _fixed_text(names: tuple[str, ...], device: DeviceInfo, adc: AdcInfo | None) -> str:
+    """`_fixed_text_of`, cached by value where equal values are always written alike.
+
+    Not so for -0.0 and 0.0 (equal, one text each), nor for non-str fields that compare
+    equal but print apart (7 and 7.0): those are written afresh.
+    """
+    plain = all(type(x) is str for x in (*names, device.serial, device.model,
+                                         device.agent_version))
+    if adc is not None:
+        plain = plain and type(adc.byte_order) is str
+        plain = plain and adc.counts_per_mv != 0 and 0 not in adc.baseline
+    try:
+        return _fixed_text_cached(names, device, adc) if plain else _fixed_text_of(
+            names, device, adc)
+    except TypeError:  # unhashable field values: nothing to cache by
+        return _fixed_text_of(names, device, adc)
 
 
 def _quality_text(q: Quality, rate: int) -> str:
@@ -286,35 +314,21 @@ def _quality_text(q: Quality, rate: int) -> str:
     )
 
 
-def _adc_text(adc: AdcInfo | None) -> str:
-    if adc is None:
-        return "null"
-    return (
-        f'{{"bits":{int(adc.bits)},"baseline":{_nums(adc.baseline)},'
-        f'"counts_per_mv":{_num(adc.counts_per_mv)},"byte_order":{_text(str(adc.byte_order))}}}'
-    )
-
-
 def _head(record: Record, rate: int) -> bytes:
     """`{"timestamp":...,"sampling_rate":...,"leads":` (the legacy keys come first)."""
-    at = record.acquired_at
-    return (
-        f'{{"timestamp":"{at.year:04d}-{at.month:02d}-{at.day:02d} '
-        f'{at.hour:02d}:{at.minute:02d}:{at.second:02d}","sampling_rate":{rate},"leads":'
-    ).encode()
+    # isoformat pads the year to 4 digits and truncates to seconds, as the legacy key wants
+    stamp = record.acquired_at.isoformat(" ", "seconds")[:19]
+    return f'{{"timestamp":"{stamp}","sampling_rate":{rate},"leads":'.encode()
 
 
 def _tail(record: Record, rate: int) -> bytes:
     """`,"acquired_at":...}`: every key after `leads`, in the documented order."""
-    device = record.device
     n = record.n_samples
     rid = record.record_id
     return (
         f',"acquired_at":{_text(record.acquired_at.isoformat())},"duration_s":{_num(n / rate)},'
-        f'"samples_per_lead":{n},"units":{_text(UNITS)},{_names_text(tuple(record.lead_names))},'
-        f'"adc":{_adc_text(record.adc)},"device":{{"serial":{_text(str(device.serial))},'
-        f'"model":{_text(str(device.model))},'
-        f'"agent_version":{_text(str(device.agent_version))}}},'
+        f'"samples_per_lead":{n},"units":{_text(UNITS)},'
+        f'{_fixed_text(tuple(record.lead_names), record.device, record.adc)},'
         f'"record_id":{"null" if rid is None else _text(str(rid))},'
         f'"quality":{_quality_text(record.quality, rate)},'
         f'"measurements":{_measurements_text(record.measurements)}}}'

@@ -461,12 +461,12 @@ def reference_dumps(record: Record) -> bytes:
             "bits": adc.bits,
             "baseline": [_finite_or_none(b) for b in adc.baseline],
             "counts_per_mv": _finite_or_none(adc.counts_per_mv),
-            "byte_order": adc.byte_order,
+            "byte_order": str(adc.byte_order),
         },
         "device": {
-            "serial": record.device.serial,
-            "model": record.device.model,
-            "agent_version": record.device.agent_version,
+            "serial": str(record.device.serial),
+            "model": str(record.device.model),
+            "agent_version": str(record.device.agent_version),
         },
         "record_id": record.record_id,
         "quality": {
@@ -505,6 +505,11 @@ def test_dumps_is_byte_for_byte_the_documented_dict(record, data):
     other = AdcInfo(baseline=(-adc.baseline[0], 1.5), counts_per_mv=-adc.counts_per_mv)
     for a in (adc, other, adc):
         rec = make_record(record.samples, record.missing, lead_names=record.lead_names, adc=a)
+        assert ecgdata.dumps(rec) == reference_dumps(rec)
+    # so are 7 and 7.0, where a field that should be a string is not
+    for serial in (7, 7.0, 7, "7"):
+        rec = make_record(record.samples, record.missing, lead_names=record.lead_names,
+                          device=DeviceInfo(serial=serial))
         assert ecgdata.dumps(rec) == reference_dumps(rec)
 
 
