@@ -242,10 +242,11 @@ def _texts(values: Any) -> str:
 def _nums(values: Any) -> str:
     if not values:
         return "[]"
-    text = ",".join([_repr_float(float(v)) for v in values])
-    if "n" in text:  # the repr of a finite float has no `n`; `nan`, `inf` have
-        text = ",".join([_num(v) for v in values])
-    return "[" + text + "]"
+    if None not in values:  # a loaded document holds None where NaN was written
+        text = ",".join([_repr_float(float(v)) for v in values])
+        if "n" not in text:  # the repr of a finite float has no `n`; `nan`, `inf` have
+            return "[" + text + "]"
+    return "[" + ",".join([_num(v) for v in values]) + "]"
 
 
 def _measurements_text(measurements: dict[str, Any]) -> str:

@@ -262,6 +262,22 @@ def test_non_ascii_and_escapes_are_canonical():
     assert "Nº 7 — ü".encode() in out
 
 
+def test_non_finite_metadata_reads_back_as_null_and_writes_the_same_again():
+    record = make_record(
+        np.zeros((2, 3), np.int32),
+        adc=AdcInfo(baseline=(float("nan"), 2048.0, float("-inf")), counts_per_mv=float("inf")),
+        quality=Quality(mains_noise_uv=float("nan")),
+    )
+    out = ecgdata.dumps(record)
+    assert json.loads(out)["adc"] == {
+        "bits": 12, "baseline": [None, 2048.0, None], "counts_per_mv": None,
+        "byte_order": "high-first",
+    }
+    back = ecgdata.loads(out)
+    assert back.adc.baseline == (None, 2048.0, None) and back.adc.counts_per_mv is None
+    assert ecgdata.dumps(back) == out
+
+
 def test_rejects_what_it_cannot_write_faithfully():
     with pytest.raises(ValueError, match="lead names repeat"):
         ecgdata.dumps(make_record(np.zeros((2, 2), np.int32), lead_names=("I", "I")))
