@@ -38,8 +38,8 @@ def interleaved_cpu(
 ) -> dict[str, list[float]]:
     """CPU seconds per call of each contestant, one mean per round, called round-robin.
 
-    A round is `calls` passes; each pass calls every contestant once, in a freshly shuffled
-    order (seeded, so runs repeat), each call timed on its own (process_time has ns
+    A round is `calls` passes; each pass calls every contestant once (round-robin), in a
+    freshly shuffled order (seeded, so runs repeat), each call timed on its own (process_time has ns
     resolution on Linux, and its ~0.6 us overhead is noise next to calls of 0.1 ms and
     more). So each call finds the caches and the allocator as a random other contestant
     left them, as a call made once per record in a real process does, and no contestant

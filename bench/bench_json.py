@@ -6,7 +6,10 @@ Baselines are measured in the same run on the same document (HR06000, 12 x 5000 
 - orjson: `orjson.dumps(..., OPT_SERIALIZE_NUMPY)` with leads as int32 numpy rows (orjson
   cannot write `null` inside a numpy array, so this record has no lost samples);
 - loads: `json.loads` of our document and `np.array(..., int32)` of each lead.
-All five run interleaved round-robin (bench/_common.interleaved_cpu), timed in CPU time.
+Both dumps baselines get the metadata as a ready dict (parsed once from our output), while
+`ecgdata.dumps` writes it from the Record on every call: the comparison leans their way.
+All five run interleaved round-robin (bench/_common.interleaved_cpu), timed in CPU time:
+each call meets the caches another contestant left, as a call made once per record does.
 """
 
 from __future__ import annotations
