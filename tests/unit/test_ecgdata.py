@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime, timedelta, timezone
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -260,6 +262,22 @@ def test_non_ascii_and_escapes_are_canonical():
     assert "Nº 7 — ü".encode() in out
 
 
+def test_non_finite_metadata_reads_back_as_null_and_writes_the_same_again():
+    record = make_record(
+        np.zeros((2, 3), np.int32),
+        adc=AdcInfo(baseline=(float("nan"), 2048.0, float("-inf")), counts_per_mv=float("inf")),
+        quality=Quality(mains_noise_uv=float("nan")),
+    )
+    out = ecgdata.dumps(record)
+    assert json.loads(out)["adc"] == {
+        "bits": 12, "baseline": [None, 2048.0, None], "counts_per_mv": None,
+        "byte_order": "high-first",
+    }
+    back = ecgdata.loads(out)
+    assert back.adc.baseline == (None, 2048.0, None) and back.adc.counts_per_mv is None
+    assert ecgdata.dumps(back) == out
+
+
 def test_rejects_what_it_cannot_write_faithfully():
     with pytest.raises(ValueError, match="lead names repeat"):
         ecgdata.dumps(make_record(np.zeros((2, 2), np.int32), lead_names=("I", "I")))
@@ -415,3 +433,305 @@ def test_real_recordings_roundtrip(ecg_data_dir, name):
         doc = json.loads(out)
         assert doc["leads"]["II"][:10] == rec.samples[1, :10].tolist()
     assert json.loads(ecgdata.dumps(lossy))["leads"]["V6"][1000:1050] == [None] * 50
+
+
+# --- dumps byte for byte against the documented dict, written by the stdlib ----------------
+
+
+def _finite_or_none(value):
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _plain(value):
+    """Measurements as the stdlib sees them: numpy unwrapped, NaN/inf as None."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return _finite_or_none(value)
+    return value
+
+
+def reference_dumps(record: Record) -> bytes:
+    """The document as the module docstring describes it, through json.dumps (the oracle)."""
+    rate, at, q, adc = record.sampling_rate, record.acquired_at, record.quality, record.adc
+    doc = {
+        "timestamp": at.strftime("%Y-%m-%d %H:%M:%S").rjust(19, "0"),
+        "sampling_rate": rate,
+        "leads": expected_leads(record),
+        "acquired_at": at.isoformat(),
+        "duration_s": record.n_samples / rate,
+        "samples_per_lead": record.n_samples,
+        "units": "uV",
+        "lead_order": list(record.lead_names),
+        "derived_leads": [n for n in record.lead_names if n in ("III", "aVR", "aVL", "aVF")],
+        "adc": None if adc is None else {
+            "bits": adc.bits,
+            "baseline": [_finite_or_none(b) for b in adc.baseline],
+            "counts_per_mv": _finite_or_none(adc.counts_per_mv),
+            "byte_order": str(adc.byte_order),
+        },
+        "device": {
+            "serial": str(record.device.serial),
+            "model": str(record.device.model),
+            "agent_version": str(record.device.agent_version),
+        },
+        "record_id": record.record_id,
+        "quality": {
+            "frames_expected": q.frames_expected,
+            "frames_received": q.frames_received,
+            "frames_lost": q.frames_lost,
+            "lost_fraction": float(q.lost_fraction),
+            "gaps": [{"start_sample": g.start, "length": g.length, "start_s": g.start / rate}
+                     for g in q.gaps],
+            "electrodes_off": [
+                {"electrode": e.electrode, "start_sample": e.start, "length": e.length,
+                 "start_s": e.start / rate, "end_s": (e.start + e.length) / rate}
+                for e in q.electrodes_off
+            ],
+            "flat_leads": list(q.flat_leads),
+            "saturated_leads": list(q.saturated_leads),
+            "mains_noise_uv": _finite_or_none(q.mains_noise_uv),
+            "bad_frames": q.bad_frames,
+            "verdict": q.verdict,
+            "reasons": list(q.reasons),
+        },
+        "measurements": _plain(record.measurements),
+    }
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+signed_zero = st.sampled_from([0.0, -0.0])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(records_st(), st.data())
+def test_dumps_is_byte_for_byte_the_documented_dict(record, data):
+    assert ecgdata.dumps(record) == reference_dumps(record)
+    # -0.0 == 0.0, yet they are written differently: nothing may be reused across them
+    adc = AdcInfo(baseline=(data.draw(signed_zero), 1.5), counts_per_mv=data.draw(signed_zero))
+    other = AdcInfo(baseline=(-adc.baseline[0], 1.5), counts_per_mv=-adc.counts_per_mv)
+    for a in (adc, other, adc):
+        rec = make_record(record.samples, record.missing, lead_names=record.lead_names, adc=a)
+        assert ecgdata.dumps(rec) == reference_dumps(rec)
+    # so are 7 and 7.0, where a field that should be a string is not
+    for serial in (7, 7.0, 7, "7"):
+        rec = make_record(record.samples, record.missing, lead_names=record.lead_names,
+                          device=DeviceInfo(serial=serial))
+        assert ecgdata.dumps(rec) == reference_dumps(rec)
+
+
+# --- loads: the fast path for canonical leads, and the general path it must agree with ----
+
+
+def general_loads(data):
+    """loads with its fast path switched off: json.loads of the whole document."""
+    with mock.patch.object(ecgdata, "_fast_leads", lambda data: None):
+        return ecgdata.loads(data)
+
+
+def outcome(load, data):
+    try:
+        return load(data)
+    except ValueError as exc:
+        return f"ValueError: {exc}"
+
+
+def assert_same_as_general(data: bytes, *, fast: bool | None = None):
+    """loads gives what the general path gives (record or error), and says which path ran."""
+    if fast is not None:
+        assert (ecgdata._fast_leads(data) is not None) == fast
+    got, want = outcome(ecgdata.loads, data), outcome(general_loads, data)
+    if isinstance(want, str):
+        assert got == want
+        return
+    assert isinstance(got, Record), got
+    assert got == want
+    assert got.samples.dtype == want.samples.dtype
+    assert np.array_equal(got.samples, want.samples)
+    assert np.array_equal(got.missing, want.missing)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(records_st())
+def test_fast_path_reads_every_canonical_document(record):
+    out = ecgdata.dumps(record)
+    # by design, another key named leads anywhere sends a document to the general path
+    assert_same_as_general(out, fast=record.samples.size > 0 and not has_leads_key(record))
+    assert ecgdata.loads(out) == record
+
+
+def has_leads_key(record: Record) -> bool:
+    def walk(value) -> bool:
+        if isinstance(value, dict):
+            return any(str(k) == "leads" or walk(v) for k, v in value.items())
+        return isinstance(value, list | tuple) and any(walk(v) for v in value)
+
+    return walk(record.measurements)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [[None, 1, None], [None, None, None]],  # null first, last, and a lead of nulls only
+        [[-32768, 32767, 0], [-1, 1, None]],  # int16 extremes
+        [[-32769, 32768, 7], [2**31 - 1, -(2**31), None]],  # outside int16
+        [[2**62, -(2**62), 10**17], [10**18, -(10**18), 0]],  # outside int32
+        [[-(2**63), 0, 1], [2**63 - 1, 1, 2]],  # int64 min is what null reads as: general path
+        [[5], [-5]],  # one sample a lead
+    ],
+)
+def test_fast_path_edge_values(values):
+    missing = np.array([[v is None for v in row] for row in values])
+    samples = np.array([[0 if v is None else v for v in row] for row in values], dtype=np.int64)
+    record = make_record(samples, missing, lead_names=("I", "é\\"))
+    out = ecgdata.dumps(record)
+    assert_same_as_general(out, fast=-(2**63) not in values[0])
+    back = ecgdata.loads(out)
+    assert back == record
+    fits32 = INT32[0] <= samples.min() and samples.max() <= INT32[1]
+    assert back.samples.dtype == (np.int32 if fits32 else np.int64)
+
+
+def test_empty_leads_take_the_general_path():
+    for record in (make_record(np.zeros((2, 0), np.int32)),
+                   make_record(np.zeros((0, 4), np.int32), lead_names=())):
+        assert_same_as_general(ecgdata.dumps(record), fast=False)
+
+
+CANONICAL = ecgdata.dumps(
+    make_record(
+        np.array([[1, -20, 300, 4000], [5, 0, -7, 8]], np.int32),
+        np.array([[False, False, True, False], [False] * 4]),
+        lead_names=("I", "II"),
+        device=DeviceInfo(serial="Nº 7 — ü \"leads\"", model="x", agent_version="1"),
+    )
+)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (b"[1,-20,", b"[1, -20,"),  # whitespace: legacy json.dumps wrote ", " and ": "
+        (b"[1,-20,", b"[ 1,-20,"),
+        (b"[1,-20,", b"[1\n,-20,"),
+        (b"4000]", b"4000 ]"),
+        (b'"leads":{', b'"leads": {'),
+        (b'"leads":{', b'"leads":{ '),
+        (b"[1,-20,", b"[01,-20,"),  # not JSON: both must refuse
+        (b"[1,-20,", b"[+1,-20,"),
+        (b"[1,-20,", b"[1,-020,"),
+        (b"[5,0,", b"[5,-0,"),  # JSON, but not what dumps writes
+        (b"[1,-20,", b"[1.0,-20,"),  # a float: legacy mV or rounding, the general path decides
+        (b"[5,0,", b"[5,0e0,"),
+        (b"4000]", b"4000,]"),
+        (b"[1,-20,", b"[1,,-20,"),
+        (b"-20,null,", b"-20,nul,"),
+        (b"-20,null,", b"-20,NULL,"),
+        (b"-20,null,", b"-20,true,"),
+        (b"[1,-20,", b"[99999999999999999999,-20,"),  # beyond int64
+        (b"[1,-20,", b"[9223372036854775808,-20,"),
+        (b'{"I":[', b'{"\\u0049":['),  # the same name, escaped otherwise
+        (b'"II":[', b'"I":['),  # a repeated lead name
+        (b'"units":"uV"', b'"units":"mV"'),
+        (b'"lead_order":["I","II"]', b'"lead_order":["II","I"]'),
+        (b'"lead_order":["I","II"]', b'"lead_order":["I"]'),
+        (b'"measurements":{}', b'"measurements":{"leads":{"I":[1]}}'),
+        (b'"timestamp"', b'"m":{"leads":{"I":[2]}},"timestamp"'),  # a nested one first
+        (b'"measurements":{}', b'"measurements":{"x":1}}'),  # trailing garbage
+        (b'"record_id":null', b'"record_id":null,"leads":{}'),  # a second top-level leads
+        (b'"record_id":null', b'"record_id":null,"\\u006ceads":0'),  # the same, escaped
+        (b'"record_id":null', b'"record_id":null,"leads" : 0'),
+        (b'"measurements":{}', b'"measurements":{"leads":0}'),  # a nested one
+        (b",8]", b",8,9]"),  # leads of unequal length
+    ],
+)
+def test_non_canonical_leads_agree_with_the_general_path(old, new):
+    assert CANONICAL.count(old) == 1
+    data = CANONICAL.replace(old, new)
+    assert_same_as_general(data, fast=False)
+
+
+def test_other_spellings_outside_the_leads_keep_the_fast_path():
+    for old, new in [(b'"units":"uV"', b'"units":"\\u00b5V"'),
+                     (b'"units":"uV"', "\"units\":\"\u00b5V\"".encode()),
+                     (b'"sampling_rate":500', b'"sampling_rate" : 500'),
+                     (b'"lead_order":["I","II"]', b'"lead_order":[]')]:
+        assert CANONICAL.count(old) == 1
+        assert_same_as_general(CANONICAL.replace(old, new), fast=True)
+
+
+def test_a_number_beyond_int64_is_an_error_not_garbage():
+    data = CANONICAL.replace(b"[1,-20,", b"[9223372036854775808,-20,")
+    with pytest.raises(ValueError, match="lead I: a lead value is beyond 64-bit"):
+        ecgdata.loads(data)
+
+
+def test_canonical_document_takes_the_fast_path_and_bom_or_spaces_around_do_not_matter():
+    assert_same_as_general(CANONICAL, fast=True)
+    assert_same_as_general(b" \n" + CANONICAL + b"\r\n", fast=True)
+    assert_same_as_general(b"\xef\xbb\xbf" + CANONICAL, fast=True)
+    assert ecgdata.loads(CANONICAL) == ecgdata.loads(CANONICAL.decode())  # str: general path
+
+
+def test_lead_names_with_json_syntax_in_them():
+    for name in ('a":[b', "c]", 'd"', "\\", "leads", "\u2028\x01", "ü"):
+        lost = np.array([[False, False], [False, True]])
+        record = make_record(np.array([[1, 2], [3, 0]]), lost, lead_names=(name, "II"))
+        out = ecgdata.dumps(record)
+        assert_same_as_general(out)
+        assert ecgdata.loads(out) == record
+
+
+LEGACY_INTS = {"timestamp": "2025-03-02 08:15:00", "sampling_rate": 500,
+               "leads": {"I": [1, 2, None], "II": [4, 5, 6]}}
+
+
+@pytest.mark.parametrize(
+    "legacy",
+    [
+        LEGACY_INTS,
+        {"timestamp": "2025-03-02 08:15:00", "sampling_rate": 500,
+         "leads": {"I": [0.1, -0.25, 1.0005], "II": [0.0, 2, None]}},  # mV floats
+        {"timestamp": "2025-03-02 08:15:00", "sampling_rate": 500,
+         "leads": {"I": [1, 2, 3], "II": [1.5, 2, 3]}},  # a float in a later lead only
+        {"timestamp": "2025-03-02 08:15:00", "sampling_rate": 250,
+         "leads": {"I": [1, 2, 3], "V1": [4]}},  # short leads are padded
+    ],
+)
+@pytest.mark.parametrize(
+    "style",
+    [{"separators": (",", ":")}, {}, {"indent": 2}, {"indent": "\t", "separators": (",", ": ")}],
+)
+def test_legacy_files_in_any_layout_agree_with_the_general_path(legacy, style):
+    data = json.dumps(legacy, **style).encode()
+    compact_ints = style.get("separators") == (",", ":") and legacy is LEGACY_INTS
+    assert_same_as_general(data, fast=compact_ints)
+
+
+@st.composite
+def mutated_documents(draw):
+    """A canonical document with one small edit inside or next to its leads."""
+    record = draw(records_st())
+    out = ecgdata.dumps(record)
+    start = out.find(b'"leads":')
+    stop = out.find(b'"acquired_at"')
+    at = draw(st.integers(start, stop))
+    edit = draw(st.sampled_from([b" ", b"\n", b"0", b"-", b"+", b".", b"e", b",", b"]", b"[",
+                                 b"null", b'"', b"\\", b"1", b""]))
+    cut = draw(st.integers(0, 2))
+    return out[:at] + edit + out[at + cut:]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_documents())
+def test_any_edit_near_the_leads_gives_what_the_general_path_gives(data):
+    assert_same_as_general(data)
