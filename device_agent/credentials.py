@@ -426,7 +426,7 @@ def _server_message(body: bytes) -> str:
 def _credentials_class() -> type:
     from botocore.credentials import DeferredRefreshableCredentials
 
-    class IotCredentials(DeferredRefreshableCredentials):  # type: ignore[misc]
+    class IotCredentials(DeferredRefreshableCredentials):
         """Fetched on first use, refreshed ADVISORY_REFRESH_S before expiry."""
 
         _advisory_refresh_timeout = ADVISORY_REFRESH_S
@@ -439,7 +439,7 @@ def make_provider(fetcher: IotCredentialFetcher) -> Any:
     """A botocore CredentialProvider whose credentials come from `fetcher`, lazily."""
     from botocore.credentials import CredentialProvider
 
-    class IotCredentialProvider(CredentialProvider):  # type: ignore[misc]
+    class IotCredentialProvider(CredentialProvider):
         METHOD = "iot-credentials-provider"
         CANONICAL_NAME = "AwsIotCredentialsProvider"
 

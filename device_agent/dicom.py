@@ -193,7 +193,8 @@ def build_dataset(
 def lead_step_uv(samples: np.ndarray, missing: np.ndarray) -> np.ndarray:
     """Per lead, the whole number of uV per stored unit that fits its samples in int16."""
     peak = np.abs(np.where(missing, 0, samples.astype(np.int64))).max(axis=1, initial=0)
-    return np.maximum(1, -(-peak // _LIMIT)).astype(np.int64)
+    step: np.ndarray = np.maximum(1, -(-peak // _LIMIT)).astype(np.int64)
+    return step
 
 
 def quantise(samples: np.ndarray, missing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

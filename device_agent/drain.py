@@ -123,7 +123,7 @@ class SynchronousExecutor(Executor):
 
 def backoff_delay(attempts: int, *, base_s: float, cap_s: float, rng: random.Random) -> float:
     """Exponential backoff with 'equal jitter': half fixed, half random, capped."""
-    ceiling = min(cap_s, base_s * (2 ** max(0, attempts - 1)))
+    ceiling = min(cap_s, base_s * 2.0 ** max(0, attempts - 1))
     return ceiling / 2 + rng.random() * ceiling / 2
 
 

@@ -109,7 +109,7 @@ class Record:
 
     def lead(self, name: str) -> np.ndarray:
         """One lead as float64 microvolts with NaN where lost."""
-        row = self.samples[self.lead_names.index(name)].astype(np.float64)
+        row: np.ndarray = self.samples[self.lead_names.index(name)].astype(np.float64)
         row[self.missing[self.lead_names.index(name)]] = np.nan
         return row
 

@@ -369,7 +369,7 @@ def not_measured_line(measurements: Mapping[str, Any]) -> str | None:
         reasons.setdefault("heart_rate_bpm", measurements["not_measured_reason"])
     by_reason: dict[str, list[str]] = {}
     for name, why in reasons.items():
-        by_reason.setdefault(str(why), []).append(_SHORT.get(name, name))
+        by_reason.setdefault(str(why), []).append(_SHORT.get(str(name), str(name)))
     if not by_reason:
         return None
     return "Not measured: " + "; ".join(f"{', '.join(names)} ({why})"
@@ -517,7 +517,7 @@ def _binary_streams() -> Iterator[None]:
     so they are swapped under a lock and restored; only this module uses reportlab.
     """
 
-    class _Flate(pdfdoc.PDFStreamFilterZCompress):  # type: ignore[misc]
+    class _Flate(pdfdoc.PDFStreamFilterZCompress):
         def encode(self, text: str | bytes) -> bytes:  # as reportlab's own, at another level
             data = text.encode("utf8") if isinstance(text, str) else text
             return zlib.compress(data, FLATE_LEVEL)

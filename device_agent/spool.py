@@ -142,7 +142,7 @@ class Spool:
     @staticmethod
     def _take_result(path: Path) -> dict[str, Any] | None:
         try:
-            data = json.loads(path.read_bytes())
+            data: dict[str, Any] = json.loads(path.read_bytes())
         except FileNotFoundError:
             return None
         with contextlib.suppress(FileNotFoundError):

@@ -507,7 +507,7 @@ def open_stream(method: str, url: str, headers: Headers, body: Body = None, *,
         for name, value in items:
             conn.putheader(name, value)
         try:
-            conn.endheaders(message_body=body, encode_chunked=chunked)  # type: ignore[arg-type]
+            conn.endheaders(message_body=body, encode_chunked=chunked)
         except (ConnectionError, ssl.SSLError):
             # The peer may have answered early and closed (an error status, a TLS alert):
             # that answer says more than "broken pipe" does.
@@ -624,17 +624,20 @@ def botocore_error(exc: TransportError, request: AWSPreparedRequest) -> Exceptio
     from botocore import exceptions as bx
 
     url = request.url
+    error: Exception
     if isinstance(exc, ConnectTimeout):
-        return bx.ConnectTimeoutError(endpoint_url=url, error=exc)
-    if isinstance(exc, DeadlineExceeded):
-        return bx.ReadTimeoutError(endpoint_url=url, error=exc)
-    if isinstance(exc, ConnectFailed):
-        return bx.EndpointConnectionError(endpoint_url=url, error=exc)
-    if isinstance(exc, TLSError):
-        return bx.SSLError(endpoint_url=url, error=exc)
-    if isinstance(exc, ConnectionClosed):
-        return bx.ConnectionClosedError(endpoint_url=url, request=request, error=exc)
-    return bx.HTTPClientError(error=exc)
+        error = bx.ConnectTimeoutError(endpoint_url=url, error=exc)
+    elif isinstance(exc, DeadlineExceeded):
+        error = bx.ReadTimeoutError(endpoint_url=url, error=exc)
+    elif isinstance(exc, ConnectFailed):
+        error = bx.EndpointConnectionError(endpoint_url=url, error=exc)
+    elif isinstance(exc, TLSError):
+        error = bx.SSLError(endpoint_url=url, error=exc)
+    elif isinstance(exc, ConnectionClosed):
+        error = bx.ConnectionClosedError(endpoint_url=url, request=request, error=exc)
+    else:
+        error = bx.HTTPClientError(error=exc)
+    return error
 
 
 class DeadlineSender:

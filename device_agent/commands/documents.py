@@ -119,3 +119,51 @@ def export(settings: Settings, args: argparse.Namespace) -> int:
     _write(args.out, data, "DICOM file")
     echo(f"wrote {args.out} ({len(data)} bytes)")
     return 0
+
+
+def load_any_record(path: Path) -> Any:
+    """A stored record to measure: ecg_data JSON (current or legacy) or a WFDB .hea."""
+    if path.suffix == ".hea":
+        from device_agent.lab.wfdb import to_record
+
+        try:
+            return to_record(path)
+        except (OSError, ValueError, IndexError) as exc:
+            raise AgentError(f"cannot read WFDB record {path}: {exc}") from None
+    return load_ecg_json(path)
+
+
+def measure(settings: Settings, args: argparse.Namespace) -> int:
+    """Measure stored records; with --json one object a line per input, in input order."""
+    from device_agent.measurements import (
+        MEASUREMENT_NAMES,
+        measure_record,
+        measurements_block,
+    )
+
+    failed = 0
+    for path in args.files:
+        try:
+            record = load_any_record(path)
+            block = measurements_block(measure_record(record, mains_hz=settings.mains_hz))
+        except AgentError as exc:
+            failed += 1
+            if args.json:
+                echo(json.dumps({"input": str(path), "error": str(exc)}))
+            else:
+                echo(f"{path}: {exc}", err=True)
+            continue
+        values = {name: _jsonable(block.get(name)) for name in MEASUREMENT_NAMES}
+        if args.json:
+            echo(json.dumps({"input": str(path), **values,
+                             "reasons": block.get("reasons") or {}}))
+        else:
+            echo(f"{path}: " + "  ".join(f"{label} {value}" for label, value in
+                                         _measurement_rows(values)))
+    return 1 if failed else 0
+
+
+def _measurement_rows(values: dict[str, Any]) -> list[tuple[str, str]]:
+    from device_agent.report import measurement_rows
+
+    return measurement_rows(values)

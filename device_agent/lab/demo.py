@@ -53,7 +53,7 @@ def bucket_tree(bucket: str, keys: Iterable[str]) -> str:
         for part in key.split("/"):
             node = node.setdefault(part, {})
 
-    def order(name: str) -> tuple:
+    def order(name: str) -> tuple[int, str, bool, str]:
         # The layout document's order: report PDF, its JSON twin, patient details, data, then
         # the DICOM copy and our manifest; folders and anything else after.
         rank = next((i for i, p in enumerate(_KIND_ORDER) if name.startswith(p)), -1)

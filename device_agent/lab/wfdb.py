@@ -42,7 +42,8 @@ class WfdbRecord:
         wanted = name.lower()
         for i, lead in enumerate(self.lead_names):
             if lead.lower() == wanted:
-                return self.signals_uv[i]
+                row: np.ndarray = self.signals_uv[i]
+                return row
         raise KeyError(f"lead {name} not in record {self.name} ({', '.join(self.lead_names)})")
 
 
