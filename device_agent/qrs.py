@@ -225,7 +225,9 @@ def detect_leads(
     filled, _ = fill_lost(x)
     live = np.ptp(filled, axis=1) >= FLAT_UV
     if not live.any():
-        return fail(f"{where} {'is' if len(names) == 1 else 'are'} flat")
+        first = LEAD if LEAD in names else names[0]
+        others = [n for n in names if n != first]
+        return fail(f"lead {first} is flat" + (f", as are {', '.join(others)}" if others else ""))
     bandpassed, integrated = _filtered(filled[live], fs, mains_hz)
     integrated[:, lost] = 0.0  # no beat is placed inside a gap
     combined = _combine(integrated)
