@@ -46,10 +46,9 @@ MEASUREMENT_NAMES = (
     "heart_rate_bpm", "rr_ms", "pr_ms", "qrs_ms", "qt_ms", "qtc_bazett_ms",
     "qtc_fridericia_ms", "p_axis_deg", "qrs_axis_deg", "t_axis_deg",
 )
-INTERVALS = ("pr_ms", "qrs_ms", "qt_ms", "qtc_bazett_ms", "qtc_fridericia_ms")
 AXES = ("p_axis_deg", "qrs_axis_deg", "t_axis_deg")
-METHOD = ("12-lead spatial delineation of each beat guided by the median beat (numpy); "
-          "QTc Bazett and Fridericia; frontal axes from leads I and III")
+METHOD = ("12-lead spatial delineation, each beat guided by the median beat (numpy); "
+          "QTc Bazett, Fridericia; axes from I, III")
 
 MIN_CLEAN_BEATS = 3
 MAX_LOST_FRACTION = qrs.MAX_LOST_FRACTION  # share of samples lost in any lead
@@ -140,14 +139,23 @@ def measure_record(record: Record, *, mains_hz: float = 50.0) -> Measurements:
     if p_missing:
         refuse(("pr_ms", "p_axis_deg"), p_missing)
     _intervals(d, values, reasons, fs, skip_p=bool(p_missing))
-    rr_s = (values["rr_ms"] or 0.0) / 1000.0
-    qt = values["qt_ms"]
-    if qt is not None and rr_s > 0:
-        values["qtc_bazett_ms"] = round(qt / math.sqrt(rr_s))
-        values["qtc_fridericia_ms"] = round(qt / rr_s ** (1.0 / 3.0))
+    qt, rr = values["qt_ms"], values["rr_ms"]
+    if qt is not None and rr:
+        values["qtc_bazett_ms"] = round(qtc_bazett(qt, rr))
+        values["qtc_fridericia_ms"] = round(qtc_fridericia(qt, rr))
     refuse(("qtc_bazett_ms", "qtc_fridericia_ms"), f"no QT: {reasons.get('qt_ms', '')}")
     _axes(d, values, reasons, live, skip_p=bool(p_missing))
     return _result(values, reasons, n)
+
+
+def qtc_bazett(qt_ms: float, rr_ms: float) -> float:
+    """Bazett's corrected QT (ms): QT / sqrt(RR in seconds)."""
+    return qt_ms / math.sqrt(rr_ms / 1000.0)
+
+
+def qtc_fridericia(qt_ms: float, rr_ms: float) -> float:
+    """Fridericia's corrected QT (ms): QT / cube root of (RR in seconds)."""
+    return qt_ms / (rr_ms / 1000.0) ** (1.0 / 3.0)
 
 
 def measurements_block(m: Measurements) -> dict:
