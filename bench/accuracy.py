@@ -125,6 +125,20 @@ def axis_stats(results: list[RecordResult]) -> dict:
             "measured": measured, "labelled": len(labelled)}
 
 
+def axis_ceiling(results: list[RecordResult]) -> float | None:
+    """The best agreement any rule cutting the measured QRS angle into the five labels, in
+    their order, could reach: the labels overlap in angle, so this caps axis_stats."""
+    order = [name for name, _ in ludb.AXIS_CATEGORIES]
+    pairs = sorted((r.measured.qrs_axis_deg, order.index(r.labels.axis)) for r in results
+                   if r.labels.axis and r.measured.qrs_axis_deg is not None)
+    if not pairs:
+        return None
+    best = np.zeros(len(order))  # best[c]: most agreements so far, last category at most c
+    for _, label in pairs:
+        best = np.maximum.accumulate(best + (np.arange(len(order)) == label))
+    return float(best[-1]) / len(pairs)
+
+
 def runtime_stats(results: list[RecordResult]) -> dict:
     """Median CPU seconds per record of measure_record and of the QRS detector alone."""
     ours = statistics.median(r.cpu_s for r in results)
@@ -158,9 +172,10 @@ def accuracy_rows(results: list[RecordResult]) -> list[dict]:
             "ecgdeli": "-",
         })
     a = axis_stats(results)
+    cap = axis_ceiling(results)
     rows.append({
         "quantity": "QRS axis category",
-        "result": f"{a['agreement']:.0%} agree",
+        "result": f"{a['agreement']:.0%} agree (any angle rule: at most {cap:.0%})",
         "coverage": f"{a['measured']}/{a['labelled']} measured, {a['hits']} agree",
         "aim": ">= 85%",
         "ecgdeli": "-",

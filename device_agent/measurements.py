@@ -218,10 +218,12 @@ def _p_missing(d: delineate.Delineation, fs: float) -> str | None:
     if c is None or tw.p_onset is None:
         return "no P wave found before the QRS complexes"
     if irr is not None and irr > RR_IRREGULAR and c < P_CONSISTENCY_IRREGULAR:
-        return (f"no repeating P wave and irregular RR intervals (atrial fibrillation?): "
-                f"P match {c:.2f}, RR irregularity {irr:.2f}")
+        return (f"irregular RR intervals without a closely repeating P wave (atrial "
+                f"fibrillation?): P-wave match {c:.2f} (under {P_CONSISTENCY_IRREGULAR:.2f}), "
+                f"RR irregularity {irr:.2f} (over {RR_IRREGULAR:.2f})")
     if c < P_MIN_CONSISTENCY:
-        return f"no repeating P wave before the QRS complexes (P match {c:.2f})"
+        return (f"no repeating P wave before the QRS complexes (P-wave match {c:.2f}, under "
+                f"{P_MIN_CONSISTENCY:.2f})")
     amp = _p_amplitude(d, fs)
     if amp < P_MIN_UV:
         return f"P wave too small to measure ({amp:.0f} uV)"
