@@ -33,17 +33,22 @@ Method (numpy only, every window in seconds so any sampling rate works):
    CALIBRATION_MS shifts each boundary by that mean, measured once on the odd-numbered
    LUDB records (tests/data/ludb, bench/accuracy.py); see there for the figures.
 5. Each beat is delineated on its own, each boundary kept within GUIDE_S of the
-   template's (a noisy beat cannot wander off); callers take medians over beats.
+   template's (a noisy beat cannot wander off; a boundary a beat's own curves do not show
+   is the template's); above P_BEAT_NOISE_UV of noise every beat takes the template's P
+   wave. Callers take medians over beats.
+6. Absent waves are None in every beat, with the reason in the Delineation: no P wave when
+   the beats' P windows do not repeat (atrial fibrillation's waves are not locked to the
+   QRS; see P_MIN_CONSISTENCY and the thresholds after it) or the P wave is tiny; no T end
+   when the T wave is too flat (T_MIN_UV).
 
-Also measured, for the quality checks of measurements.py: how consistently the beats'
-P windows match the template's (atrial fibrillation has no repeating P wave), how
-irregular the RR intervals are, the beats' residual noise, and pacemaker spikes.
+Also measured, for the quality checks of measurements.py: the broadband noise (noise_uv)
+and the QRS detections preceded by a pacemaker spike.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -87,13 +92,24 @@ PR_LEVEL_S = (0.012, 0.002)  # PR-segment level: this window before QRS onset
 # Calibration to the LUDB cardiologists' global marks (ms added to each boundary).
 CALIBRATION_MS = {"p_onset": -8.0, "p_offset": 0.0, "qrs_onset": -8.0, "qrs_offset": 0.0,
                   "t_offset": 6.0}
-# Pacemaker spikes: a one-sample jump this many times the 9-sample-smoothed slope.
+# Pacemaker spikes: a one-sample jump this many times the smoothed leads' steepest slope.
 SPIKE_RATIO = 4.0
 SPIKE_MIN_UV = 100.0  # spatial jump in one sample
 SPIKE_SEARCH_S = (0.30, 0.004)  # before the QRS detection: from, to
 SPIKE_COMPARE_S = 0.06  # after the detection: the smoothed slope is compared up to here
 SPIKE_SMOOTH_S = 0.018
 SPIKE_NOISE_RATIO = 12.0  # times the broadband noise (white noise's jumps reach about 6x)
+# No P wave (atrial fibrillation, flutter, junctional rhythm): the beats' P windows do not
+# repeat (median correlation with the template's under P_MIN_CONSISTENCY), or the RR
+# intervals are irregular (RR_IRREGULAR: median |successive difference| / median RR) and
+# the P windows do not repeat closely (P_CONSISTENCY_IRREGULAR), or the template's P wave
+# is under P_MIN_UV (peak RMS over the spatial leads about the PR level). Tuned on LUDB:
+# every sinus record there has a match of 0.51 or more and an irregularity under 0.11.
+P_MIN_CONSISTENCY = 0.45
+P_CONSISTENCY_IRREGULAR = 0.90
+RR_IRREGULAR = 0.15
+P_MIN_UV = 10.0
+T_MIN_UV = 10.0  # a T wave under this (peak RMS about the PR level) has no clear end
 # Above this broadband noise (uV RMS) a beat's own P onset is not trusted: each beat takes
 # the median beat's (30 uV of white noise moved the beats' P onsets 30 ms earlier on LUDB).
 P_BEAT_NOISE_UV = 8.0
@@ -142,6 +158,8 @@ class Delineation:
     noise_uv: float | None  # broadband noise, uV RMS (noise_uv)
     paced_beats: int  # QRS detections with a pacemaker-like spike before them
     reason: str | None = None  # why there are no beats, when there are none
+    p_absent: str | None = None  # why no beat has a P wave, when none has
+    t_absent: str | None = None  # why no beat has a T end, when none has
 
 
 def notched(leads_uv: np.ndarray, fs: float, mains_hz: float = 50.0) -> np.ndarray:
@@ -223,22 +241,82 @@ def delineate(
     rr_all = np.diff(np.asarray(detections, dtype=np.int64))
     rr = float(np.median(rr_all)) if rr_all.size else float(post)
     twaves = _boundaries(template, pre, fs, rr, spatial, rr, None, GUIDE_S)
+    all_det = np.asarray(detections, dtype=np.int64)
+    p_match = _p_consistency(segs, template, twaves, spatial, fs)
+    irregularity = _irregularity(all_det)
+    p_absent = _p_absent(template, twaves, p_match, irregularity, spatial, fs)
+    t_absent = _t_absent(template, twaves, spatial, fs)
+    twaves = _without(twaves, p_absent, t_absent)
     beats = []
     for j, (seg, d) in enumerate(zip(segs, det, strict=True)):
         prev_rr = float(d - det[j - 1]) if j else rr
         if prev_rr > 1.5 * rr:  # the previous beat was left out: assume an ordinary interval
             prev_rr = rr
-        w = _boundaries(seg, pre, fs, rr, spatial, prev_rr, twaves, p_guide)
+        w = _without(_boundaries(seg, pre, fs, rr, spatial, prev_rr, twaves, p_guide),
+                     p_absent, t_absent)
         beats.append(Beat(int(d), _calibrated(w, fs).shifted(int(d) - pre)))
     return Delineation(
         sampling_rate=fs, beats=tuple(beats), template=template, fiducial=pre,
-        template_waves=_calibrated(twaves, fs), detections=int(np.asarray(detections).size),
-        p_consistency=_p_consistency(segs, template, twaves, spatial, fs),
-        rr_irregularity=_irregularity(np.asarray(detections, dtype=np.int64)),
-        noise_uv=noise,
-        paced_beats=_paced_beats(clean[spatial], np.asarray(detections, dtype=np.int64), fs,
-                                 noise),
+        template_waves=_calibrated(twaves, fs), detections=int(all_det.size),
+        p_consistency=p_match, rr_irregularity=irregularity, noise_uv=noise,
+        paced_beats=_paced_beats(clean[spatial], all_det, fs, noise),
+        p_absent=p_absent, t_absent=t_absent,
     )
+
+
+def _without(w: Waves, p_absent: str | None, t_absent: str | None) -> Waves:
+    """The waves with the P wave and/or the T end taken out."""
+    if p_absent:
+        w = replace(w, p_onset=None, p_offset=None)
+    if t_absent:
+        w = replace(w, t_peak=None, t_offset=None)
+    return w
+
+
+def pr_level(x: np.ndarray, qrs_onset: int, fs: float) -> np.ndarray:
+    """Each row's mean over the PR-segment window before QRS onset (rows x 1)."""
+    a = max(0, qrs_onset - _samples(PR_LEVEL_S[0], fs))
+    b = max(a + 1, qrs_onset - _samples(PR_LEVEL_S[1], fs) + 1)
+    return np.nanmean(x[:, a:b], axis=1, keepdims=True)
+
+
+def _peak_rms(template: np.ndarray, spatial: list[int], start: int | None, end: int | None,
+              qrs_onset: int | None, fs: float) -> float:
+    """Peak RMS over the spatial leads, about the PR level, between start and end."""
+    if start is None or end is None or qrs_onset is None or end <= start:
+        return 0.0
+    x = template[spatial] - pr_level(template[spatial], qrs_onset, fs)
+    rms = np.sqrt(np.nanmean(x[:, start:end] ** 2, axis=0))
+    return float(np.nanmax(rms)) if np.isfinite(rms).any() else 0.0
+
+
+def _p_absent(template: np.ndarray, w: Waves, match: float | None, irregularity: float | None,
+              spatial: list[int], fs: float) -> str | None:
+    """Why the beats have no P wave to measure from, or None when they have one."""
+    if match is None or w.p_onset is None:
+        return "no P wave found before the QRS complexes"
+    if irregularity is not None and irregularity > RR_IRREGULAR and match < P_CONSISTENCY_IRREGULAR:
+        return (f"irregular RR intervals without a closely repeating P wave (atrial "
+                f"fibrillation?): P-wave match {match:.2f} (under {P_CONSISTENCY_IRREGULAR:.2f}), "
+                f"RR irregularity {irregularity:.2f} (over {RR_IRREGULAR:.2f})")
+    if match < P_MIN_CONSISTENCY:
+        return (f"no repeating P wave before the QRS complexes (P-wave match {match:.2f}, "
+                f"under {P_MIN_CONSISTENCY:.2f})")
+    amp = _peak_rms(template, spatial, w.p_onset, w.p_offset, w.qrs_onset, fs)
+    if amp < P_MIN_UV:
+        return f"P wave too small to measure ({amp:.0f} uV, under {P_MIN_UV:g})"
+    return None
+
+
+def _t_absent(template: np.ndarray, w: Waves, spatial: list[int], fs: float) -> str | None:
+    """Why the beats have no clear T end, or None when they have one."""
+    if w.t_offset is None or w.qrs_offset is None:
+        return "no T wave found after the QRS complexes"
+    amp = _peak_rms(template, spatial, w.qrs_offset + _samples(T_START_S, fs), w.t_offset,
+                    w.qrs_onset, fs)
+    if amp < T_MIN_UV:
+        return f"T wave too flat for a clear end ({amp:.0f} uV, under {T_MIN_UV:g})"
+    return None
 
 
 def _with_reason(d: Delineation, reason: str) -> Delineation:
@@ -357,8 +435,8 @@ def _boundaries(
     floor = _median(speed[i1 + s(0.04) : min(last, i1 + s(0.12))], speed[i1])
     above = np.flatnonzero(speed[i1 : last + 1] < floor + QRS_EDGE * (top - floor))
     qoff = i1 + int(above[0]) if above.size else None
-    qon = _guided(qon, _at(guide, "qrs_onset"), fs)
-    qoff = _guided(qoff, _at(guide, "qrs_offset"), fs)
+    qon = _within(_guided(qon, _at(guide, "qrs_onset"), fs), first, last)
+    qoff = _within(_guided(qoff, _at(guide, "qrs_offset"), fs), first, last)
     if qon is None or qoff is None or qon - s(PR_LEVEL_S[0]) < first:
         return Waves(qrs_onset=qon, qrs_offset=qoff)
     level = x[:, qon - s(PR_LEVEL_S[0]) : qon - s(PR_LEVEL_S[1]) + 1].mean(axis=1, keepdims=True)
@@ -366,7 +444,8 @@ def _boundaries(
     prev_t_end = (tend - prev_rr) if tend is not None else c - prev_rr + s(0.3)
     pon, poff = _p_wave(x - level, qon, max(first, int(prev_t_end) + s(P_AFTER_T_S)), fs, guide,
                         p_guide_s)
-    return Waves(pon, poff, qon, qoff, tpk, tend)
+    return Waves(_within(pon, first, last), _within(poff, first, last), qon, qoff,
+                 _within(tpk, first, last), _within(tend, first, last))
 
 
 def _valid_run(valid: np.ndarray, c: int) -> tuple[int, int]:
@@ -379,6 +458,11 @@ def _valid_run(valid: np.ndarray, c: int) -> tuple[int, int]:
 
 def _median(values: np.ndarray, default: float) -> float:
     return float(np.median(values)) if values.size else float(default)
+
+
+def _within(value: int | None, first: int, last: int) -> int | None:
+    """The boundary if it lies on the beat's own data (a template's fallback may not)."""
+    return value if value is not None and first <= value <= last else None
 
 
 def _at(waves: Waves | None, name: str) -> int | None:

@@ -19,10 +19,9 @@ Method:
   method; LUDB's cardiologists' axis labels follow it best, see bench/accuracy.py); P and
   T axes use the net area over the median beat's P wave and ST-T segment. Levels are
   measured from the PR segment.
-- P waves are absent when the beats' P windows do not repeat (median correlation with the
-  median beat under P_MIN_CONSISTENCY), or when the RR intervals are irregular
-  (RR_IRREGULAR) and the P windows do not repeat closely (P_CONSISTENCY_IRREGULAR):
-  atrial fibrillation's fibrillatory waves are not locked to the QRS.
+- No PR or P axis when delineate finds no P wave (Delineation.p_absent: the beats' P
+  windows do not repeat, as in atrial fibrillation, or the P wave is tiny); no QT, QTc or T
+  axis when the T wave is too flat for a clear end (t_absent).
 - A paced rhythm (pacemaker spikes before PACED_FRACTION of the beats) gets a rate only.
 - Broadband noise (delineate.noise_uv) over MAX_NOISE_UV: no intervals or axes; over
   P_MAX_NOISE_UV: no PR or P axis. Over MAX_MAINS_UV of hum, or MAX_LOST_FRACTION of the
@@ -60,10 +59,6 @@ MAX_NOISE_UV = 40.0
 P_MAX_NOISE_UV = 25.0
 PACED_FRACTION = 0.3  # of the QRS detections with a pacemaker spike before them
 MIN_PACED_BEATS = 2
-P_MIN_CONSISTENCY = 0.45
-P_CONSISTENCY_IRREGULAR = 0.90
-RR_IRREGULAR = 0.15  # median |successive RR difference| / median RR
-P_MIN_UV = 10.0  # peak RMS (over the spatial leads) of the median beat's P wave
 RANGES_MS = {"pr_ms": (60.0, 400.0), "qrs_ms": (40.0, 250.0), "qt_ms": (200.0, 700.0)}
 
 
@@ -133,12 +128,15 @@ def measure_record(record: Record, *, mains_hz: float = 50.0) -> Measurements:
     if noise > MAX_NOISE_UV:
         refuse(rest, f"too noisy: {noise:.0f} uV RMS of broadband noise (over {MAX_NOISE_UV:g})")
         return _result(values, reasons, n)
-    p_missing = _p_missing(d, fs)
+    p_missing = d.p_absent
     if not p_missing and noise > P_MAX_NOISE_UV:
         p_missing = f"too noisy for P waves: {noise:.0f} uV RMS (over {P_MAX_NOISE_UV:g})"
     if p_missing:
         refuse(("pr_ms", "p_axis_deg"), p_missing)
-    _intervals(d, values, reasons, fs, skip_p=bool(p_missing))
+    if d.t_absent:
+        refuse(("qt_ms", "t_axis_deg"), d.t_absent)
+    skip = ("pr_ms",) * bool(p_missing) + ("qt_ms",) * bool(d.t_absent)
+    _intervals(d, values, reasons, fs, skip=skip)
     qt, rr = values["qt_ms"], values["rr_ms"]
     if qt is not None and rr:
         values["qtc_bazett_ms"] = round(qtc_bazett(qt, rr))
@@ -212,43 +210,8 @@ def _leads(record: Record, mains_hz: float) -> tuple[np.ndarray, np.ndarray, str
     return rows, live, None
 
 
-def _p_missing(d: delineate.Delineation, fs: float) -> str | None:
-    """Why the beats have no P wave to measure from, or None when they have one."""
-    c, irr, tw = d.p_consistency, d.rr_irregularity, d.template_waves
-    if c is None or tw.p_onset is None:
-        return "no P wave found before the QRS complexes"
-    if irr is not None and irr > RR_IRREGULAR and c < P_CONSISTENCY_IRREGULAR:
-        return (f"irregular RR intervals without a closely repeating P wave (atrial "
-                f"fibrillation?): P-wave match {c:.2f} (under {P_CONSISTENCY_IRREGULAR:.2f}), "
-                f"RR irregularity {irr:.2f} (over {RR_IRREGULAR:.2f})")
-    if c < P_MIN_CONSISTENCY:
-        return (f"no repeating P wave before the QRS complexes (P-wave match {c:.2f}, under "
-                f"{P_MIN_CONSISTENCY:.2f})")
-    amp = _p_amplitude(d, fs)
-    if amp < P_MIN_UV:
-        return f"P wave too small to measure ({amp:.0f} uV)"
-    return None
-
-
-def _p_amplitude(d: delineate.Delineation, fs: float) -> float:
-    tw = d.template_waves
-    if tw.p_onset is None or tw.p_offset is None or tw.qrs_onset is None:
-        return 0.0
-    spatial = [LEAD_ORDER.index(name) for name in delineate.SPATIAL_LEADS]
-    level = _pr_level(d.template, tw.qrs_onset, fs)
-    wave = d.template[spatial, tw.p_onset : max(tw.p_offset, tw.p_onset + 1)] - level[spatial]
-    return float(np.nanmax(np.sqrt(np.nanmean(wave * wave, axis=0))))
-
-
-def _pr_level(template: np.ndarray, qrs_onset: int, fs: float) -> np.ndarray:
-    lo, hi = delineate.PR_LEVEL_S
-    a = qrs_onset - round(lo * fs)
-    b = qrs_onset - round(hi * fs) + 1
-    return np.nanmean(template[:, max(0, a) : max(1, b)], axis=1, keepdims=True)
-
-
 def _intervals(d: delineate.Delineation, values: dict[str, float | None],
-               reasons: dict[str, str], fs: float, *, skip_p: bool) -> None:
+               reasons: dict[str, str], fs: float, *, skip: tuple[str, ...]) -> None:
     """PR, QRS and QT: medians over the beats that have both ends, within RANGES_MS."""
     spans = {
         "pr_ms": ("p_onset", "qrs_onset"),
@@ -256,7 +219,7 @@ def _intervals(d: delineate.Delineation, values: dict[str, float | None],
         "qt_ms": ("qrs_onset", "t_offset"),
     }
     for name, (start, end) in spans.items():
-        if name == "pr_ms" and skip_p:
+        if name in skip:
             continue
         ms = [(getattr(b.waves, end) - getattr(b.waves, start)) * 1000.0 / fs
               for b in d.beats
@@ -295,7 +258,7 @@ def _axes(d: delineate.Delineation, values: dict[str, float | None], reasons: di
         for name in AXES:
             reasons.setdefault(name, "QRS complex not delineated on the median beat")
         return
-    x = t - _pr_level(t, tw.qrs_onset, fs)
+    x = t - delineate.pr_level(t, tw.qrs_onset, fs)
     q = x[:, tw.qrs_onset : tw.qrs_offset + 1]
     net = np.nanmax(q, axis=1) + np.nanmin(q, axis=1)
     _set_axis(values, reasons, "qrs_axis_deg", net[i], net[iii], "QRS")

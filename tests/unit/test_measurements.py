@@ -243,8 +243,9 @@ def test_60_hz_hum_with_mains_60_gives_the_clean_values(record_id):
             continue
         tolerance = 0.5 if name.endswith("_bpm") else 2.0
         assert a == pytest.approx(b, abs=tolerance), name  # the hum is gone
-        # the 50 and 60 Hz notches take slightly different content out of the QRS
-        assert a == pytest.approx(c, abs=3 * tolerance), name
+        # The 50 and 60 Hz notches take different content out of the QRS edges: over the
+        # LUDB records the two differ by 1 ms (median) and 8 ms (most, record 1) in QRS.
+        assert a == pytest.approx(c, abs=8.0 if name == "qrs_ms" else 2 * tolerance), name
 
 
 def test_hum_far_over_the_limit_is_refused():
@@ -274,3 +275,65 @@ def test_json_block_when_nothing_is_measured():
     block = measurements_block(measure_record(flat))
     assert all(block[name] is None for name in MEASUREMENT_NAMES)
     assert set(block["reasons"]) == set(MEASUREMENT_NAMES) and block["beats"] == 0
+
+
+# --- the delineation underneath ------------------------------------------------------------
+
+def _delineation(record: Record):
+    from device_agent import delineate, qrs
+
+    leads = np.stack([record.lead(name) for name in LEAD_ORDER])
+    return delineate.delineate(leads, record.sampling_rate, qrs.detect_record(record).beats)
+
+
+@pytest.mark.parametrize("record_id", SINUS)
+def test_every_sinus_beat_has_its_waves_in_order(record_id):
+    record = ludb_record(record_id)
+    d = _delineation(record)
+    assert d.p_absent is None and d.t_absent is None and len(d.beats) >= 4
+    whole = 0
+    for beat in d.beats:
+        w = beat.waves
+        order = [w.p_onset, w.p_offset, w.qrs_onset, beat.fiducial, w.qrs_offset, w.t_peak,
+                 w.t_offset]
+        found = [v for v in order if v is not None]
+        assert found == sorted(found) and found[0] >= 0 and found[-1] < record.n_samples
+        if 250 <= beat.fiducial <= record.n_samples - 400:  # the beat's window is whole
+            assert None not in order, (beat.fiducial, w)
+            whole += 1
+    assert whole >= len(d.beats) - 2
+
+
+@pytest.mark.parametrize("record_id", AF)
+def test_atrial_fibrillation_beats_have_no_p_wave(record_id):
+    d = _delineation(ludb_record(record_id))
+    assert d.p_absent and d.template_waves.p_onset is None
+    assert all(b.waves.p_onset is None and b.waves.p_offset is None for b in d.beats)
+    assert sum(b.waves.t_offset is not None for b in d.beats) >= len(d.beats) - 1
+
+
+def _synthetic(t_uv: float, seconds: float = 10.0, bpm: float = 60.0) -> Record:
+    """Gaussian P, biphasic QRS and a T wave of t_uv on every measured lead."""
+    fs = 500
+    t = np.arange(int(seconds * fs)) / fs
+    x = np.zeros_like(t)
+    for c in np.arange(0.4, seconds - 0.6, 60.0 / bpm):
+        x += 120.0 * np.exp(-(((t - c + 0.16) / 0.025) ** 2))
+        x += 1200.0 * np.exp(-(((t - c) / 0.012) ** 2))
+        x -= 300.0 * np.exp(-(((t - c - 0.03) / 0.01) ** 2))
+        x += t_uv * np.exp(-(((t - c - 0.28) / 0.05) ** 2))
+    gains = dict(zip(MEASURED_LEADS, (1.0, 0.8, -0.4, 0.3, 0.6, 0.9, 1.1, 0.7), strict=True))
+    blank = Record(AT, fs, np.zeros((12, t.size), np.int32), np.zeros((12, t.size), bool))
+    return rebuilt(blank, {name: g * x for name, g in gains.items()})
+
+
+def test_a_flat_t_wave_has_no_end_and_no_qt():
+    flat_t = measure_record(_synthetic(t_uv=0.0))
+    assert flat_t.qrs_ms is not None and flat_t.pr_ms is not None
+    for name in ("qt_ms", "qtc_bazett_ms", "qtc_fridericia_ms"):
+        assert flat_t.value(name) is None and "T wave" in flat_t.reason(name)
+    with_t = measure_record(_synthetic(t_uv=250.0))
+    assert with_t.reasons == {}
+    # T peak 280 ms after the R peak, sigma 50 ms: it has ended by about +3 sigma
+    assert 330 <= with_t.qt_ms <= 520
+    assert with_t.heart_rate_bpm == pytest.approx(60.0, abs=0.5)
