@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device_agent.record import Record
+from device_agent.record import FLAT_UV, Record
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ MIN_BEATS = 3
 MAX_LOST_FRACTION = 0.10
 MAX_RR_CV = 0.50  # above this the intervals look like detection errors, not a rhythm
 # (atrial fibrillation reaches 0.36 on LUDB; a regular rhythm with 2 beats missed in 10 s, 0.4)
-FLAT_UV = 20.0  # peak-to-peak below this: no signal to detect on
 HR_RANGE_BPM = (20.0, 300.0)
 # Beat peaks of the integrated signal over its median away from the beats: the real records
 # give 25-640, noise alone 1.5-3 (its peaks fall every refractory period, like a rhythm).
