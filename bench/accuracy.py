@@ -1,0 +1,219 @@
+"""Measurement accuracy against LUDB's cardiologists: `measure_record` on every LUDB record.
+
+Run as `.venv/bin/python bench/accuracy.py`; `evaluate()` returns the per-record results and
+`accuracy_rows()` the table's rows, so tests/functional/test_measure_accuracy.py asserts on
+the same numbers this prints.
+
+Reference (tests/data/ludb/README.md, device_agent/lab/ludb.py): per beat marked in lead II
+the earliest onset and latest offset over the 12 independently marked leads; the record's
+PR, QRS and QT are the medians over its beats (no PR in atrial fibrillation or flutter).
+Per record: difference = measured - reference (ms); the table gives their mean and SD over
+the records where both exist, and coverage = records measured / records with a reference.
+Heart rate: against 60 / mean RR of the QRS peaks marked in lead II. The first and last
+beats are often unmarked, so in an irregular rhythm the marked span's rate differs from the
+whole record's; the table also gives the error on records whose marked RR intervals are
+regular (coefficient of variation under 0.1). QRS axis: `ludb.axis_category` of the
+measured angle against the csv's label.
+
+Calibration: delineate.CALIBRATION_MS and the thresholds in delineate.py and
+measurements.py were tuned on these (odd-numbered) records only; the even-numbered half
+of LUDB is kept out of the repository to judge them.
+
+Runtime: CPU time of measure_record per record (median over records, interleaved with the
+baseline: qrs.detect_record on the same record, the detector alone), as a ratio.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from device_agent import qrs  # noqa: E402
+from device_agent.lab import ludb  # noqa: E402
+from device_agent.measurements import Measurements, measure_record  # noqa: E402
+
+LUDB = REPO / "tests" / "data" / "ludb"
+INTERVALS = (("PR", "pr_ms"), ("QRS", "qrs_ms"), ("QT", "qt_ms"))
+# Aims (mean |difference| ms, SD ms, coverage) asserted by the functional test.
+AIMS = {"pr_ms": (10.0, 14.0), "qrs_ms": (10.0, 15.0), "qt_ms": (15.0, 25.0)}
+MIN_COVERAGE = 0.90
+HR_TOLERANCE_BPM = 3.0
+REGULAR_RR_CV = 0.10
+# Ecgdeli 1.0.0 on all 200 LUDB records (tests/data/ludb/README.md), for scale.
+ECGDELI = {"pr_ms": (1.4, 12.4), "qrs_ms": (-1.0, 15.7), "qt_ms": (-19.8, 30.0)}
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    """One LUDB record: what measure_record gave, the reference, and the labels."""
+
+    record_id: int
+    measured: Measurements
+    reference: ludb.Reference
+    labels: ludb.LudbLabels
+    reference_rr_cv: float | None
+    cpu_s: float
+    baseline_cpu_s: float
+
+
+def evaluate(directory: Path = LUDB) -> list[RecordResult]:
+    """measure_record on every LUDB record in `directory`, with its reference."""
+    labels = ludb.read_labels(directory / "ludb.csv")
+    results = []
+    for rid in ludb.record_ids(directory):
+        record = ludb.load_record(directory, rid)
+        t0 = time.process_time()
+        measured = measure_record(record)
+        t1 = time.process_time()
+        qrs.detect_record(record)
+        t2 = time.process_time()
+        beats = ludb.reference_beats(ludb.lead_waves(directory, rid))
+        rr = np.diff([b.qrs_peak for b in beats]).astype(np.float64)
+        cv = float(rr.std() / rr.mean()) if rr.size >= 2 else None
+        results.append(RecordResult(rid, measured, ludb.reference(directory, rid, labels[rid]),
+                                    labels[rid], cv, t1 - t0, t2 - t1))
+    return results
+
+
+def interval_stats(results: list[RecordResult], name: str) -> dict:
+    """Mean and SD of measured - reference (ms), n compared, coverage, for one interval."""
+    with_ref = [r for r in results if getattr(r.reference, name) is not None]
+    diffs = np.array([float(r.measured.value(name) or 0.0) - float(getattr(r.reference, name))
+                      for r in with_ref if r.measured.value(name) is not None], dtype=np.float64)
+    return {
+        "mean": float(diffs.mean()) if diffs.size else None,
+        "sd": float(diffs.std()) if diffs.size else None,
+        "n": int(diffs.size),
+        "with_reference": len(with_ref),
+        "coverage": diffs.size / len(with_ref) if with_ref else None,
+    }
+
+
+def heart_rate_stats(results: list[RecordResult], *, regular_only: bool = False) -> dict:
+    """Mean and max |measured - reference| bpm, over records with both (optionally regular)."""
+    rows = [r for r in results if r.reference.heart_rate_bpm is not None
+            and (not regular_only or (r.reference_rr_cv is not None
+                                      and r.reference_rr_cv < REGULAR_RR_CV))]
+    diffs = np.array([abs(float(r.measured.heart_rate_bpm or 0.0)
+                          - float(r.reference.heart_rate_bpm or 0.0))
+                      for r in rows if r.measured.heart_rate_bpm is not None])
+    return {
+        "mean_abs": float(diffs.mean()) if diffs.size else None,
+        "max_abs": float(diffs.max()) if diffs.size else None,
+        "within": int((diffs <= HR_TOLERANCE_BPM).sum()),
+        "n": int(diffs.size),
+        "with_reference": len(rows),
+    }
+
+
+def axis_stats(results: list[RecordResult]) -> dict:
+    """Share of labelled records whose measured QRS axis falls in the labelled category."""
+    labelled = [r for r in results if r.labels.axis]
+    hits = sum(1 for r in labelled if r.measured.qrs_axis_deg is not None
+               and ludb.axis_category(r.measured.qrs_axis_deg) == r.labels.axis)
+    measured = sum(1 for r in labelled if r.measured.qrs_axis_deg is not None)
+    return {"agreement": hits / len(labelled) if labelled else None, "hits": hits,
+            "measured": measured, "labelled": len(labelled)}
+
+
+def axis_ceiling(results: list[RecordResult]) -> float | None:
+    """The best agreement any rule cutting the measured QRS angle into the five labels, in
+    their order, could reach: the labels overlap in angle, so this caps axis_stats."""
+    order = [name for name, _ in ludb.AXIS_CATEGORIES]
+    pairs = sorted((r.measured.qrs_axis_deg, order.index(r.labels.axis)) for r in results
+                   if r.labels.axis and r.measured.qrs_axis_deg is not None)
+    if not pairs:
+        return None
+    best = np.zeros(len(order))  # best[c]: most agreements so far, last category at most c
+    for _, label in pairs:
+        best = np.maximum.accumulate(best + (np.arange(len(order)) == label))
+    return float(best[-1]) / len(pairs)
+
+
+def runtime_stats(results: list[RecordResult]) -> dict:
+    """Median CPU seconds per record of measure_record and of the QRS detector alone."""
+    ours = statistics.median(r.cpu_s for r in results)
+    base = statistics.median(r.baseline_cpu_s for r in results)
+    return {"measure_s": ours, "detector_s": base, "ratio": ours / base if base else None}
+
+
+def accuracy_rows(results: list[RecordResult]) -> list[dict]:
+    """The table: one row per quantity, with its aim."""
+    rows = []
+    for label, name in INTERVALS:
+        s = interval_stats(results, name)
+        aim_mean, aim_sd = AIMS[name]
+        e_mean, e_sd = ECGDELI[name]
+        rows.append({
+            "quantity": f"{label} (ms)",
+            "result": f"{s['mean']:+.1f} +/- {s['sd']:.1f}" if s["n"] else "-",
+            "coverage": f"{s['n']}/{s['with_reference']} ({s['coverage']:.0%})"
+            if s["with_reference"] else "-",
+            "aim": f"abs(mean) <= {aim_mean:g}, SD <= {aim_sd:g}, >= {MIN_COVERAGE:.0%}",
+            "ecgdeli": f"{e_mean:+.1f} +/- {e_sd:.1f}",
+        })
+    for regular in (False, True):
+        h = heart_rate_stats(results, regular_only=regular)
+        rows.append({
+            "quantity": "heart rate (bpm)" + (", regular RR" if regular else ""),
+            "result": f"mean abs diff {h['mean_abs']:.2f}, max {h['max_abs']:.1f}",
+            "coverage": f"{h['n']}/{h['with_reference']}, {h['within']} within "
+                        f"{HR_TOLERANCE_BPM:g}",
+            "aim": f"within {HR_TOLERANCE_BPM:g}",
+            "ecgdeli": "-",
+        })
+    a = axis_stats(results)
+    cap = axis_ceiling(results)
+    rows.append({
+        "quantity": "QRS axis category",
+        "result": f"{a['agreement']:.0%} agree (any angle rule: at most {cap:.0%})",
+        "coverage": f"{a['measured']}/{a['labelled']} measured, {a['hits']} agree",
+        "aim": ">= 85%",
+        "ecgdeli": "-",
+    })
+    return rows
+
+
+def machine() -> str:
+    """CPU model, cores and Python, for the table's heading."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def main() -> int:
+    results = evaluate()
+    columns = ("quantity", "result", "coverage", "aim", "ecgdeli")
+    print(f"LUDB odd-numbered records ({len(results)}), measure_record vs cardiologists")
+    print()
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in accuracy_rows(results):
+        print("| " + " | ".join(str(row[c]) for c in columns) + " |")
+    rt = runtime_stats(results)
+    print()
+    print(f"measure_record: median {rt['measure_s'] * 1000:.1f} ms CPU per 10 s record, "
+          f"{rt['ratio']:.1f}x the QRS detector alone ({rt['detector_s'] * 1000:.1f} ms); "
+          f"{machine()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

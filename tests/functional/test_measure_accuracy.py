@@ -1,0 +1,181 @@
+"""measure_record against LUDB's cardiologists on every LUDB record in the repository.
+
+The numbers are bench/accuracy.py's (loaded from the file, so the bench and this test
+cannot drift apart); the aims are the issue's. Also: the LUDB reader and the reference
+definition, checked on hand-made input.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import struct
+import sys
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from device_agent.lab import ludb
+from device_agent.measurements import MEASUREMENT_NAMES
+from tests.conftest import REPO
+
+LUDB = REPO / "tests" / "data" / "ludb"
+# The cardiologists' axis labels overlap in angle (see test_axis_labels_cap_any_angle_rule),
+# so the issue's 85 % is out of reach for any angle-to-label rule; this is what we keep.
+AXIS_AGREEMENT_MIN = 0.75
+AXIS_AIM = 0.85
+
+
+def _load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_accuracy", REPO / "bench" / "accuracy.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    return _load_bench()
+
+
+@pytest.fixture(scope="module")
+def results(bench):
+    if not (LUDB / "ludb.csv").is_file():
+        pytest.fail(f"LUDB records not found at {LUDB}: the checkout is incomplete")
+    found = bench.evaluate(LUDB)
+    assert len(found) == len(ludb.record_ids(LUDB)) == 100
+    return found
+
+
+@pytest.mark.parametrize("name", ["pr_ms", "qrs_ms", "qt_ms"])
+def test_interval_accuracy_meets_the_aims(bench, results, name):
+    stats = bench.interval_stats(results, name)
+    aim_mean, aim_sd = bench.AIMS[name]
+    assert stats["coverage"] >= bench.MIN_COVERAGE, stats
+    assert abs(stats["mean"]) <= aim_mean, stats
+    assert stats["sd"] <= aim_sd, stats
+
+
+def test_heart_rate_within_3_bpm(bench, results):
+    regular = bench.heart_rate_stats(results, regular_only=True)
+    assert regular["n"] == regular["with_reference"] >= 80
+    assert regular["max_abs"] <= bench.HR_TOLERANCE_BPM, regular
+    every = bench.heart_rate_stats(results)
+    assert every["n"] == every["with_reference"] == 100
+    assert every["mean_abs"] <= 1.0, every
+    # irregular rhythms: the unmarked first and last beats give the marked span its own rate
+    assert every["within"] >= 0.95 * every["n"], every
+
+
+def test_qrs_axis_category_agreement(bench, results):
+    stats = bench.axis_stats(results)
+    assert stats["measured"] >= 0.95 * stats["labelled"], stats
+    assert stats["agreement"] >= AXIS_AGREEMENT_MIN, stats
+
+
+def test_axis_labels_cap_any_angle_rule(bench, results):
+    """No rule cutting the measured angle into the five labels in order reaches the aim."""
+    ceiling = bench.axis_ceiling(results)
+    assert bench.axis_stats(results)["agreement"] <= ceiling < AXIS_AIM, ceiling
+
+
+def test_axis_ceiling_is_the_best_rule_on_a_small_case(bench):
+    """The ceiling's dynamic programme against brute force over every cut."""
+    import itertools
+    from types import SimpleNamespace
+
+    order = [name for name, _ in ludb.AXIS_CATEGORIES]
+    rng = np.random.default_rng(5)
+    angles = np.sort(rng.uniform(-60, 120, 9))
+    labels = rng.integers(0, 5, 9)
+    fake = [SimpleNamespace(measured=SimpleNamespace(qrs_axis_deg=float(a)),
+                            labels=SimpleNamespace(axis=order[k]))
+            for a, k in zip(angles, labels, strict=True)]
+    brute = max(
+        sum(int(np.searchsorted(cuts, i, side="right")) == k for i, k in enumerate(labels))
+        for cuts in itertools.combinations_with_replacement(np.arange(10) - 0.5, 4)
+    ) / 9
+    assert bench.axis_ceiling(fake) == pytest.approx(brute)
+
+
+def test_reasons_exactly_for_the_missing_values(results):
+    for r in results:
+        missing = {name for name in MEASUREMENT_NAMES if r.measured.value(name) is None}
+        assert set(r.measured.reasons) == missing, r.record_id
+
+
+def test_no_pr_in_atrial_fibrillation_or_flutter(results):
+    no_p = [r for r in results if not r.labels.has_pr]
+    assert len(no_p) >= 8
+    refused = [r for r in no_p if r.measured.pr_ms is None]
+    assert len(refused) >= 0.8 * len(no_p), [r.record_id for r in no_p if r not in refused]
+
+
+def test_paced_records_and_only_they_are_called_paced(results):
+    for r in results:
+        paced = "paced" in r.measured.reasons.get("qrs_ms", "")
+        assert paced == bool(r.labels.pacing), r.record_id
+
+
+# --- the reader and the reference, on hand-made input -------------------------------------
+
+def _word(code: int, delta: int) -> bytes:
+    return struct.pack("<H", (code << 10) | delta)
+
+
+def test_annotation_reader_handles_skip_aux_and_num(tmp_path):
+    data = (
+        _word(39, 100)                      # ( at 100
+        + _word(ludb.NUM, 3)                # field change: no annotation, no time
+        + _word(1, 12)                      # N at 112
+        + _word(ludb.AUX, 3) + b"abc\x00"   # 3 text bytes, padded to 4
+        + _word(40, 20)                     # ) at 132
+        + _word(ludb.SKIP, 0) + struct.pack("<HH", 0x0001, 0x0004)  # +65540, high word first
+        + _word(24, 6)                      # p at 132 + 65540 + 6
+        + _word(0, 0)                       # end
+        + _word(27, 5)                      # after the end: ignored
+    )
+    path = tmp_path / "x.ii"
+    path.write_bytes(data)
+    ann = ludb.read_annotations(path)
+    assert ann.symbols == ("(", "N", ")", "p")
+    assert ann.samples.tolist() == [100, 112, 132, 132 + 65540 + 6]
+    assert ludb.waves(ann) == [ludb.Wave("N", 100, 112, 132), ludb.Wave("p", None, 65678, None)]
+
+
+def test_real_annotation_files_hold_only_wave_triplets():
+    for rid in ludb.record_ids(LUDB)[:10]:
+        for lead, ws in ludb.lead_waves(LUDB, rid).items():
+            assert ws, (rid, lead)
+            assert {w.kind for w in ws} <= {"p", "N", "t"}
+            for w in ws:
+                assert w.onset is None or w.onset < w.peak
+                assert w.offset is None or w.peak < w.offset
+
+
+def test_reference_is_earliest_onset_and_latest_offset_over_leads():
+    W = ludb.Wave
+    by_lead = {
+        "II": [W("p", 100, 130, 160), W("N", 200, 230, 260), W("t", 300, 380, 450),
+               W("N", 600, 630, 660)],
+        "V1": [W("p", 95, 128, 150), W("N", 196, 228, 270), W("t", 310, 390, 470)],
+        "V2": [W("p", 90, 185, 195), W("N", 205, 232, 262), W("t", 320, 560, 590)],
+    }
+    beats = ludb.reference_beats(by_lead, fs=500.0)
+    assert [b.qrs_peak for b in beats] == [230, 630]
+    first = beats[0]
+    assert first.qrs_onset == 196 and first.qrs_offset == 270
+    assert first.p_onset == 95  # V2's "P" peaks 55 samples (110 ms) from lead II's: left out
+    assert first.t_offset == 470  # V2's "T" peaks 180 samples (360 ms) away: left out
+    assert beats[1].p_onset is None and beats[1].t_offset is None
+
+
+def test_labels_read_multiline_cells():
+    labels = ludb.read_labels(LUDB / "ludb.csv")
+    assert len(labels) == 100
+    assert labels[1].axis == "left axis deviation" and labels[1].has_pr
+    assert not labels[109].has_pr and "aberrant" in labels[109].rhythm
+    assert labels[45].pacing and not labels[1].pacing
+    assert {lab.axis for lab in labels.values()} <= {None, *(n for n, _ in ludb.AXIS_CATEGORIES)}
