@@ -27,12 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from device_agent import __version__, dicom, ecgdata, qrs, report
+from device_agent import __version__, dicom, ecgdata, report
 from device_agent.clock import Clock, HoldTicket, held_dir, hold, ready
 from device_agent.config import Settings
 from device_agent.disk import ensure_free_space
 from device_agent.errors import SerialLinkError
 from device_agent.framing import Frames
+from device_agent.measurements import measure_record, measurements_block
 from device_agent.outbox import QUEUED, Outbox
 from device_agent.package import Disposition, PackageInfo, build_package, decide
 from device_agent.port import SerialReader
@@ -131,7 +132,8 @@ def _after(frames: Frames, started: float, rate: float) -> tuple[Frames, float |
 
 def measure_once(record: Record, *, mains_hz: float) -> Record:
     """The record with its measurements: computed here, once, and only rendered after."""
-    return dataclasses.replace(record, measurements=qrs.measurements(record, mains_hz=mains_hz))
+    block = measurements_block(measure_record(record, mains_hz=mains_hz))
+    return dataclasses.replace(record, measurements=block)
 
 
 class PackageEncoders:

@@ -278,23 +278,3 @@ def detect_record(record: Record, *, mains_hz: float = 50.0) -> QrsResult:
     names = tuple(n for n in DETECTION_LEADS if n in record.lead_names) or (LEAD,)
     leads = np.stack([record.lead(n) for n in names])
     return detect_leads(leads, record.sampling_rate, mains_hz=mains_hz, names=names)
-
-
-def measurements(record: Record, *, mains_hz: float = 50.0) -> dict:
-    """The ecg_data JSON's `measurements` block: only what was measured, with its method."""
-    result = detect_record(record, mains_hz=mains_hz)
-    return as_measurements(result)
-
-
-def as_measurements(result: QrsResult) -> dict:
-    """A QrsResult as the JSON `measurements` block."""
-    bpm, rr = result.heart_rate_bpm, result.rr_mean_ms
-    block: dict = {
-        "heart_rate_bpm": None if bpm is None else round(bpm, 1),
-        "rr_mean_ms": None if rr is None else round(rr),
-        "beats": int(result.beats.size),
-        "method": result.method,
-    }
-    if not result.confident:
-        block["not_measured_reason"] = result.reason
-    return block

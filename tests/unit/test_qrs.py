@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
@@ -147,20 +146,3 @@ def test_synthetic_rhythm_rate_is_recovered(bpm, phase):
     result = qrs.detect(x, fs)
     assert result.confident, result.reason
     assert result.heart_rate_bpm == pytest.approx(bpm, abs=1.0)
-
-
-def test_measurements_block_is_json_and_names_its_method(ecg_data_dir):
-    block = qrs.measurements(wfdb_record(ecg_data_dir / "HR06002"))
-    assert json.loads(json.dumps(block)) == block
-    assert 38 <= block["heart_rate_bpm"] <= 45 and block["beats"] >= 6
-    assert abs(block["rr_mean_ms"] - 60000 / block["heart_rate_bpm"]) < 2
-    assert "Pan-Tompkins" in block["method"] and "notch" in block["method"]
-    assert "not_measured_reason" not in block
-
-
-def test_measurements_block_when_not_measured():
-    flat = Record(datetime(2026, 1, 1, tzinfo=UTC), 500,
-                  np.zeros((12, 5000), np.int32), np.zeros((12, 5000), bool))
-    block = qrs.measurements(flat)
-    assert block["heart_rate_bpm"] is None and block["rr_mean_ms"] is None
-    assert "flat" in block["not_measured_reason"]
