@@ -346,8 +346,8 @@ def measurement_rows(measurements: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("QRS duration", _value(m, "qrs_ms", " ms")),
         ("QT/QTcB", f"{_value(m, 'qt_ms')}/{_value(m, 'qtc_bazett_ms')} ms"),
         ("QTcF", _value(m, "qtc_fridericia_ms", " ms")),
-        ("P-R-T axes", " ".join(_value(m, k) for k in ("p_axis_deg", "qrs_axis_deg",
-                                                          "t_axis_deg"))),
+        ("P-R-T axes", "/".join(_value(m, k) for k in ("p_axis_deg", "qrs_axis_deg",
+                                                          "t_axis_deg")) + " deg"),
     ]
 
 

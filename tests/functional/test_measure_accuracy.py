@@ -179,3 +179,38 @@ def test_labels_read_multiline_cells():
     assert not labels[109].has_pr and "aberrant" in labels[109].rhythm
     assert labels[45].pacing and not labels[1].pacing
     assert {lab.axis for lab in labels.values()} <= {None, *(n for n, _ in ludb.AXIS_CATEGORIES)}
+
+
+def test_the_measure_command_gives_these_numbers_a_line_per_input(results, capsys):
+    """`device-agent measure --json` over the LUDB records: the accuracy above is the
+    command's, value for value, one JSON object a line, in input order."""
+    import json
+
+    from device_agent.commands import main
+
+    paths = [LUDB / f"{r.record_id}.hea" for r in results]
+    assert main(["measure", "--json", *map(str, paths)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["input"] for line in lines] == [str(p) for p in paths]
+    for line, r in zip(lines, results, strict=True):
+        for name in MEASUREMENT_NAMES:
+            expected = r.measured.value(name)
+            if expected is None:
+                assert line[name] is None and name in line["reasons"], (r.record_id, name)
+            else:
+                assert line[name] == pytest.approx(expected, abs=0.051), (r.record_id, name)
+
+
+def test_measure_names_an_unreadable_input_and_exits_1(results, tmp_path, capsys):
+    import json
+
+    from device_agent.commands import main
+
+    bad = tmp_path / "ecg_data_bad.json"
+    bad.write_text("{not json")
+    good = LUDB / f"{results[0].record_id}.hea"
+    assert main(["measure", "--json", str(good), str(bad), str(good)]) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["input"] for line in lines] == [str(good), str(bad), str(good)]
+    assert "error" in lines[1] and "ecg_data_bad.json" in lines[1]["error"]
+    assert lines[0]["heart_rate_bpm"] == lines[2]["heart_rate_bpm"] is not None
