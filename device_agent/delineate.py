@@ -277,7 +277,8 @@ def pr_level(x: np.ndarray, qrs_onset: int, fs: float) -> np.ndarray:
     """Each row's mean over the PR-segment window before QRS onset (rows x 1)."""
     a = max(0, qrs_onset - _samples(PR_LEVEL_S[0], fs))
     b = max(a + 1, qrs_onset - _samples(PR_LEVEL_S[1], fs) + 1)
-    return np.nanmean(x[:, a:b], axis=1, keepdims=True)
+    level: np.ndarray = np.nanmean(x[:, a:b], axis=1, keepdims=True)
+    return level
 
 
 def _peak_rms(template: np.ndarray, spatial: list[int], start: int | None, end: int | None,
@@ -403,7 +404,8 @@ def _smooth(x: np.ndarray, sigma_s: float, fs: float) -> np.ndarray:
 
 def _speed(x: np.ndarray, fs: float) -> np.ndarray:
     """Spatial velocity: root-sum-square over rows of the slope (uV/s)."""
-    return np.sqrt((np.gradient(x, axis=1) ** 2).sum(axis=0)) * fs
+    speed: np.ndarray = np.sqrt((np.gradient(x, axis=1) ** 2).sum(axis=0)) * fs
+    return speed
 
 
 def _boundaries(

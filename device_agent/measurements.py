@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -153,12 +154,12 @@ def qtc_bazett(qt_ms: float, rr_ms: float) -> float:
 
 def qtc_fridericia(qt_ms: float, rr_ms: float) -> float:
     """Fridericia's corrected QT (ms): QT / cube root of (RR in seconds)."""
-    return qt_ms / (rr_ms / 1000.0) ** (1.0 / 3.0)
+    return float(qt_ms / (rr_ms / 1000.0) ** (1.0 / 3.0))
 
 
-def measurements_block(m: Measurements) -> dict:
+def measurements_block(m: Measurements) -> dict[str, Any]:
     """The record's JSON `measurements` object: the ten values, reasons for nulls, beats, method."""
-    block: dict = {name: m.value(name) for name in MEASUREMENT_NAMES}
+    block: dict[str, Any] = {name: m.value(name) for name in MEASUREMENT_NAMES}
     block["reasons"] = {name: m.reasons.get(name, "not measured")
                         for name in MEASUREMENT_NAMES if block[name] is None}
     block["beats"] = int(m.beats)

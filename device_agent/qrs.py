@@ -132,7 +132,8 @@ def _moving_mean(x: np.ndarray, width: int) -> np.ndarray:
     i = np.arange(n)
     lo = np.clip(i - width // 2, 0, n)
     hi = np.clip(i + (width - 1) // 2 + 1, 0, n)
-    return (csum[..., hi] - csum[..., lo]) / width
+    out: np.ndarray = (csum[..., hi] - csum[..., lo]) / width
+    return out
 
 
 def _candidate_peaks(signal: np.ndarray, distance: int) -> np.ndarray:
@@ -146,7 +147,8 @@ def _candidate_peaks(signal: np.ndarray, distance: int) -> np.ndarray:
     return peaks
 
 
-def _decide(integrated: np.ndarray, slope_env: np.ndarray, peaks: np.ndarray, fs: float) -> list:
+def _decide(integrated: np.ndarray, slope_env: np.ndarray, peaks: np.ndarray,
+            fs: float) -> list[int]:
     """Pan-Tompkins adaptive thresholds, T-wave rejection and searchback over candidates."""
     learn = peaks[peaks < 2 * fs]
     heights = integrated[learn if learn.size else peaks]
@@ -267,7 +269,8 @@ def detect_leads(
 def _combine(rows: np.ndarray, how: str = "median") -> np.ndarray:
     """One curve from several leads' curves, each scaled by its own high percentile first."""
     if rows.shape[0] == 1:
-        return rows[0]
+        only: np.ndarray = rows[0]
+        return only
     scale = np.percentile(rows, SCALE_PERCENTILE, axis=1, keepdims=True)
     scaled = rows / np.where(scale > 0, scale, 1.0)
     return np.median(scaled, axis=0) if how == "median" else scaled.sum(axis=0)
