@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -51,12 +52,21 @@ def simulate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def demo(settings: Settings, args: argparse.Namespace) -> int:
-    """`device-agent demo` (`make demo`): the whole job on embedded defaults, then exit."""
+    """`device-agent demo` (`make demo`): the whole job on embedded defaults, then exit.
+
+    The demo tells its own story line by line; the library's INFO log would repeat it, so
+    only warnings and errors are logged (`--debug` shows everything).
+    """
+    from device_agent.commands import setup_logging
     from device_agent.commands.capture import ProgressBar
     from device_agent.lab.demo import default_record, run_demo
+
+    if not args.debug and settings.log_level == "info":
+        setup_logging("warning")
 
     stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
     out = Path(args.out) if args.out else Path("demo-output") / stamp
     record_path = Path(args.record) if args.record else default_record()
     return run_demo(settings, out=out.resolve(), record_path=record_path,
-                    speed=float(args.speed), echo=echo, progress=ProgressBar())
+                    speed=float(args.speed), echo=echo,
+                    progress=ProgressBar() if sys.stderr.isatty() else None)

@@ -23,6 +23,7 @@ from device_agent.errors import AgentError
 from device_agent.lab.simulator import BoardSimulator
 from device_agent.outbox import Outbox
 from device_agent.port import SerialReader
+from device_agent.report import measurement_rows
 from device_agent.sync import SyncLoop
 from device_agent.uploader import Uploader
 from device_agent.verify import delivered_items, verify_objects
@@ -133,9 +134,9 @@ def run_demo(settings: Settings, *, out: Path, record_path: Path, speed: float,
             raise AgentError(f"the demo capture was not packaged and queued ({q.verdict}: "
                              f"{'; '.join(q.reasons) or 'clock not synchronised'}); see "
                              f"{outcome.folder}")
-        hr = record.measurements.get("heart_rate_bpm")
-        echo(f"package {info.stamp} written ({len(info.files)} files and a manifest; heart "
-             f"rate {'-' if hr is None else f'{hr:.0f}'} bpm)")
+        echo(f"package {info.stamp} written ({len(info.files)} files and a manifest)")
+        echo("measured: " + "  ".join(f"{label} {value}" for label, value
+                                      in measurement_rows(record.measurements)))
 
         stop = threading.Event()
         with Outbox.open(s) as outbox:
