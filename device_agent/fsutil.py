@@ -48,6 +48,18 @@ def fsync_dir(path: Path | str) -> None:
         os.close(fd)
 
 
+def make_dirs(path: Path | str) -> None:
+    """`mkdir -p` whose new folders survive a power cut: each one's parent is fsynced after."""
+    path = Path(path)
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)
+        fsync_dir(folder.parent)
+
+
 def atomic_write(path: Path | str, data: bytes, *, mode: int = 0o666) -> None:
     """Write `data` to `path` so a crash leaves the old file or the new one (mode & ~umask)."""
     path = Path(path)

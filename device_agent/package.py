@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from device_agent import s3keys
 from device_agent.errors import AgentError
-from device_agent.fsutil import atomic_write, fsync_dir, sha256_file
+from device_agent.fsutil import atomic_write, fsync_dir, make_dirs, sha256_file
 from device_agent.outbox import DISPOSITIONS, QUEUED, REJECTED, WITHHELD, Item, Outbox
 from device_agent.patient import validate_patient
 from device_agent.record import VERDICT_REJECTED, Record
@@ -190,7 +190,7 @@ def build_package(
     names = file_names(stamp)
 
     out_root = Path(out_root)
-    out_root.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_root)  # a new records folder's own name must survive a cut too
     folder = _package_folder(out_root, stamp, record_id)
     if not folder.exists():
         folder.mkdir()
