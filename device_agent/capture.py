@@ -33,6 +33,7 @@ from device_agent.config import Settings
 from device_agent.disk import ensure_free_space
 from device_agent.errors import SerialLinkError
 from device_agent.framing import Frames
+from device_agent.fsutil import fsync_dir, make_dirs
 from device_agent.measurements import measure_record, measurements_block
 from device_agent.outbox import QUEUED, Outbox
 from device_agent.package import Disposition, PackageInfo, build_package, decide
@@ -271,8 +272,10 @@ def release_held(settings: Settings, *, outbox: Outbox, clock: Clock) -> list[Ca
     stampable, orphaned = ready(folder_root, clock)
     for folder in orphaned:
         undated = Path(settings.state_dir) / "undated" / folder.name
-        undated.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(undated.parent)
         folder.rename(undated)
+        fsync_dir(undated.parent)
+        fsync_dir(folder.parent)
         log.error("held capture %s was taken before a reboot with the clock unsynchronised; "
                   "its time cannot be known. Moved to %s: name it by hand or discard it",
                   folder.name, undated)

@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from device_agent.config import Settings
-from device_agent.fsutil import atomic_write, fsync_dir
+from device_agent.fsutil import atomic_write, fsync_dir, make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def undated_count(state_dir: Path) -> int:
 def hold(root: Path, files: dict[str, bytes], ticket: HoldTicket) -> Path:
     """Park a capture's files under root/<uuid>/ with its ticket (written last)."""
     folder = Path(root) / uuid.uuid4().hex
-    folder.mkdir(parents=True)
+    make_dirs(folder)
     for name, data in files.items():
         atomic_write(folder / name, data)
     atomic_write(folder / TICKET_NAME, json.dumps(asdict(ticket)).encode())

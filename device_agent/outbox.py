@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from device_agent.errors import AgentError
-from device_agent.fsutil import atomic_write
+from device_agent.fsutil import atomic_write, make_dirs
 from device_agent.s3keys import content_type
 
 log = logging.getLogger(__name__)
@@ -314,7 +314,7 @@ class Outbox:
         self.db_path = Path(db_path)
         self.backoff_cap_s = backoff_cap_s
         self._lock = threading.RLock()
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.db_path.parent)
         self._db = sqlite3.connect(
             self.db_path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None,
             check_same_thread=False,
@@ -798,7 +798,7 @@ class Outbox:
             for it in map(_item, reversed(rows))
         ]
         path = Path(reports_dir) / UPLOAD_LOG_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
         atomic_write(path, json.dumps(entries, indent=1).encode() + b"\n")
         return path
 

@@ -31,7 +31,13 @@ from typing import Any
 from device_agent import s3keys
 from device_agent.clock import Clock
 from device_agent.errors import UsersFileError
-from device_agent.fsutil import FileTooLarge, NotRegularFile, atomic_write, read_regular
+from device_agent.fsutil import (
+    FileTooLarge,
+    NotRegularFile,
+    atomic_write,
+    make_dirs,
+    read_regular,
+)
 from device_agent.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -215,7 +221,7 @@ class SignupsFinder:
         username.encode("utf-8")  # a lone surrogate cannot be a key or a body
         key = s3keys.signup_key(username, registered)
         doc = signup_document(user, registered)
-        self.signups_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.signups_dir)
         local = self.signups_dir / key.rsplit("/", 1)[-1]
         atomic_write(local, doc)  # durable before its row
         return self.outbox.add_signup(username, registered.isoformat(), local, key=key,
