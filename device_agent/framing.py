@@ -10,7 +10,9 @@ Python loop. A buffer ending inside a possible frame keeps at most 21 bytes as t
 
 Sample positions come from the 6-bit counter (a jump of d means d-1 frames lost, placed at
 their own positions). A counter that aliases (64+ frames lost) is corrected with arrival
-time as the second witness when the caller passes `arrival` (monotonic seconds).
+time as the second witness when the caller passes `arrival` (monotonic seconds). A frame
+whose counter fits neither neighbour (a corrupted counter byte) is dropped, not allowed to
+push every later frame 64 places on (see `impostors`).
 """
 
 from __future__ import annotations
@@ -22,24 +24,43 @@ import numpy as np
 
 from device_agent.record import ELECTRODES, MEASURED_LEADS
 
+# --- The frame layout (spec/serial-protocol.md): the one table the decoder and the lab's
+# encoder both read. Byte offsets within a frame:
 FRAME_LEN = 22
+AT_START, AT_COUNTER, AT_LENGTH, AT_OPCODE, AT_CHECKSUM, AT_END = 0, 1, 2, 3, 4, 21
 START, LENGTH, OPCODE, END = 0xE8, 0x11, 0x20, 0x8E
+PAYLOAD_AT = 5  # channel c (MEASURED_LEADS order) is bytes PAYLOAD_AT + 2c and + 2c + 1
 N_CHANNELS = len(MEASURED_LEADS)
 COUNTER_MOD = 64
+COUNTER_MASK = COUNTER_MOD - 1  # the top two bits of the counter byte carry nothing
+LOW_BITS = 7  # sample = (high & HIGH_MASK) << LOW_BITS | (low & LOW_MASK)
+HIGH_MASK, LOW_MASK = 0x1F, 0x7F
+BYTE_ORDERS = ("high-first", "low-first")
+# Electrode flags, ELECTRODES order: the channel whose HIGH byte carries it, and the bit.
+ELECTRODE_FLAGS = {
+    "LA": ("I", 5), "RA": ("II", 5), "LL": ("II", 6), "V1": ("V1", 5), "V2": ("V2", 5),
+    "V3": ("V3", 5), "V4": ("V4", 5), "V5": ("V5", 5), "V6": ("V6", 5),
+}
+assert tuple(ELECTRODE_FLAGS) == ELECTRODES
+FLAG_CHANNEL = np.array([MEASURED_LEADS.index(ch) for ch, _ in ELECTRODE_FLAGS.values()])
+FLAG_BIT = np.array([bit for _, bit in ELECTRODE_FLAGS.values()], dtype=np.uint8)
+
 # Arrival timing must exceed the counter's count by this many frames before a wrap is
 # assumed: covers reader latency (a late read makes frames look older) of up to ~90 ms.
 WITNESS_SLACK = 45
 
-_PAYLOAD = np.arange(5, 21)
-# Per channel, offsets of the high and low byte in the frame, by byte order.
-_OFFSETS = {
-    "high-first": (np.arange(5, 21, 2), np.arange(6, 21, 2)),
-    "low-first": (np.arange(6, 21, 2), np.arange(5, 21, 2)),
-}
-# Electrode flags: (channel, bit) in ELECTRODES order: LA=I b5, RA=II b5, LL=II b6, Vn b5.
-_FLAG_CHANNEL = np.array([0, 1, 1, 2, 3, 4, 5, 6, 7])
-_FLAG_BIT = np.array([5, 5, 6, 5, 5, 5, 5, 5, 5], dtype=np.uint8)
-assert len(_FLAG_CHANNEL) == len(ELECTRODES)
+_PAYLOAD = np.arange(PAYLOAD_AT, PAYLOAD_AT + 2 * N_CHANNELS)
+
+
+def channel_offsets(byte_order: str) -> tuple[np.ndarray, np.ndarray]:
+    """Byte offsets in a frame of each channel's (high, low) byte, for a byte order."""
+    first = PAYLOAD_AT + 2 * np.arange(N_CHANNELS)
+    if byte_order == "high-first":
+        return first, first + 1
+    if byte_order == "low-first":
+        return first + 1, first
+    raise ValueError(f"byte order {byte_order!r}: expected one of {', '.join(BYTE_ORDERS)}")
+
 
 ChecksumVerifier = Callable[[np.ndarray], np.ndarray]
 """Takes frames as uint8 (n, 22), returns a bool mask of those whose checksum is good."""
@@ -88,7 +109,8 @@ def find_frames(buf: np.ndarray, verify: ChecksumVerifier | None = None) -> np.n
     cand = np.flatnonzero(buf[: buf.size - FRAME_LEN + 1] == START)
     if cand.size == 0:
         return cand.astype(np.int64)
-    ok = (buf[cand + 21] == END) & (buf[cand + 2] == LENGTH) & (buf[cand + 3] == OPCODE)
+    ok = ((buf[cand + AT_END] == END) & (buf[cand + AT_LENGTH] == LENGTH)
+          & (buf[cand + AT_OPCODE] == OPCODE))
     cand = cand[ok]
     payload = buf[cand[:, None] + _PAYLOAD]
     cand = cand[~(payload & 0x80).any(axis=1)]
@@ -109,18 +131,80 @@ def find_frames(buf: np.ndarray, verify: ChecksumVerifier | None = None) -> np.n
     return cand[accepted].astype(np.int64)
 
 
-def decode_frames(buf: np.ndarray, starts: np.ndarray, byte_order: str = "high-first"):
+def decode_frames(
+    buf: np.ndarray, starts: np.ndarray, byte_order: str = "high-first"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(counter, checksum, counts (n, 8), electrodes (n, 9)) of frames at `starts` in `buf`."""
-    hi_off, lo_off = _OFFSETS[byte_order]
+    hi_off, lo_off = channel_offsets(byte_order)
     hi = buf[starts[:, None] + hi_off]
     lo = buf[starts[:, None] + lo_off]
-    counts = ((hi.astype(np.uint16) & 0x1F) << 7) | (lo & 0x7F)
-    flags = ((hi[:, _FLAG_CHANNEL] >> _FLAG_BIT) & 1).astype(bool)
-    return buf[starts + 1] & 0x3F, buf[starts + 4], counts, flags
+    counts = ((hi.astype(np.uint16) & HIGH_MASK) << LOW_BITS) | (lo & LOW_MASK)
+    flags = ((hi[:, FLAG_CHANNEL] >> FLAG_BIT) & 1).astype(bool)
+    return buf[starts + AT_COUNTER] & COUNTER_MASK, buf[starts + AT_CHECKSUM], counts, flags
+
+
+def counter_steps(counter: np.ndarray, prev: int | None) -> np.ndarray:
+    """Frames advanced from each counter's predecessor (`prev` before the first): 1..64."""
+    c = counter.astype(np.int64)
+    step = np.empty(c.size, np.int64)
+    step[1:] = (c[1:] - c[:-1]) % COUNTER_MOD
+    if c.size:
+        step[0] = 1 if prev is None else (c[0] - prev) % COUNTER_MOD
+    step[step == 0] = COUNTER_MOD  # a repeated counter can only mean 64 lost frames
+    return step
+
+
+def _step(a: int, b: int) -> int:
+    return (b - a) % COUNTER_MOD or COUNTER_MOD
+
+
+def impostors(counter: np.ndarray, prev: int | None, *, trusted: int | None = None) -> tuple[
+        np.ndarray, bool]:
+    """(keep mask, last one undecided) for frames whose counter fits neither neighbour.
+
+    A frame whose counter byte was corrupted (a bit error; or, on a link that drops bytes,
+    a lost counter byte after a stray E8) passes every structural check, and its counter
+    would put every later frame 64 places too far. Seen from its neighbours it stands out:
+    going from the previous frame to the next one through it counts 64 more frames than
+    going directly (steps s1 + s2 > 64 while neither is 1). Such a frame is dropped. Only
+    frames whose step is not 1 are examined (a Python loop over few). A last frame that
+    needs examining cannot be judged yet (its successor is in the next chunk): the caller
+    holds it back. `trusted` is the index of a frame that follows a silence seen by the
+    clock: it and its predecessor are accepted unjudged, the counters across a silence
+    say nothing about each other.
+    """
+    c = counter.astype(np.int64)
+    n = c.size
+    keep = np.ones(n, bool)
+    for k in np.flatnonzero(counter_steps(c, prev) != 1).tolist():
+        if k == trusted or (k == 0 and prev is None):
+            continue
+        j = k - 1
+        while j >= 0 and not keep[j]:
+            j -= 1
+        p = int(c[j]) if j >= 0 else prev
+        assert p is not None  # frame 0 of the first chunk ever is never examined
+        s1 = _step(p, int(c[k]))
+        if s1 == 1:
+            continue  # its predecessor was the impostor
+        if k == n - 1:
+            return keep, True
+        if trusted is not None and k == trusted - 1:
+            continue
+        s2 = _step(int(c[k]), int(c[k + 1]))
+        # c[k+1] == p (direct step 64) is a stuck counter, not one bad frame: leave it be
+        if s2 > 1 and s1 + s2 > COUNTER_MOD and int(c[k + 1]) != p:
+            keep[k] = False
+    return keep, False
 
 
 class FrameDecoder:
-    """Feed bytes in any chunking; get decoded frames with their sample positions."""
+    """Feed bytes in any chunking; get decoded frames with their sample positions.
+
+    The result does not depend on how the bytes are chunked. A frame whose counter step is
+    not 1 and that ends a chunk is held back until the next frame arrives (see `impostors`);
+    `flush()` hands it over when no more bytes will come.
+    """
 
     def __init__(
         self,
@@ -129,22 +213,28 @@ class FrameDecoder:
         sampling_rate: float = 500.0,
         verify: ChecksumVerifier | None = None,
     ) -> None:
-        if byte_order not in _OFFSETS:
-            raise ValueError(f"byte order {byte_order!r}: expected high-first or low-first")
+        channel_offsets(byte_order)  # raises ValueError naming the valid orders
         self.byte_order = byte_order
         self.sampling_rate = float(sampling_rate)  # frames per second of arrival time
         self.verify = verify
         self._tail = np.zeros(0, np.uint8)
+        self._held: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         self._last_counter: int | None = None
         self._last_position = -1
         self._last_arrival: float | None = None
         self.frames_decoded = 0
         self.frames_lost = 0
+        self.frames_rejected = 0  # counter fits neither neighbour (see `impostors`)
         self.garbage_bytes = 0
         self.bytes_fed = 0
         self.wraps_from_timing = 0
-        self.resyncs = 0  # runs of bytes that formed no frame (bad frames, junk)
+        self.resyncs = 0  # runs of bytes that formed no frame (bad frames, junk), rejected frames
         self._in_junk = False
+
+    @property
+    def frames_held(self) -> int:
+        """Frames decoded but held back until their successor arrives (0 or 1)."""
+        return 0 if self._held is None else 1
 
     def feed(self, data: bytes | bytearray | memoryview, arrival: float | None = None) -> Frames:
         """Decode every complete frame in tail + data; keep an incomplete end for next time."""
@@ -161,10 +251,50 @@ class FrameDecoder:
         self._tail = buf[settled:].copy()
         if starts.size == 0:
             return replace(Frames.empty(), arrival=arrival)
-        counter, checksum, counts, flags = decode_frames(buf, starts, self.byte_order)
-        position = self._place(counter.astype(np.int64), arrival)
-        self.frames_decoded += int(starts.size)
-        return Frames(position, counter, checksum, counts, flags, arrival)
+        return self._accept(decode_frames(buf, starts, self.byte_order), arrival)
+
+    def flush(self) -> Frames:
+        """The held-back frame, if any, accepted on its predecessor alone (end of stream)."""
+        held, self._held = self._held, None
+        if held is None:
+            return Frames.empty()
+        counter, checksum, counts, flags = held
+        position = self._place(counter, 0, 0)
+        return Frames(position, counter, checksum, counts, flags, self._last_arrival)
+
+    def _accept(self, decoded: tuple[np.ndarray, ...], arrival: float | None) -> Frames:
+        fresh = decoded[0].size
+        if self._held is not None:
+            decoded = tuple(np.concatenate((h, d)) for h, d in zip(self._held, decoded,
+                                                                   strict=True))
+        first_new = decoded[0].size - fresh  # 1 when a held frame leads the batch
+        counter = decoded[0]
+        prev = self._last_counter
+        wraps = 0
+        if prev is not None and arrival is not None and self._last_arrival is not None:
+            # Second witness: frames the clock says passed since the last chunk vs frames
+            # the counter says; the silence, if any, was just before this chunk.
+            by_clock = (arrival - self._last_arrival) * self.sampling_rate
+            extra = by_clock - int(counter_steps(counter, prev)[first_new:].sum())
+            if extra > WITNESS_SLACK:
+                wraps = int((extra + COUNTER_MOD - WITNESS_SLACK) // COUNTER_MOD)
+        keep, hold = impostors(counter, prev, trusted=first_new if wraps else None)
+        rejected = int(np.count_nonzero(~keep))
+        self.frames_rejected += rejected
+        self.resyncs += rejected
+        self.garbage_bytes += FRAME_LEN * rejected
+        if arrival is not None:
+            self._last_arrival = arrival
+        self._held = None
+        if hold:
+            self._held = tuple(a[-1:].copy() for a in decoded)  # type: ignore[assignment]
+            keep[-1] = False
+        out = [a[keep] for a in decoded]
+        if not out[0].size:
+            return replace(Frames.empty(), arrival=arrival)
+        at = int(np.count_nonzero(keep[:first_new]))  # first kept frame of the new bytes
+        position = self._place(out[0], wraps, at)
+        return Frames(position, out[0], out[1], out[2], out[3], arrival)
 
     def _count_resyncs(self, starts: np.ndarray, settled: int) -> None:
         ends = starts + FRAME_LEN
@@ -178,27 +308,15 @@ class FrameDecoder:
         if starts.size or settled:
             self._in_junk = final > 0
 
-    def _place(self, counter: np.ndarray, arrival: float | None) -> np.ndarray:
-        prev = self._last_counter
-        step = np.empty(counter.size, np.int64)
-        step[1:] = (counter[1:] - counter[:-1]) % COUNTER_MOD
-        step[0] = 0 if prev is None else (counter[0] - prev) % COUNTER_MOD
-        step[step == 0] = COUNTER_MOD  # a repeated counter can only mean 64 lost frames
-        if prev is None:
-            step[0] = 1  # the first frame ever is position 0
-        elif arrival is not None and self._last_arrival is not None:
-            # Second witness: frames the clock says passed vs frames the counter says.
-            by_clock = (arrival - self._last_arrival) * self.sampling_rate
-            extra = by_clock - int(step.sum())
-            if extra > WITNESS_SLACK:
-                wraps = int((extra + COUNTER_MOD - WITNESS_SLACK) // COUNTER_MOD)
-                step[0] += wraps * COUNTER_MOD  # the silence was before this chunk
-                self.wraps_from_timing += wraps
+    def _place(self, counter: np.ndarray, wraps: int, at: int) -> np.ndarray:
+        """Positions of accepted frames; `wraps` x 64 frames lost just before frame `at`."""
+        step = counter_steps(counter, self._last_counter)
+        if wraps:
+            step[at] += wraps * COUNTER_MOD
+            self.wraps_from_timing += wraps
         position = self._last_position + np.cumsum(step)
-        lost = int(step.sum()) - counter.size
-        self.frames_lost += lost
+        self.frames_lost += int(step.sum()) - counter.size
+        self.frames_decoded += counter.size
         self._last_counter = int(counter[-1])
         self._last_position = int(position[-1])
-        if arrival is not None:
-            self._last_arrival = arrival
         return position

@@ -24,9 +24,30 @@ from pathlib import Path
 
 import numpy as np
 
-from device_agent.framing import END, FRAME_LEN, LENGTH, OPCODE, START
-from device_agent.record import ELECTRODES, MEASURED_LEADS
+from device_agent.framing import (
+    AT_CHECKSUM,
+    AT_COUNTER,
+    AT_END,
+    AT_LENGTH,
+    AT_OPCODE,
+    AT_START,
+    COUNTER_MASK,
+    END,
+    FLAG_BIT,
+    FLAG_CHANNEL,
+    FRAME_LEN,
+    HIGH_MASK,
+    LENGTH,
+    LOW_BITS,
+    LOW_MASK,
+    N_CHANNELS,
+    OPCODE,
+    PAYLOAD_AT,
+    START,
+    channel_offsets,
+)
 from device_agent.lab.wfdb import read_record
+from device_agent.record import ELECTRODES, MEASURED_LEADS
 
 log = logging.getLogger(__name__)
 
@@ -109,27 +130,37 @@ def encode_frames(
     counts: np.ndarray, counters: np.ndarray, electrodes: np.ndarray | None = None,
     byte_order: str = "high-first",
 ) -> np.ndarray:
-    """Frames (n, 22) uint8 for counts (n, 8), counters (n,) and flags (n, 9, True = on)."""
+    """Frames (n, 22) uint8 for counts (n, 8), counters (n,) and flags (n, 9, True = on).
+
+    The inverse of framing.decode_frames, from the same layout table (framing.py).
+    """
     n = counts.shape[0]
     if electrodes is None:
         electrodes = np.ones((n, len(ELECTRODES)), bool)
     counts = counts.astype(np.uint16)
-    hi = ((counts >> 7) & 0x1F).astype(np.uint8)
-    lo = (counts & 0x7F).astype(np.uint8)
-    flag_bits = np.zeros((n, len(MEASURED_LEADS)), np.uint8)
-    flag_bits[:, 0] |= electrodes[:, 0].astype(np.uint8) << 5  # LA
-    flag_bits[:, 1] |= electrodes[:, 1].astype(np.uint8) << 5  # RA
-    flag_bits[:, 1] |= electrodes[:, 2].astype(np.uint8) << 6  # LL
-    flag_bits[:, 2:] |= electrodes[:, 3:].astype(np.uint8) << 5  # V1..V6
-    hi |= flag_bits
-    out = np.empty((n, FRAME_LEN), np.uint8)
-    out[:, 0], out[:, 2], out[:, 3], out[:, 21] = START, LENGTH, OPCODE, END
-    out[:, 1] = np.asarray(counters, np.int64) & 0x3F
-    first, second = (hi, lo) if byte_order == "high-first" else (lo, hi)
-    out[:, 5:21:2], out[:, 6:21:2] = first, second
-    # The board's checksum is unknown; the simulator sends a byte sum of the payload.
-    out[:, 4] = (out[:, 5:21].sum(axis=1, dtype=np.int64) & 0xFF).astype(np.uint8)
+    hi = ((counts >> LOW_BITS) & HIGH_MASK).astype(np.uint8)
+    lo = (counts & LOW_MASK).astype(np.uint8)
+    flag_bits = (np.asarray(electrodes, bool).astype(np.uint8) << FLAG_BIT).astype(np.uint8)
+    np.bitwise_or.at(hi, (slice(None), FLAG_CHANNEL), flag_bits)
+    out = np.zeros((n, FRAME_LEN), np.uint8)
+    out[:, AT_START], out[:, AT_LENGTH], out[:, AT_OPCODE], out[:, AT_END] = (
+        START, LENGTH, OPCODE, END)
+    out[:, AT_COUNTER] = np.asarray(counters, np.int64) & COUNTER_MASK
+    hi_off, lo_off = channel_offsets(byte_order)
+    out[:, hi_off], out[:, lo_off] = hi, lo
+    out[:, AT_CHECKSUM] = payload_sum(out)
     return out
+
+
+def payload_sum(frames: np.ndarray) -> np.ndarray:
+    """The simulator's checksum of frames (n, 22): the board's is unknown, so a payload byte sum."""
+    payload = frames[:, PAYLOAD_AT : PAYLOAD_AT + 2 * N_CHANNELS]
+    return (payload.sum(axis=1, dtype=np.int64) & 0xFF).astype(np.uint8)
+
+
+def verify_payload_sum(frames: np.ndarray) -> np.ndarray:
+    """A FrameDecoder checksum verifier for the simulator's frames (tests, lab runs)."""
+    return frames[:, AT_CHECKSUM] == payload_sum(frames)
 
 
 @dataclass
