@@ -131,9 +131,10 @@ def find_frames(buf: np.ndarray, verify: ChecksumVerifier | None = None) -> np.n
     return cand[accepted].astype(np.int64)
 
 
-def decode_frames(
-    buf: np.ndarray, starts: np.ndarray, byte_order: str = "high-first"
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+_Decoded = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def decode_frames(buf: np.ndarray, starts: np.ndarray, byte_order: str = "high-first") -> _Decoded:
     """(counter, checksum, counts (n, 8), electrodes (n, 9)) of frames at `starts` in `buf`."""
     hi_off, lo_off = channel_offsets(byte_order)
     hi = buf[starts[:, None] + hi_off]
@@ -218,7 +219,7 @@ class FrameDecoder:
         self.sampling_rate = float(sampling_rate)  # frames per second of arrival time
         self.verify = verify
         self._tail = np.zeros(0, np.uint8)
-        self._held: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._held: _Decoded | None = None
         self._last_counter: int | None = None
         self._last_position = -1
         self._last_arrival: float | None = None
@@ -262,11 +263,12 @@ class FrameDecoder:
         position = self._place(counter, 0, 0)
         return Frames(position, counter, checksum, counts, flags, self._last_arrival)
 
-    def _accept(self, decoded: tuple[np.ndarray, ...], arrival: float | None) -> Frames:
+    def _accept(self, decoded: _Decoded, arrival: float | None) -> Frames:
         fresh = decoded[0].size
         if self._held is not None:
-            decoded = tuple(np.concatenate((h, d)) for h, d in zip(self._held, decoded,
-                                                                   strict=True))
+            h = self._held
+            decoded = (np.concatenate((h[0], decoded[0])), np.concatenate((h[1], decoded[1])),
+                       np.concatenate((h[2], decoded[2])), np.concatenate((h[3], decoded[3])))
         first_new = decoded[0].size - fresh  # 1 when a held frame leads the batch
         counter = decoded[0]
         prev = self._last_counter
@@ -287,7 +289,8 @@ class FrameDecoder:
             self._last_arrival = arrival
         self._held = None
         if hold:
-            self._held = tuple(a[-1:].copy() for a in decoded)  # type: ignore[assignment]
+            self._held = (decoded[0][-1:].copy(), decoded[1][-1:].copy(),
+                          decoded[2][-1:].copy(), decoded[3][-1:].copy())
             keep[-1] = False
         out = [a[keep] for a in decoded]
         if not out[0].size:
