@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import math
 import os
 import select
 import threading
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 RATE = 500
 # Zero-signal level of each channel, near mid-scale like a real board (1850..2050).
 MID_SCALE = np.array([2048, 2010, 1990, 2030, 1970, 2000, 2040, 1960], dtype=np.int64)
-_MAX_PENDING = 256 * 1024  # bytes held while nobody reads; beyond that they are lost
+_MAX_PENDING = 256 * 1024  # bytes held while a reader is behind; beyond that they are lost
 
 
 @dataclass(frozen=True)
@@ -140,8 +141,10 @@ def encode_frames(
     counts = counts.astype(np.uint16)
     hi = ((counts >> LOW_BITS) & HIGH_MASK).astype(np.uint8)
     lo = (counts & LOW_MASK).astype(np.uint8)
-    flag_bits = (np.asarray(electrodes, bool).astype(np.uint8) << FLAG_BIT).astype(np.uint8)
-    np.bitwise_or.at(hi, (slice(None), FLAG_CHANNEL), flag_bits)
+    flag_bits = np.asarray(electrodes, bool).astype(np.uint16) << FLAG_BIT  # (n, 9)
+    owner = np.zeros((len(ELECTRODES), N_CHANNELS), np.uint16)
+    owner[np.arange(len(ELECTRODES)), FLAG_CHANNEL] = 1  # a channel's flag bits never overlap
+    hi |= (flag_bits @ owner).astype(np.uint8)
     out = np.zeros((n, FRAME_LEN), np.uint8)
     out[:, AT_START], out[:, AT_LENGTH], out[:, AT_OPCODE], out[:, AT_END] = (
         START, LENGTH, OPCODE, END)
@@ -171,7 +174,8 @@ class Truth:
     damaged: set[int] = field(default_factory=set)  # sent with a byte dropped
     garbage_bytes: int = 0
     frames_sent: int = 0
-    bytes_discarded: int = 0  # written while nobody read and the buffer was full
+    bytes_written: int = 0  # handed to the pty
+    bytes_discarded: int = 0  # lost: nobody held the port, or a reader fell far behind
 
 
 def inject(
@@ -206,6 +210,54 @@ def inject(
 
 
 DRAIN_S = 1.0  # after the last frame is due, how long unread bytes wait for a reader
+SEAM_WINDOW = 10  # samples each side of a loop seam compared to choose where it goes
+SEAM_SEARCH = 5  # samples either side of the later beat searched for the best match
+
+
+def loop_span(counts: np.ndarray, counts_per_mv: float, fs: float = RATE) -> tuple[int, int]:
+    """(start, end) of a seamless loop: from an R peak to the same point of a later beat.
+
+    Playing counts[start:end] over and over joins the signal at a QRS, one beat meeting the
+    next as in the recording, instead of cutting a beat in half. Beats are found on lead II
+    (qrs.detect). Of the pairs of beats at least half the recording apart, with the end
+    shifted up to SEAM_SEARCH samples to line the two beats up (keeping the interval into
+    the seam within the recording's own RR range), the one whose seam looks most like the
+    recording is taken: the step across the seam, which should be no larger than the
+    recording's own, and the mismatch of the two beats' neighbourhoods, each lead in units
+    of its largest sample-to-sample step. Without two such beats: the whole record.
+    """
+    from device_agent.qrs import detect
+
+    n = counts.shape[0]
+    x = counts.astype(np.float64)
+    ii = x[:, MEASURED_LEADS.index("II")]
+    beats = detect((ii - np.median(ii)) * (1000.0 / counts_per_mv), fs).beats
+    scale = np.maximum(np.abs(np.diff(x, axis=0)).max(axis=0), 1.0)
+    rr = np.diff(beats)
+    w = SEAM_WINDOW
+    offsets = np.arange(-w, w)
+    shifts = np.arange(-SEAM_SEARCH, SEAM_SEARCH + 1)
+    best: tuple[float, int, int] | None = None
+    for i in beats[(beats >= w) & (beats < n - w)].tolist():
+        q = np.flatnonzero((beats - i >= n // 2) & (np.arange(beats.size) > 0))
+        if q.size == 0:
+            break
+        k = (beats[q, None] + shifts).ravel()
+        prev = np.repeat(beats[q - 1], shifts.size)  # the beat before the seam
+        ok = (k >= w) & (k <= n - w) & (k - prev >= rr.min()) & (k - prev <= rr.max())
+        k = k[ok]
+        if k.size == 0:
+            continue
+        step = (np.abs(x[i] - x[k - 1]) / scale).max(axis=1)
+        near = (np.abs(x[i + offsets] - x[k[:, None] + offsets]) / scale).mean(axis=1).max(axis=1)
+        cost = near + step + 1000.0 * (step > 1)  # a step beyond the recording's own: last resort
+        m = int(np.argmin(cost))
+        if best is None or cost[m] < best[0]:
+            best = (float(cost[m]), i, int(k[m]))
+    if best is None:
+        log.warning("simulator: no two clear beats on lead II; the loop joins end to start")
+        return 0, n
+    return best[1], best[2]
 
 
 class BoardSimulator:
@@ -224,10 +276,14 @@ class BoardSimulator:
         seed: int = 0,
         seconds: float | None = None,
     ) -> None:
-        if speed <= 0:
-            raise ValueError(f"speed {speed}: must be above 0")
-        self.counts = record_counts(record_path, counts_per_mv)
+        if not (isinstance(speed, int | float) and math.isfinite(speed) and speed > 0):
+            raise ValueError(f"simulator speed {speed!r} is not valid: use a number above 0 "
+                             "(1 = real time, 10 = ten times faster)")
         self.link = Path(link_path)
+        if not self.link.parent.is_dir():
+            raise FileNotFoundError(f"simulator link {self.link}: folder {self.link.parent} "
+                                    "does not exist; create it or choose another link path")
+        self.counts = record_counts(record_path, counts_per_mv)
         self.byte_order = byte_order
         self.speed = float(speed)
         self.loop = loop
@@ -235,39 +291,61 @@ class BoardSimulator:
         self.truth = Truth()
         self._rng = np.random.default_rng(seed)
         n = self.counts.shape[0]
+        # counts[start:end] repeats after the first pass (loop_span: the seam is at a beat)
+        self.span = loop_span(self.counts, counts_per_mv) if loop else (0, n)
         limit = int(seconds * RATE) if seconds is not None else None
         self.total = limit if limit is not None else (None if loop else n)
+        self.sent = 0  # frames generated and handed on (written, waiting, or lost unread)
         self._master: int | None = None
         self._slave_path: str | None = None
+        self._pty_lock = threading.RLock()  # RLock: stop() may run in a signal handler
         self._stop = threading.Event()
         self.finished = threading.Event()
         self.replugged = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def source_index(self, numbers: np.ndarray) -> np.ndarray:
+        """Index into `counts` of the sample streamed as each frame number."""
+        numbers = np.asarray(numbers, np.int64)
+        start, end = self.span
+        if not self.loop:
+            return numbers
+        return np.where(numbers < end, numbers, start + (numbers - end) % (end - start))
+
     # --- the pty and its link ---------------------------------------------------------------
     def open(self) -> str:
         """Create a pty, set it raw, point the link at its slave; returns the slave path."""
-        master, slave = os.openpty()
-        tty.setraw(slave)
-        path = os.ttyname(slave)
-        os.close(slave)  # the reader opens it by the link; the master keeps the pty alive
-        flags = fcntl.fcntl(master, fcntl.F_GETFL)
-        fcntl.fcntl(master, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-        tmp = self.link.with_name(self.link.name + ".tmp")
-        tmp.unlink(missing_ok=True)
-        os.symlink(path, tmp)
-        os.replace(tmp, self.link)  # atomic re-point: a reader never sees a half state
-        self._master, self._slave_path = master, path
+        with self._pty_lock:
+            master, slave = os.openpty()
+            tty.setraw(slave)
+            path = os.ttyname(slave)
+            os.close(slave)  # the reader opens it by the link; the master keeps the pty alive
+            flags = fcntl.fcntl(master, fcntl.F_GETFL)
+            fcntl.fcntl(master, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+            tmp = self.link.with_name(self.link.name + ".tmp")
+            tmp.unlink(missing_ok=True)
+            os.symlink(path, tmp)
+            os.replace(tmp, self.link)  # atomic re-point: a reader never sees a half state
+            self._master, self._slave_path = master, path
         log.info("simulator: board on %s (link %s)", path, self.link)
         return path
 
     def _unplug(self) -> None:
-        if self._master is not None:
-            os.close(self._master)
-            self._master = None
-        if self.link.is_symlink():
-            self.link.unlink()
+        with self._pty_lock:
+            if self._master is not None:
+                os.close(self._master)
+                self._master = None
+            self._remove_link()
         log.info("simulator: unplugged %s", self.link)
+
+    def _remove_link(self) -> None:
+        """Remove the link if it still points to our pty (another program may have re-pointed
+        it, and a pty number is soon reused: a stale link would lead a reader to a stranger)."""
+        try:
+            if self._slave_path is not None and os.readlink(self.link) == self._slave_path:
+                self.link.unlink()
+        except OSError:  # gone already, or not a link
+            pass
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> BoardSimulator:
@@ -279,11 +357,11 @@ class BoardSimulator:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop streaming, close the pty and remove the link."""
+        """Stop streaming, close the pty and remove our link (safe from a signal handler)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
         self._unplug()
 
     def __enter__(self) -> BoardSimulator:
@@ -305,7 +383,7 @@ class BoardSimulator:
         numbers = numbers[~silent]
         if numbers.size == 0:
             return b""
-        counts = self.counts[numbers % self.counts.shape[0]]
+        counts = self.counts[self.source_index(numbers)]
         flags = np.ones((numbers.size, len(ELECTRODES)), bool)
         for name, start, end in self.faults.electrode:
             flags[(t[~silent] >= start) & (t[~silent] < end), ELECTRODES.index(name)] = False
@@ -342,6 +420,7 @@ class BoardSimulator:
                     pending = self._write(pending)
                 elif self._master is None:
                     pending.clear()
+                self.sent = sent
                 if self.total is not None and sent >= self.total:
                     if not pending:
                         break
@@ -358,16 +437,27 @@ class BoardSimulator:
             self.finished.set()
 
     def _write(self, pending: bytearray) -> bytearray:
-        assert self._master is not None
-        try:
-            _, writable, _ = select.select([], [self._master], [], 0)
-            if writable:
-                written = os.write(self._master, pending)
-                del pending[:written]
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EIO):
-                raise
-        if len(pending) > _MAX_PENDING:  # like a board nobody reads: bytes are lost
+        """Write what the pty takes. A board whose port nobody holds open loses the rest (a
+        reader that opens later must not get seconds-old frames); one whose reader is slow
+        keeps up to _MAX_PENDING bytes, the slack a fast replay needs."""
+        with self._pty_lock:
+            master = self._master
+            if master is None:
+                return pending
+            try:
+                poller = select.poll()
+                poller.register(master, select.POLLOUT)
+                events = dict(poller.poll(0)).get(master, 0)
+                if events & select.POLLOUT:
+                    written = os.write(master, pending)
+                    self.truth.bytes_written += written
+                    del pending[:written]
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EIO):
+                    raise
+                events = 0
+        nobody = bool(events & select.POLLHUP)  # no process holds the slave open
+        if pending and (nobody or len(pending) > _MAX_PENDING):
             self.truth.bytes_discarded += len(pending)
             pending.clear()
         return pending
