@@ -18,7 +18,8 @@ push every later frame 64 places on (see `impostors`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -49,7 +50,16 @@ FLAG_BIT = np.array([bit for _, bit in ELECTRODE_FLAGS.values()], dtype=np.uint8
 # assumed: covers reader latency (a late read makes frames look older) of up to ~90 ms.
 WITNESS_SLACK = 45
 
-_PAYLOAD = np.arange(PAYLOAD_AT, PAYLOAD_AT + 2 * N_CHANNELS)
+_ARANGE = np.arange(FRAME_LEN)
+_MAX_RUN = 1 << 16  # frames in one chunk that the clean-counter check compares at once
+_COUNTING = (np.arange(_MAX_RUN + COUNTER_MOD) % COUNTER_MOD).astype(np.uint8)
+# One masked comparison checks a candidate's structure: markers and constants where they are
+# fixed, bit 7 clear in every payload byte, anything in the counter and checksum bytes.
+_CHECK_MASK = np.zeros(FRAME_LEN, np.uint8)
+_CHECK_WANT = np.zeros(FRAME_LEN, np.uint8)
+for _at, _value in ((AT_START, START), (AT_LENGTH, LENGTH), (AT_OPCODE, OPCODE), (AT_END, END)):
+    _CHECK_MASK[_at], _CHECK_WANT[_at] = 0xFF, _value
+_CHECK_MASK[PAYLOAD_AT : PAYLOAD_AT + 2 * N_CHANNELS] = 0x80
 
 
 def channel_offsets(byte_order: str) -> tuple[np.ndarray, np.ndarray]:
@@ -68,25 +78,48 @@ ChecksumVerifier = Callable[[np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class Frames:
-    """A batch of decoded frames, in arrival order."""
+    """A batch of frames, in arrival order: placed as they arrive, unpacked when asked.
+
+    The reader thread only frames and places (counter and arrival clock must be followed
+    as bytes come); samples and electrode flags are unpacked from the bytes on first use,
+    so an always-on reader pays nothing for them between captures, and a capture unpacks
+    its whole record in one call after Frames.concat.
+    """
 
     position: np.ndarray  # int64 sample index since the decoder started
     counter: np.ndarray  # uint8, 0..63
-    checksum: np.ndarray  # uint8, kept as sent
-    counts: np.ndarray  # uint16 (n, 8), 12-bit counts in MEASURED_LEADS order
-    electrodes: np.ndarray  # bool (n, 9), True = connected, ELECTRODES order
+    rows: np.ndarray  # uint8 (n, 22): the frames' bytes as received
+    byte_order: str = "high-first"
     arrival: float | None = None  # monotonic time the bytes were read, if known
 
     def __len__(self) -> int:
         return int(self.position.shape[0])
 
+    @cached_property
+    def _unpacked(self) -> tuple[np.ndarray, np.ndarray]:
+        _, _, counts, electrodes = decode_rows(self.rows, self.byte_order)
+        return counts, electrodes
+
+    @property
+    def counts(self) -> np.ndarray:
+        """uint16 (n, 8): 12-bit counts in MEASURED_LEADS order."""
+        return self._unpacked[0]
+
+    @property
+    def electrodes(self) -> np.ndarray:
+        """bool (n, 9): True = connected, ELECTRODES order."""
+        return self._unpacked[1]
+
+    @property
+    def checksum(self) -> np.ndarray:
+        """uint8 (n,): the checksum byte as sent."""
+        return self.rows[:, AT_CHECKSUM]
+
     @staticmethod
-    def empty() -> Frames:
+    def empty(byte_order: str = "high-first", arrival: float | None = None) -> Frames:
         """A batch with no frames."""
-        return Frames(
-            np.zeros(0, np.int64), np.zeros(0, np.uint8), np.zeros(0, np.uint8),
-            np.zeros((0, N_CHANNELS), np.uint16), np.zeros((0, len(ELECTRODES)), bool),
-        )
+        return Frames(np.zeros(0, np.int64), np.zeros(0, np.uint8),
+                      np.zeros((0, FRAME_LEN), np.uint8), byte_order, arrival)
 
     @staticmethod
     def concat(batches: list[Frames]) -> Frames:
@@ -96,52 +129,82 @@ class Frames:
         return Frames(
             np.concatenate([b.position for b in batches]),
             np.concatenate([b.counter for b in batches]),
-            np.concatenate([b.checksum for b in batches]),
-            np.concatenate([b.counts for b in batches]),
-            np.concatenate([b.electrodes for b in batches]),
+            np.concatenate([b.rows for b in batches]),
+            batches[0].byte_order,
         )
 
 
-def find_frames(buf: np.ndarray, verify: ChecksumVerifier | None = None) -> np.ndarray:
-    """Start offsets of the frames a one-byte-resync parser accepts in `buf` (full frames only)."""
+def _aligned(buf: np.ndarray, verify: ChecksumVerifier | None) -> np.ndarray | None:
+    """Bytes (m, 22) of `buf` if it is whole valid frames back to back from its first byte.
+
+    The usual chunk of a clean link: the parser accepts each frame in turn, so a check of
+    that view (no search, no gather) is the whole answer. None: use _scan.
+    """
+    m = buf.size // FRAME_LEN
+    if m == 0:
+        return None
+    rows = buf[: m * FRAME_LEN].reshape(m, FRAME_LEN)
+    if not ((rows & _CHECK_MASK) == _CHECK_WANT).all():
+        return None
+    if verify is not None and not np.asarray(verify(rows), bool).all():
+        return None
+    return rows
+
+
+def _scan(buf: np.ndarray, verify: ChecksumVerifier | None) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and bytes (n, 22) of the frames a one-byte-resync parser accepts in `buf`."""
     if buf.size < FRAME_LEN:
-        return np.zeros(0, np.int64)
+        return np.zeros(0, np.int64), np.zeros((0, FRAME_LEN), np.uint8)
+    rows = _aligned(buf, verify)
+    if rows is not None:
+        return np.arange(0, rows.size, FRAME_LEN), rows
     cand = np.flatnonzero(buf[: buf.size - FRAME_LEN + 1] == START)
-    if cand.size == 0:
-        return cand.astype(np.int64)
-    ok = ((buf[cand + AT_END] == END) & (buf[cand + AT_LENGTH] == LENGTH)
-          & (buf[cand + AT_OPCODE] == OPCODE))
-    cand = cand[ok]
-    payload = buf[cand[:, None] + _PAYLOAD]
-    cand = cand[~(payload & 0x80).any(axis=1)]
+    rows = buf[cand[:, None] + _ARANGE]
+    ok = ((rows & _CHECK_MASK) == _CHECK_WANT).all(axis=1)
+    cand, rows = cand[ok], rows[ok]
     if verify is not None and cand.size:
-        cand = cand[np.asarray(verify(buf[cand[:, None] + np.arange(FRAME_LEN)]), bool)]
+        good = np.asarray(verify(rows), bool)
+        cand, rows = cand[good], rows[good]
     if cand.size < 2:
-        return cand.astype(np.int64)
+        return cand, rows
     conflicts = np.flatnonzero(np.diff(cand) < FRAME_LEN) + 1
     if conflicts.size == 0:
-        return cand.astype(np.int64)
+        return cand, rows
     # A candidate starting inside an accepted frame is never looked at by the parser.
     accepted = np.ones(cand.size, bool)
-    for k in conflicts:
+    for k in conflicts.tolist():
         j = k - 1
         while not accepted[j]:
             j -= 1
         accepted[k] = cand[k] >= cand[j] + FRAME_LEN
-    return cand[accepted].astype(np.int64)
+    return cand[accepted], rows[accepted]
+
+
+def find_frames(buf: np.ndarray, verify: ChecksumVerifier | None = None) -> np.ndarray:
+    """Start offsets of the frames a one-byte-resync parser accepts in `buf` (full frames only)."""
+    return _scan(buf, verify)[0]
 
 
 _Decoded = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
-def decode_frames(buf: np.ndarray, starts: np.ndarray, byte_order: str = "high-first") -> _Decoded:
-    """(counter, checksum, counts (n, 8), electrodes (n, 9)) of frames at `starts` in `buf`."""
-    hi_off, lo_off = channel_offsets(byte_order)
-    hi = buf[starts[:, None] + hi_off]
-    lo = buf[starts[:, None] + lo_off]
-    counts = ((hi.astype(np.uint16) & HIGH_MASK) << LOW_BITS) | (lo & LOW_MASK)
-    flags = ((hi[:, FLAG_CHANNEL] >> FLAG_BIT) & 1).astype(bool)
-    return buf[starts + AT_COUNTER] & COUNTER_MASK, buf[starts + AT_CHECKSUM], counts, flags
+# Each channel's two bytes read as one 16-bit word, high byte in bits 8..15: the sample is
+# its HIGH_MASK bits moved down next to its LOW_MASK bits; a flag is a bit of the high byte.
+_WORD = {"high-first": np.dtype(">u2"), "low-first": np.dtype("<u2")}
+_WORD_HIGH = np.uint16(HIGH_MASK << LOW_BITS)
+_FLAG_WORD_BITS = (np.uint16(1) << (FLAG_BIT.astype(np.uint16) + 8)).astype(np.uint16)
+
+
+def decode_rows(rows: np.ndarray, byte_order: str = "high-first") -> _Decoded:
+    """(counter, checksum, counts (n, 8), electrodes (n, 9)) of frames given as bytes (n, 22)."""
+    channel_offsets(byte_order)  # raises ValueError naming the valid orders
+    if not rows.flags.c_contiguous:
+        rows = np.ascontiguousarray(rows)
+    payload = rows[:, PAYLOAD_AT : PAYLOAD_AT + 2 * N_CHANNELS]
+    words = payload.view(_WORD[byte_order]).astype(np.uint16)
+    counts = ((words >> (8 - LOW_BITS)) & _WORD_HIGH) | (words & LOW_MASK)
+    flags = (words[:, FLAG_CHANNEL] & _FLAG_WORD_BITS) != 0
+    return rows[:, AT_COUNTER] & COUNTER_MASK, rows[:, AT_CHECKSUM], counts, flags
 
 
 def counter_steps(counter: np.ndarray, prev: int | None) -> np.ndarray:
@@ -159,8 +222,8 @@ def _step(a: int, b: int) -> int:
     return (b - a) % COUNTER_MOD or COUNTER_MOD
 
 
-def impostors(counter: np.ndarray, prev: int | None, *, trusted: int | None = None) -> tuple[
-        np.ndarray, bool]:
+def impostors(counter: np.ndarray, prev: int | None, *, trusted: int | None = None,
+              steps: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
     """(keep mask, last one undecided) for frames whose counter fits neither neighbour.
 
     A frame whose counter byte was corrupted (a bit error; or, on a link that drops bytes,
@@ -172,12 +235,13 @@ def impostors(counter: np.ndarray, prev: int | None, *, trusted: int | None = No
     needs examining cannot be judged yet (its successor is in the next chunk): the caller
     holds it back. `trusted` is the index of a frame that follows a silence seen by the
     clock: it and its predecessor are accepted unjudged, the counters across a silence
-    say nothing about each other.
+    say nothing about each other. `steps` is counter_steps(counter, prev) if already known.
     """
     c = counter.astype(np.int64)
     n = c.size
     keep = np.ones(n, bool)
-    for k in np.flatnonzero(counter_steps(c, prev) != 1).tolist():
+    steps = counter_steps(c, prev) if steps is None else steps
+    for k in np.flatnonzero(steps != 1).tolist():
         if k == trusted or (k == 0 and prev is None):
             continue
         j = k - 1
@@ -219,7 +283,7 @@ class FrameDecoder:
         self.sampling_rate = float(sampling_rate)  # frames per second of arrival time
         self.verify = verify
         self._tail = np.zeros(0, np.uint8)
-        self._held: _Decoded | None = None
+        self._held: np.ndarray | None = None  # bytes (1, 22) of a frame awaiting its successor
         self._last_counter: int | None = None
         self._last_position = -1
         self._last_arrival: float | None = None
@@ -238,11 +302,16 @@ class FrameDecoder:
         return 0 if self._held is None else 1
 
     def feed(self, data: bytes | bytearray | memoryview, arrival: float | None = None) -> Frames:
-        """Decode every complete frame in tail + data; keep an incomplete end for next time."""
+        """Place every complete frame in tail + data; keep an incomplete end for next time."""
         self.bytes_fed += len(data)
         chunk = np.frombuffer(data, np.uint8)
         buf = np.concatenate((self._tail, chunk)) if self._tail.size else chunk
-        starts = find_frames(buf, self.verify)
+        rows = _aligned(buf, self.verify)
+        if rows is not None:  # frames back to back: no junk, nothing to search or count
+            self._tail = buf[rows.size :].copy()
+            self._in_junk = False
+            return self._accept(rows, arrival)
+        starts, rows = _scan(buf, self.verify)
         # Everything before the first byte that could still begin a frame is settled.
         settled = max(buf.size - (FRAME_LEN - 1), 0)
         if starts.size:
@@ -251,74 +320,93 @@ class FrameDecoder:
         self._count_resyncs(starts, settled)
         self._tail = buf[settled:].copy()
         if starts.size == 0:
-            return replace(Frames.empty(), arrival=arrival)
-        return self._accept(decode_frames(buf, starts, self.byte_order), arrival)
+            return Frames.empty(self.byte_order, arrival)
+        return self._accept(rows, arrival)
 
     def flush(self) -> Frames:
         """The held-back frame, if any, accepted on its predecessor alone (end of stream)."""
         held, self._held = self._held, None
         if held is None:
-            return Frames.empty()
-        counter, checksum, counts, flags = held
-        position = self._place(counter, 0, 0)
-        return Frames(position, counter, checksum, counts, flags, self._last_arrival)
+            return Frames.empty(self.byte_order)
+        counter = held[:, AT_COUNTER] & COUNTER_MASK
+        return Frames(self._place(counter, 0, 0), counter, held, self.byte_order,
+                      self._last_arrival)
 
-    def _accept(self, decoded: _Decoded, arrival: float | None) -> Frames:
-        fresh = decoded[0].size
+    def _accept(self, rows: np.ndarray, arrival: float | None) -> Frames:
+        fresh = rows.shape[0]
         if self._held is not None:
-            h = self._held
-            decoded = (np.concatenate((h[0], decoded[0])), np.concatenate((h[1], decoded[1])),
-                       np.concatenate((h[2], decoded[2])), np.concatenate((h[3], decoded[3])))
-        first_new = decoded[0].size - fresh  # 1 when a held frame leads the batch
-        counter = decoded[0]
+            rows = np.concatenate((self._held, rows))
+        first_new = rows.shape[0] - fresh  # 1 when a held frame leads the batch
+        counter = rows[:, AT_COUNTER] & COUNTER_MASK
         prev = self._last_counter
+        n = counter.size
+        # The usual chunk: every counter one on from the last.
+        start = -1 if prev is None else (prev + 1) % COUNTER_MOD
+        clean = start >= 0 and n <= _MAX_RUN and bool(
+            (counter == _COUNTING[start : start + n]).all())
+        steps = None if clean else counter_steps(counter, prev)
         wraps = 0
         if prev is not None and arrival is not None and self._last_arrival is not None:
             # Second witness: frames the clock says passed since the last chunk vs frames
             # the counter says; the silence, if any, was just before this chunk.
             by_clock = (arrival - self._last_arrival) * self.sampling_rate
-            extra = by_clock - int(counter_steps(counter, prev)[first_new:].sum())
+            counted = n - first_new if steps is None else int(steps[first_new:].sum())
+            extra = by_clock - counted
             if extra > WITNESS_SLACK:
                 wraps = int((extra + COUNTER_MOD - WITNESS_SLACK) // COUNTER_MOD)
-        keep, hold = impostors(counter, prev, trusted=first_new if wraps else None)
+        if arrival is not None:
+            self._last_arrival = arrival
+        self._held = None
+        if steps is None:  # nothing to judge
+            return Frames(self._place(counter, wraps, first_new, clean=True), counter, rows,
+                          self.byte_order, arrival)
+        keep, hold = impostors(counter, prev, trusted=first_new if wraps else None,
+                               steps=steps)
         rejected = int(np.count_nonzero(~keep))
         self.frames_rejected += rejected
         self.resyncs += rejected
         self.garbage_bytes += FRAME_LEN * rejected
-        if arrival is not None:
-            self._last_arrival = arrival
-        self._held = None
         if hold:
-            self._held = (decoded[0][-1:].copy(), decoded[1][-1:].copy(),
-                          decoded[2][-1:].copy(), decoded[3][-1:].copy())
+            self._held = rows[-1:].copy()
             keep[-1] = False
-        out = [a[keep] for a in decoded]
-        if not out[0].size:
-            return replace(Frames.empty(), arrival=arrival)
+        if not keep.any():
+            return Frames.empty(self.byte_order, arrival)
+        counter, rows = counter[keep], rows[keep]
         at = int(np.count_nonzero(keep[:first_new]))  # first kept frame of the new bytes
-        position = self._place(out[0], wraps, at)
-        return Frames(position, out[0], out[1], out[2], out[3], arrival)
+        return Frames(self._place(counter, wraps, at), counter, rows, self.byte_order, arrival)
 
     def _count_resyncs(self, starts: np.ndarray, settled: int) -> None:
-        ends = starts + FRAME_LEN
-        gaps = starts - np.concatenate(([0], ends[:-1]))
-        final = settled - (int(ends[-1]) if starts.size else 0)
-        sizes = np.append(gaps, final)
-        runs = int(np.count_nonzero(sizes))
-        if self._in_junk and sizes[0] > 0:
+        if starts.size:
+            leading = int(starts[0])
+            final = settled - int(starts[-1]) - FRAME_LEN
+            runs = int(np.count_nonzero(np.diff(starts) != FRAME_LEN))  # junk between frames
+            runs += (leading > 0) + (final > 0)
+        else:
+            leading = final = settled
+            runs = int(final > 0)
+        if self._in_junk and leading > 0:
             runs -= 1  # the same run continues from the previous feed
         self.resyncs += runs
         if starts.size or settled:
             self._in_junk = final > 0
 
-    def _place(self, counter: np.ndarray, wraps: int, at: int) -> np.ndarray:
-        """Positions of accepted frames; `wraps` x 64 frames lost just before frame `at`."""
-        step = counter_steps(counter, self._last_counter)
-        if wraps:
-            step[at] += wraps * COUNTER_MOD
-            self.wraps_from_timing += wraps
-        position = self._last_position + np.cumsum(step)
-        self.frames_lost += int(step.sum()) - counter.size
+    def _place(self, counter: np.ndarray, wraps: int, at: int, *, clean: bool = False
+               ) -> np.ndarray:
+        """Positions of accepted frames; `wraps` x 64 frames lost just before frame `at`.
+
+        `clean`: every counter is one on from the one before (no need to add up steps).
+        """
+        if clean:
+            position = np.arange(self._last_position + 1, self._last_position + 1 + counter.size)
+            if wraps:
+                position[at:] += wraps * COUNTER_MOD
+        else:
+            step = counter_steps(counter, self._last_counter)
+            if wraps:
+                step[at] += wraps * COUNTER_MOD
+            position = self._last_position + np.cumsum(step)
+        self.wraps_from_timing += wraps
+        self.frames_lost += int(position[-1]) - self._last_position - counter.size
         self.frames_decoded += counter.size
         self._last_counter = int(counter[-1])
         self._last_position = int(position[-1])

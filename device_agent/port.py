@@ -15,8 +15,12 @@ the board is back; it never exits.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import queue
+import struct
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -100,6 +104,11 @@ def open_port(url: str, *, baudrate: int = 115200, timeout: float = 0.05) -> ser
     return port
 
 
+def _waiting(fd: int) -> int:
+    """Bytes the tty on `fd` holds for reading (TIOCINQ); OSError when it is hung up."""
+    return int(struct.unpack("I", fcntl.ioctl(fd, termios.TIOCINQ, b"\0\0\0\0"))[0])
+
+
 def waiting_is_exact(port: Any) -> bool:
     """True when port.in_waiting counts the bytes waiting (a tty, loop://), not 0/1 (socket://)."""
     return isinstance(port, serial.Serial) or type(port).__module__.endswith("protocol_loop")
@@ -135,6 +144,7 @@ class SerialReader:
         self._thread: threading.Thread | None = None
         self._port: Port | None = None
         self._exact = True
+        self._fd: int | None = None
         self._window = 0  # bumped by clear(); batches of older windows are stale
         self._flushed = 0  # the window whose backlog the thread has discarded
         self._flushed_cond = threading.Condition()
@@ -266,6 +276,9 @@ class SerialReader:
                                   "board's USB cable") from exc
         self._port = port
         self._exact = waiting_is_exact(port)
+        # pyserial's own posix port (not spy://, which logs what it reads): read its fd
+        self._fd = (port.fileno() if isinstance(port, serial.Serial)
+                    and type(port) is serial.Serial else None)
         self._set_connected(True)
         self._mark_flushed(window)  # the reset was this window's discard
 
@@ -286,8 +299,9 @@ class SerialReader:
 
     def _drain(self, port: Port) -> bytes:
         """Everything the port holds now, without waiting for more (except on silence)."""
+        if self._fd is not None:
+            return self._drain_fd(self._fd)
         chunks: list[bytes] = []
-        refills = 0
         for _ in range(_MAX_READS):
             n = port.in_waiting
             if not n:
@@ -295,18 +309,39 @@ class SerialReader:
                     # Nothing waiting: one byte with the port's timeout, so a vanished
                     # adapter ("readiness to read but returned no data") is noticed.
                     return port.read(1)
-                if refills == _REFILL_TRIES:
-                    break
-                # That read emptied a full buffer: the kernel refills it from its flip
-                # buffers in a moment. Take that too, or the arrival clock would count
-                # bytes still queued as frames lost.
-                refills += 1
-                self._stop.wait(0.001)
-                continue
+                break
             chunks.append(port.read(n if self._exact else max(n, READ_CHUNK)))
             if len(chunks[-1]) < _NEARLY_FULL:
                 break
         return b"".join(chunks)
+
+    def _drain_fd(self, fd: int) -> bytes:
+        """A plain tty: ask the kernel how much is waiting, read exactly that (one read(2)).
+
+        A hung-up tty (adapter gone, pty closed) fails the ioctl with EIO. The tty holds at
+        most its line buffer; a read that emptied a full one is followed by another, after a
+        moment for the kernel to refill it from its flip buffers, or the arrival clock would
+        count bytes still queued as frames lost.
+        """
+        chunks: list[bytes] = []
+        refills = 0
+        for _ in range(_MAX_READS):
+            n = _waiting(fd)
+            if not n:
+                if (chunks and len(chunks[-1]) >= _NEARLY_FULL and refills < _REFILL_TRIES
+                        and not self._stop.is_set()):
+                    refills += 1
+                    self._stop.wait(0.001)
+                    continue
+                break
+            data = os.read(fd, n)
+            if not data:
+                raise serial.SerialException(f"{self.url}: {n} bytes waiting but none read "
+                                             "(device disconnected?)")
+            chunks.append(data)
+            if len(data) < _NEARLY_FULL:
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _next_wait(self, nbytes: int, elapsed: float) -> float:
         """Sleep until the kernel's buffer would be half full at the rate just seen."""

@@ -133,7 +133,7 @@ def encode_frames(
 ) -> np.ndarray:
     """Frames (n, 22) uint8 for counts (n, 8), counters (n,) and flags (n, 9, True = on).
 
-    The inverse of framing.decode_frames, from the same layout table (framing.py).
+    The inverse of framing.decode_rows, from the same layout table (framing.py).
     """
     n = counts.shape[0]
     if electrodes is None:
