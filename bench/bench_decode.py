@@ -14,6 +14,7 @@ cold caches, which bench_reader.py measures.
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -84,9 +85,9 @@ def run() -> list[dict]:
         got = len(numpy_decode(data, chunk))
         if data is faulty and got != expect:
             raise AssertionError(f"decoders disagree at {label}: {got} vs {expect} frames")
-    contestants = {"python": cpu_s(lambda: python_decode(faulty))}
+    contestants = {"python": cpu_s(partial(python_decode, faulty))}
     for label, (data, chunk) in cases.items():
-        contestants[label] = cpu_s(lambda data=data, chunk=chunk: numpy_decode(data, chunk))
+        contestants[label] = cpu_s(partial(numpy_decode, data, chunk))
     medians = interleaved(contestants, ROUNDS)
     py = medians["python"]
     rows = []

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,10 +96,10 @@ def _bare(link: str) -> tuple[float, int, int]:
 
 def _old_reader_class() -> type:
     """SerialReader with the read policy it had before: up to 550 B per read, no sleep."""
-    from device_agent.port import SerialReader
+    from device_agent.port import Port, SerialReader
 
     class OldReader(SerialReader):
-        def _drain(self, port):  # type: ignore[no-untyped-def]
+        def _drain(self, port: Port) -> bytes:
             return port.read(max(port.in_waiting, 550))
 
         def _next_wait(self, nbytes: int, elapsed: float) -> float:
@@ -151,7 +152,7 @@ def run() -> list[dict]:
             if feeder.stdout is None or feeder.stdout.readline().strip() != "ready":
                 raise RuntimeError("the board simulator did not start")
 
-            def contestant(name: str):  # type: ignore[no-untyped-def]
+            def contestant(name: str) -> Callable[[], float]:
                 def one() -> float:
                     out = subprocess.run([sys.executable, __file__, "child", name, link],
                                          capture_output=True, text=True, check=True, timeout=60)

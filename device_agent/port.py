@@ -5,9 +5,10 @@ The port is a pyserial URL (`/dev/ttyUSB0`, a pty path, `loop://`, `socket://hos
 open (bytes from before we held the port are nobody's capture). The link is 95.5 % busy and
 the kernel holds what arrives between reads, so the thread wakes a few times a second
 (when the kernel's buffer would be about half full, at most every READ_INTERVAL_S), takes
-everything waiting in one read and decodes kilobytes at a time: the decoder's fixed cost
-and the wake-ups are paid ~5 times a second, not per byte burst. Decoded `Frames` go to a
-bounded queue that drops the OLDEST batch when nobody consumes (the service between
+everything waiting in one read (a plain tty: TIOCINQ, then one read(2) of exactly that)
+and frames kilobytes at a time: the wake-up and the decoder's fixed cost are paid ~5 times
+a second, not per byte burst. Placed `Frames` (samples unpacked only when a consumer asks)
+go to a bounded queue that drops the OLDEST batch when nobody consumes (the service between
 captures). `clear()` opens a capture window: nothing that arrived before it is handed out.
 When the adapter vanishes it logs one line, retries with backoff, and logs one line when
 the board is back; it never exits.
@@ -30,7 +31,7 @@ from typing import Any, Protocol
 import serial
 
 from device_agent.errors import SerialLinkError
-from device_agent.framing import FRAME_LEN, FrameDecoder, Frames
+from device_agent.framing import FrameDecoder, Frames
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ SILENCE_S = 2.0  # connected but no bytes this long: say so once
 TTY_BUFFER_BYTES = 4096
 READ_INTERVAL_S = 0.2  # the longest sleep between reads, whatever the rate
 MIN_INTERVAL_S = 0.002  # the shortest (a simulator at 25x fills the buffer in 15 ms)
-LINK_BYTES_PER_S = 500 * FRAME_LEN  # the board's rate, to size the first sleep
 # Bytes per read at the board's rate (benchmarks decode in chunks of this size).
 READ_CHUNK = int(TTY_BUFFER_BYTES // 2)
 _NEARLY_FULL = TTY_BUFFER_BYTES - 512  # a read this big means more may be queued behind it
