@@ -207,11 +207,12 @@ class SerialReader:
     def clear(self, timeout: float = 1.0) -> int:
         """Open a capture window: drop every frame that arrived before now; returns batches dropped.
 
-        Queued batches go at once; the bytes still in the kernel's buffer (up to a read
-        interval of them) and a frame the decoder holds back are discarded by the reader
-        thread, woken to do it before this returns (within `timeout`; it is reading, so a
-        few milliseconds). From then on get() hands out only frames whose bytes arrived
-        after the call.
+        Queued batches go at once; the bytes in the kernel's buffers (up to a read interval
+        of them: read and placed, so positions stay continuous, then dropped; then the
+        input buffer is reset for any the kernel had not yet passed on) and a frame the
+        decoder holds back are discarded by the reader thread, woken to do it before this
+        returns (within `timeout`; a few milliseconds). From then on get() hands out only
+        frames whose bytes arrived after the call.
         """
         with self._flushed_cond:
             self._window += 1
@@ -389,7 +390,7 @@ class SerialReader:
                                 self.url, now - self._last_byte_at)
                     silent_logged = True
                 if window != self._flushed:
-                    self._flush(window)
+                    self._flush(port, window)
                 continue
             if silent_logged:
                 log.info("serial port %s: data again", self.url)
@@ -398,14 +399,19 @@ class SerialReader:
             self._bytes_read += len(data)
             frames = self.decoder.feed(data, arrival=now)
             if window != self._flushed:
-                self._flush(window)  # these bytes arrived before the clear() that asked
+                self._flush(port, window)  # these bytes arrived before the clear() that asked
             elif len(frames):
                 self._put(window, frames)
         self._close()
 
-    def _flush(self, window: int) -> None:
-        """Discard, for a new capture window, the frames read just now and the one held back."""
+    def _flush(self, port: Port, window: int) -> None:
+        """Discard, for a new capture window, the frames read just now, the one held back and
+        any bytes the kernel got too late for that read (still in its flip buffers)."""
         self.decoder.flush()
+        try:
+            port.reset_input_buffer()
+        except (serial.SerialException, OSError) as exc:
+            log.debug("serial port %s: input buffer not reset: %s", self.url, exc)
         self._mark_flushed(window)
         log.debug("serial port %s: backlog discarded for a new capture window", self.url)
 

@@ -128,14 +128,17 @@ def test_faults_every_arrived_sample_exact_every_lost_one_null(ecg_data_dir, tmp
 @pytest.mark.functional
 def test_unplug_and_replug_during_a_capture(ecg_data_dir, tmp_path):
     link = tmp_path / "board"
-    speed = 4.0
+    # The arrival clock tells 64-frame wraps apart only if its jitter stays within 64 frames:
+    # 32 ms at 4x, which a loaded CI machine's scheduler exceeds (this failed 1 run in 2 at
+    # 4x with both cores busy, before and after the batched reader). 2x gives it 64 ms.
+    speed = 2.0
     sim = BoardSimulator(ecg_data_dir / "HR06002", link, counts_per_mv=CPM, speed=speed,
                          faults=FaultSpec(unplug=(3.0, 2.0)), loop=True)
     sim.open()
     settings = SETTINGS.replace(sampling_rate=500)
     from device_agent.framing import FrameDecoder
 
-    # the simulator runs 10x real time, so arrival timing must count frames at 10x too
+    # the simulator runs faster than real time, so arrival timing must count frames so too
     reader = SerialReader(str(link), decoder=FrameDecoder(sampling_rate=500 * speed),
                           retry_min_s=0.02, retry_max_s=0.05).start(fail_fast=True)
     try:
