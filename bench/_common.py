@@ -76,6 +76,32 @@ def ratio_spread(baseline: list[float], ours: list[float]) -> tuple[float, float
     return q1, q2, q3
 
 
+def interleaved(contestants: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """Median of each contestant's measurement, run round-robin `rounds` times after a warm-up.
+
+    Round-robin, so a machine that slows down (another job, thermal) slows every contestant
+    alike instead of whichever happened to run then.
+    """
+    for fn in contestants.values():
+        fn()
+    results: dict[str, list[float]] = {name: [] for name in contestants}
+    for _ in range(rounds):
+        for name, fn in contestants.items():
+            results[name].append(fn())
+    return {name: statistics.median(values) for name, values in results.items()}
+
+
+def cpu_s(fn: Callable[[], object]) -> Callable[[], float]:
+    """A contestant for `interleaved`: the process CPU time (s, all threads) of one call."""
+
+    def run() -> float:
+        t0 = time.process_time()
+        fn()
+        return time.process_time() - t0
+
+    return run
+
+
 def machine() -> str:
     """The CPU model, core count, Python and OS this run was made on."""
     cpu = platform.processor() or platform.machine()

@@ -1,11 +1,11 @@
 """One capture: N seconds of frames from the board become a measured Record, then a package.
 
 The capture starts at the first frame that arrives after it was asked for: whatever the port
-had buffered before is discarded, and the record's one timestamp is the wall-clock time of
-its first sample. The rate is settings.sampling_rate, never measured. Sample positions come
-from the frame counter, so a lost frame is a missing sample in its own place. Measurements
-are computed here, once, and stored in the record; the JSON, the PDF and the DICOM copy only
-render them.
+had buffered before is discarded (SerialReader.clear), and the record's one timestamp is the
+wall-clock time of its first sample. The rate is settings.sampling_rate, never measured.
+Sample positions come from the frame counter, so a lost frame is a missing sample in its own
+place. Measurements are computed here, once, and stored in the record; the JSON, the PDF and
+the DICOM copy only render them.
 
 What becomes of the capture is decided once (package.decide): a rejected capture and one the
 operator withheld are written with their decision and never queued; with an unsynchronised
@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from device_agent import __version__, dicom, ecgdata, report
 from device_agent.clock import Clock, HoldTicket, held_dir, hold, ready
@@ -78,11 +76,9 @@ def capture_record(
         frames = reader.get(min(0.1, remaining))
         if frames is None or not len(frames):
             continue
-        if first is None:  # frames come at the decoder's rate (a sped-up simulator's too)
-            frames, first_at = _after(frames, started, reader.decoder.sampling_rate)
-            if not len(frames):
-                continue  # all of it was buffered before the capture started
+        if first is None:
             first = int(frames.position[0])
+            first_at = _first_sample_at(frames, started, reader.decoder.sampling_rate)
         batches.append(frames)
         done = int(frames.position[-1]) - first + 1
         if progress is not None:
@@ -111,24 +107,16 @@ def capture_record(
     return record
 
 
-def _after(frames: Frames, started: float, rate: float) -> tuple[Frames, float | None]:
-    """The frames of a batch that arrived after `started`, and when the first of them did.
+def _first_sample_at(frames: Frames, started: float, rate: float) -> float:
+    """When the first frame of the first batch left the board (monotonic seconds).
 
-    A batch carries the monotonic time its bytes were read; frame i of n is taken to have
-    arrived (n - 1 - i) sample periods before that, so a backlog read in one go dates back
-    to when the board sent it and is dropped.
+    reader.clear() has discarded everything that arrived before the capture started, so the
+    batch is new; its frames were read together at `arrival`, the first of them about
+    (n - 1) sample periods earlier (the decoder knows the rate, a sped-up simulator's too).
     """
     if frames.arrival is None:
-        return frames, started
-    count = len(frames)
-    arrived = frames.arrival - (count - 1 - np.arange(count)) / rate
-    keep = np.flatnonzero(arrived >= started)
-    if keep.size == 0:
-        return Frames.empty(), None
-    k = int(keep[0])
-    kept = Frames(frames.position[k:], frames.counter[k:], frames.checksum[k:],
-                  frames.counts[k:], frames.electrodes[k:], frames.arrival)
-    return kept, float(arrived[k])
+        return started
+    return max(started, frames.arrival - (len(frames) - 1) / rate)
 
 
 def measure_once(record: Record, *, mains_hz: float) -> Record:

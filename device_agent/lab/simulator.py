@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import math
 import os
 import select
 import threading
@@ -24,7 +25,28 @@ from pathlib import Path
 
 import numpy as np
 
-from device_agent.framing import END, FRAME_LEN, LENGTH, OPCODE, START
+from device_agent.framing import (
+    AT_CHECKSUM,
+    AT_COUNTER,
+    AT_END,
+    AT_LENGTH,
+    AT_OPCODE,
+    AT_START,
+    COUNTER_MASK,
+    END,
+    FLAG_BIT,
+    FLAG_CHANNEL,
+    FRAME_LEN,
+    HIGH_MASK,
+    LENGTH,
+    LOW_BITS,
+    LOW_MASK,
+    N_CHANNELS,
+    OPCODE,
+    PAYLOAD_AT,
+    START,
+    channel_offsets,
+)
 from device_agent.lab.wfdb import read_record
 from device_agent.record import ELECTRODES, MEASURED_LEADS
 
@@ -33,7 +55,7 @@ log = logging.getLogger(__name__)
 RATE = 500
 # Zero-signal level of each channel, near mid-scale like a real board (1850..2050).
 MID_SCALE = np.array([2048, 2010, 1990, 2030, 1970, 2000, 2040, 1960], dtype=np.int64)
-_MAX_PENDING = 256 * 1024  # bytes held while nobody reads; beyond that they are lost
+_MAX_PENDING = 256 * 1024  # bytes held while a reader is behind; beyond that they are lost
 
 
 @dataclass(frozen=True)
@@ -109,27 +131,39 @@ def encode_frames(
     counts: np.ndarray, counters: np.ndarray, electrodes: np.ndarray | None = None,
     byte_order: str = "high-first",
 ) -> np.ndarray:
-    """Frames (n, 22) uint8 for counts (n, 8), counters (n,) and flags (n, 9, True = on)."""
+    """Frames (n, 22) uint8 for counts (n, 8), counters (n,) and flags (n, 9, True = on).
+
+    The inverse of framing.decode_rows, from the same layout table (framing.py).
+    """
     n = counts.shape[0]
     if electrodes is None:
         electrodes = np.ones((n, len(ELECTRODES)), bool)
     counts = counts.astype(np.uint16)
-    hi = ((counts >> 7) & 0x1F).astype(np.uint8)
-    lo = (counts & 0x7F).astype(np.uint8)
-    flag_bits = np.zeros((n, len(MEASURED_LEADS)), np.uint8)
-    flag_bits[:, 0] |= electrodes[:, 0].astype(np.uint8) << 5  # LA
-    flag_bits[:, 1] |= electrodes[:, 1].astype(np.uint8) << 5  # RA
-    flag_bits[:, 1] |= electrodes[:, 2].astype(np.uint8) << 6  # LL
-    flag_bits[:, 2:] |= electrodes[:, 3:].astype(np.uint8) << 5  # V1..V6
-    hi |= flag_bits
-    out = np.empty((n, FRAME_LEN), np.uint8)
-    out[:, 0], out[:, 2], out[:, 3], out[:, 21] = START, LENGTH, OPCODE, END
-    out[:, 1] = np.asarray(counters, np.int64) & 0x3F
-    first, second = (hi, lo) if byte_order == "high-first" else (lo, hi)
-    out[:, 5:21:2], out[:, 6:21:2] = first, second
-    # The board's checksum is unknown; the simulator sends a byte sum of the payload.
-    out[:, 4] = (out[:, 5:21].sum(axis=1, dtype=np.int64) & 0xFF).astype(np.uint8)
+    hi = ((counts >> LOW_BITS) & HIGH_MASK).astype(np.uint8)
+    lo = (counts & LOW_MASK).astype(np.uint8)
+    flag_bits = np.asarray(electrodes, bool).astype(np.uint16) << FLAG_BIT  # (n, 9)
+    owner = np.zeros((len(ELECTRODES), N_CHANNELS), np.uint16)
+    owner[np.arange(len(ELECTRODES)), FLAG_CHANNEL] = 1  # a channel's flag bits never overlap
+    hi |= (flag_bits @ owner).astype(np.uint8)
+    out = np.zeros((n, FRAME_LEN), np.uint8)
+    out[:, AT_START], out[:, AT_LENGTH], out[:, AT_OPCODE], out[:, AT_END] = (
+        START, LENGTH, OPCODE, END)
+    out[:, AT_COUNTER] = np.asarray(counters, np.int64) & COUNTER_MASK
+    hi_off, lo_off = channel_offsets(byte_order)
+    out[:, hi_off], out[:, lo_off] = hi, lo
+    out[:, AT_CHECKSUM] = payload_sum(out)
     return out
+
+
+def payload_sum(frames: np.ndarray) -> np.ndarray:
+    """The simulator's checksum of frames (n, 22): the board's is unknown, so a payload byte sum."""
+    payload = frames[:, PAYLOAD_AT : PAYLOAD_AT + 2 * N_CHANNELS]
+    return (payload.sum(axis=1, dtype=np.int64) & 0xFF).astype(np.uint8)
+
+
+def verify_payload_sum(frames: np.ndarray) -> np.ndarray:
+    """A FrameDecoder checksum verifier for the simulator's frames (tests, lab runs)."""
+    return frames[:, AT_CHECKSUM] == payload_sum(frames)
 
 
 @dataclass
@@ -140,7 +174,8 @@ class Truth:
     damaged: set[int] = field(default_factory=set)  # sent with a byte dropped
     garbage_bytes: int = 0
     frames_sent: int = 0
-    bytes_discarded: int = 0  # written while nobody read and the buffer was full
+    bytes_written: int = 0  # handed to the pty
+    bytes_discarded: int = 0  # lost: nobody held the port, or a reader fell far behind
 
 
 def inject(
@@ -175,6 +210,54 @@ def inject(
 
 
 DRAIN_S = 1.0  # after the last frame is due, how long unread bytes wait for a reader
+SEAM_WINDOW = 10  # samples each side of a loop seam compared to choose where it goes
+SEAM_SEARCH = 5  # samples either side of the later beat searched for the best match
+
+
+def loop_span(counts: np.ndarray, counts_per_mv: float, fs: float = RATE) -> tuple[int, int]:
+    """(start, end) of a seamless loop: from an R peak to the same point of a later beat.
+
+    Playing counts[start:end] over and over joins the signal at a QRS, one beat meeting the
+    next as in the recording, instead of cutting a beat in half. Beats are found on lead II
+    (qrs.detect). Of the pairs of beats at least half the recording apart, with the end
+    shifted up to SEAM_SEARCH samples to line the two beats up (keeping the interval into
+    the seam within the recording's own RR range), the one whose seam looks most like the
+    recording is taken: the step across the seam, which should be no larger than the
+    recording's own, and the mismatch of the two beats' neighbourhoods, each lead in units
+    of its largest sample-to-sample step. Without two such beats: the whole record.
+    """
+    from device_agent.qrs import detect
+
+    n = counts.shape[0]
+    x = counts.astype(np.float64)
+    ii = x[:, MEASURED_LEADS.index("II")]
+    beats = detect((ii - np.median(ii)) * (1000.0 / counts_per_mv), fs).beats
+    scale = np.maximum(np.abs(np.diff(x, axis=0)).max(axis=0), 1.0)
+    rr = np.diff(beats)
+    w = SEAM_WINDOW
+    offsets = np.arange(-w, w)
+    shifts = np.arange(-SEAM_SEARCH, SEAM_SEARCH + 1)
+    best: tuple[float, int, int] | None = None
+    for i in beats[(beats >= w) & (beats < n - w)].tolist():
+        q = np.flatnonzero((beats - i >= n // 2) & (np.arange(beats.size) > 0))
+        if q.size == 0:
+            break
+        k = (beats[q, None] + shifts).ravel()
+        prev = np.repeat(beats[q - 1], shifts.size)  # the beat before the seam
+        ok = (k >= w) & (k <= n - w) & (k - prev >= rr.min()) & (k - prev <= rr.max())
+        k = k[ok]
+        if k.size == 0:
+            continue
+        step = (np.abs(x[i] - x[k - 1]) / scale).max(axis=1)
+        near = (np.abs(x[i + offsets] - x[k[:, None] + offsets]) / scale).mean(axis=1).max(axis=1)
+        cost = near + step + 1000.0 * (step > 1)  # a step beyond the recording's own: last resort
+        m = int(np.argmin(cost))
+        if best is None or cost[m] < best[0]:
+            best = (float(cost[m]), i, int(k[m]))
+    if best is None:
+        log.warning("simulator: no two clear beats on lead II; the loop joins end to start")
+        return 0, n
+    return best[1], best[2]
 
 
 class BoardSimulator:
@@ -193,10 +276,14 @@ class BoardSimulator:
         seed: int = 0,
         seconds: float | None = None,
     ) -> None:
-        if speed <= 0:
-            raise ValueError(f"speed {speed}: must be above 0")
-        self.counts = record_counts(record_path, counts_per_mv)
+        if not (isinstance(speed, int | float) and math.isfinite(speed) and speed > 0):
+            raise ValueError(f"simulator speed {speed!r} is not valid: use a number above 0 "
+                             "(1 = real time, 10 = ten times faster)")
         self.link = Path(link_path)
+        if not self.link.parent.is_dir():
+            raise FileNotFoundError(f"simulator link {self.link}: folder {self.link.parent} "
+                                    "does not exist; create it or choose another link path")
+        self.counts = record_counts(record_path, counts_per_mv)
         self.byte_order = byte_order
         self.speed = float(speed)
         self.loop = loop
@@ -204,39 +291,61 @@ class BoardSimulator:
         self.truth = Truth()
         self._rng = np.random.default_rng(seed)
         n = self.counts.shape[0]
+        # counts[start:end] repeats after the first pass (loop_span: the seam is at a beat)
+        self.span = loop_span(self.counts, counts_per_mv) if loop else (0, n)
         limit = int(seconds * RATE) if seconds is not None else None
         self.total = limit if limit is not None else (None if loop else n)
+        self.sent = 0  # frames generated and handed on (written, waiting, or lost unread)
         self._master: int | None = None
         self._slave_path: str | None = None
+        self._pty_lock = threading.RLock()  # RLock: stop() may run in a signal handler
         self._stop = threading.Event()
         self.finished = threading.Event()
         self.replugged = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def source_index(self, numbers: np.ndarray) -> np.ndarray:
+        """Index into `counts` of the sample streamed as each frame number."""
+        numbers = np.asarray(numbers, np.int64)
+        start, end = self.span
+        if not self.loop:
+            return numbers
+        return np.where(numbers < end, numbers, start + (numbers - end) % (end - start))
+
     # --- the pty and its link ---------------------------------------------------------------
     def open(self) -> str:
         """Create a pty, set it raw, point the link at its slave; returns the slave path."""
-        master, slave = os.openpty()
-        tty.setraw(slave)
-        path = os.ttyname(slave)
-        os.close(slave)  # the reader opens it by the link; the master keeps the pty alive
-        flags = fcntl.fcntl(master, fcntl.F_GETFL)
-        fcntl.fcntl(master, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-        tmp = self.link.with_name(self.link.name + ".tmp")
-        tmp.unlink(missing_ok=True)
-        os.symlink(path, tmp)
-        os.replace(tmp, self.link)  # atomic re-point: a reader never sees a half state
-        self._master, self._slave_path = master, path
+        with self._pty_lock:
+            master, slave = os.openpty()
+            tty.setraw(slave)
+            path = os.ttyname(slave)
+            os.close(slave)  # the reader opens it by the link; the master keeps the pty alive
+            flags = fcntl.fcntl(master, fcntl.F_GETFL)
+            fcntl.fcntl(master, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+            tmp = self.link.with_name(self.link.name + ".tmp")
+            tmp.unlink(missing_ok=True)
+            os.symlink(path, tmp)
+            os.replace(tmp, self.link)  # atomic re-point: a reader never sees a half state
+            self._master, self._slave_path = master, path
         log.info("simulator: board on %s (link %s)", path, self.link)
         return path
 
     def _unplug(self) -> None:
-        if self._master is not None:
-            os.close(self._master)
-            self._master = None
-        if self.link.is_symlink():
-            self.link.unlink()
+        with self._pty_lock:
+            if self._master is not None:
+                os.close(self._master)
+                self._master = None
+            self._remove_link()
         log.info("simulator: unplugged %s", self.link)
+
+    def _remove_link(self) -> None:
+        """Remove the link if it still points to our pty (another program may have re-pointed
+        it, and a pty number is soon reused: a stale link would lead a reader to a stranger)."""
+        try:
+            if self._slave_path is not None and os.readlink(self.link) == self._slave_path:
+                self.link.unlink()
+        except OSError:  # gone already, or not a link
+            pass
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> BoardSimulator:
@@ -248,11 +357,11 @@ class BoardSimulator:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop streaming, close the pty and remove the link."""
+        """Stop streaming, close the pty and remove our link (safe from a signal handler)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
         self._unplug()
 
     def __enter__(self) -> BoardSimulator:
@@ -274,7 +383,7 @@ class BoardSimulator:
         numbers = numbers[~silent]
         if numbers.size == 0:
             return b""
-        counts = self.counts[numbers % self.counts.shape[0]]
+        counts = self.counts[self.source_index(numbers)]
         flags = np.ones((numbers.size, len(ELECTRODES)), bool)
         for name, start, end in self.faults.electrode:
             flags[(t[~silent] >= start) & (t[~silent] < end), ELECTRODES.index(name)] = False
@@ -311,6 +420,7 @@ class BoardSimulator:
                     pending = self._write(pending)
                 elif self._master is None:
                     pending.clear()
+                self.sent = sent
                 if self.total is not None and sent >= self.total:
                     if not pending:
                         break
@@ -327,16 +437,67 @@ class BoardSimulator:
             self.finished.set()
 
     def _write(self, pending: bytearray) -> bytearray:
-        assert self._master is not None
-        try:
-            _, writable, _ = select.select([], [self._master], [], 0)
-            if writable:
-                written = os.write(self._master, pending)
-                del pending[:written]
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EIO):
-                raise
-        if len(pending) > _MAX_PENDING:  # like a board nobody reads: bytes are lost
+        """Write what the pty takes. A board whose port nobody holds open loses the rest (a
+        reader that opens later must not get seconds-old frames); one whose reader is slow
+        keeps up to _MAX_PENDING bytes, the slack a fast replay needs."""
+        with self._pty_lock:
+            master = self._master
+            if master is None:
+                return pending
+            try:
+                poller = select.poll()
+                poller.register(master, select.POLLOUT)
+                events = dict(poller.poll(0)).get(master, 0)
+                if events & select.POLLOUT:
+                    written = os.write(master, pending)
+                    self.truth.bytes_written += written
+                    del pending[:written]
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EIO):
+                    raise
+                events = 0
+        nobody = bool(events & select.POLLHUP)  # no process holds the slave open
+        if pending and (nobody or len(pending) > _MAX_PENDING):
             self.truth.bytes_discarded += len(pending)
             pending.clear()
         return pending
+
+
+def cmd_simulate(settings, args) -> int:
+    """`device-agent simulate`: stream a record into a pty until done or interrupted."""
+    from device_agent.cli import echo
+
+    try:
+        faults = FaultSpec.parse(args.faults or "")
+    except ValueError as exc:
+        from device_agent.errors import ConfigError
+
+        raise ConfigError(f"--faults: {exc}") from None
+    record = args.record
+    if record is None:
+        from device_agent.lab.demo import default_record
+
+        record = default_record()
+    hea = record if Path(record).suffix == ".hea" else Path(f"{record}.hea")
+    if not hea.exists():
+        from device_agent.errors import ConfigError
+
+        raise ConfigError(f"--record {record}: no WFDB header {hea}; name a .hea file or its "
+                          "stem, or leave --record out to replay the shipped recording")
+    sim = BoardSimulator(
+        record, args.link, counts_per_mv=settings.counts_per_mv,
+        byte_order=settings.byte_order, speed=args.speed, loop=args.loop, faults=faults,
+        seconds=args.seconds,
+    )
+    sim.start()
+    echo(f"simulating {Path(record).name} on {args.link} at {args.speed:g}x "
+         f"(ECG_COUNTS_PER_MV={settings.counts_per_mv:g}); Ctrl-C to stop")
+    try:
+        while not sim.finished.wait(0.5):
+            pass
+    finally:
+        sim.stop()
+    t = sim.truth
+    echo(f"sent {t.frames_sent} frames; lost {len(t.lost)}, damaged {len(t.damaged)}, "
+         f"garbage bytes {t.garbage_bytes}, unread bytes discarded {t.bytes_discarded}")
+    return 0

@@ -10,7 +10,14 @@ import serial
 
 from device_agent.errors import SerialLinkError
 from device_agent.lab.simulator import encode_frames
-from device_agent.port import SerialReader, open_port
+from device_agent.port import (
+    MIN_INTERVAL_S,
+    READ_CHUNK,
+    READ_INTERVAL_S,
+    TTY_BUFFER_BYTES,
+    SerialReader,
+    open_port,
+)
 from tests.conftest import wait_until
 
 
@@ -29,7 +36,8 @@ def test_reads_frames_from_a_loop_url():
 
     reader = SerialReader("loop://", opener=opener).start()
     try:
-        port.write(frames)
+        wait_until(lambda: reader.state.connected, timeout=5, what="the port open")
+        port.write(frames)  # after the open, which empties the input buffer
         wait_until(lambda: reader.state.frames_decoded == 50, timeout=5, what="50 frames")
         batches = []
         while (b := reader.get(0.01)) is not None:
@@ -51,6 +59,9 @@ class _FlakyPort:
         if self.fail:
             raise serial.SerialException("device reports readiness to read but returned no data")
         return b""
+
+    def reset_input_buffer(self):
+        pass
 
     def close(self):
         pass
@@ -99,3 +110,99 @@ def test_open_port_is_exclusive(tmp_path):
     finally:
         os.close(slave)
         os.close(master)
+
+
+@pytest.fixture
+def pty():
+    """A raw pty: (master fd, slave path), as the board simulator makes."""
+    import os
+    import tty
+
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    path = os.ttyname(slave)
+    os.close(slave)
+    state = {"master": master}
+    yield state, path
+    if state["master"] is not None:
+        os.close(state["master"])
+
+
+def _numbered(first: int, last: int) -> bytes:
+    """Frames first..last-1 whose channel I holds the frame number (to see which arrived)."""
+    counts = np.full((last - first, 8), 2048, np.uint16)
+    counts[:, 0] = np.arange(first, last)
+    return encode_frames(counts, np.arange(first, last)).tobytes()
+
+
+def _collect(reader: SerialReader, n: int) -> np.ndarray:
+    got: list[np.ndarray] = []
+
+    def more() -> bool:
+        batch = reader.get(0.05)
+        if batch is not None:
+            got.append(batch.counts[:, 0])
+        return sum(len(g) for g in got) >= n
+
+    wait_until(more, timeout=10, what=f"{n} frames")
+    return np.concatenate(got)
+
+
+def test_open_discards_what_the_kernel_held_before(pty):
+    import os
+
+    state, path = pty
+    os.write(state["master"], _numbered(0, 100))  # a board nobody was reading
+    reader = SerialReader(path).start(fail_fast=True)
+    try:
+        os.write(state["master"], _numbered(100, 200))
+        assert _collect(reader, 100).tolist() == list(range(100, 200))
+    finally:
+        reader.stop()
+
+
+@pytest.mark.parametrize("read_first", [False, True])
+def test_clear_drops_every_frame_that_arrived_before_it(pty, read_first):
+    import os
+
+    state, path = pty
+    reader = SerialReader(path).start(fail_fast=True)
+    try:
+        os.write(state["master"], _numbered(0, 150))  # 3300 B: one read, not yet due
+        if read_first:  # read and queued, rather than still in the kernel's buffer
+            wait_until(lambda: reader.state.bytes_read == 3300, timeout=5, what="the read")
+        reader.clear()
+        os.write(state["master"], _numbered(150, 300))
+        assert _collect(reader, 150).tolist() == list(range(150, 300))
+        assert reader.get(0.3) is None
+    finally:
+        reader.stop()
+
+
+def test_an_unplugged_pty_is_noticed_and_stop_is_prompt(pty, caplog):
+    import os
+
+    state, path = pty
+    caplog.set_level(logging.INFO, logger="device_agent.port")
+    reader = SerialReader(path, retry_min_s=0.01, retry_max_s=0.02).start(fail_fast=True)
+    os.close(state["master"])  # the adapter goes away
+    state["master"] = None
+    try:
+        wait_until(lambda: not reader.state.connected, timeout=5, what="the loss noticed")
+    finally:
+        reader.stop()
+    assert reader._thread is None  # joined, not left behind
+    assert not any("did not stop" in r.getMessage() for r in caplog.records)
+    assert any("lost" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("rate,expect", [
+    (0, READ_INTERVAL_S),  # silence: the longest sleep
+    (11_000, READ_CHUNK / 11_000),  # the board: wake when the kernel is half full
+    (275_000, READ_CHUNK / 275_000),  # a simulator at 25x
+    (10_000_000, MIN_INTERVAL_S),
+])
+def test_the_reader_sleeps_until_the_kernel_buffer_is_half_full(rate, expect):
+    reader = SerialReader("loop://")
+    assert reader._next_wait(int(rate * 0.1), 0.1) == pytest.approx(expect)
+    assert READ_CHUNK == TTY_BUFFER_BYTES // 2 and READ_CHUNK / 11_000 < READ_INTERVAL_S
