@@ -17,6 +17,7 @@ says, and the outbox and reports/upload_log.json agree with the bucket.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -32,15 +33,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import boto3
 import pytest
 
-from device_agent.outbox import DELIVERED, Outbox, read_only_stats
-from device_agent.package import DATA_KINDS
+from device_agent.outbox import DB_NAME, DELIVERED, Outbox, read_only_stats
+from device_agent.package import DATA_KINDS, file_names
 from tests.campaigns.agent_process import ANNOUNCE, captured_stamps, stamp_of
-from tests.faultproxy import BEFORE_ANSWER, BEFORE_FORWARD, FaultProxy
+from tests.faultproxy import BEFORE_ANSWER, BEFORE_FORWARD, FaultProxy, Sprung
 
 AGENT = Path(__file__).with_name("agent_process.py")
 FILES_PER_RECORD = len(DATA_KINDS) + 1  # the data files (PACKAGE_DICOM is on) and the manifest
@@ -54,34 +55,38 @@ class Window:
     """Where a kill may land: agent checkpoints (one picked per run) or a proxy trap."""
 
     name: str
-    checkpoints: tuple[str, ...] = ()
-    trap: str | None = None
-    capturing: bool = False  # reached only while a new record is being captured
+    points: tuple[str, ...]
 
 
 WINDOWS = (
     # between package.folder and the manifest, after one of the data files
-    Window("writing", tuple(f"package.{kind}" for kind in DATA_KINDS), capturing=True),
-    Window("before_manifest", ("package.before_manifest",), capturing=True),
+    Window("writing", tuple(f"package.{kind}" for kind in DATA_KINDS)),
+    Window("before_manifest", ("package.before_manifest",)),
     # the manifest is written, the outbox has no row yet: reconcile_folders must queue it
-    Window("unqueued", ("package.manifest",), capturing=True),
+    Window("unqueued", ("package.manifest",)),
     # queued, not sent: right after the outbox commit, or an upload thread about to put
     Window("queued", ("capture.queued", "drain.before_put")),
-    Window("before_forward", trap=BEFORE_FORWARD),
-    Window("lost_answer", trap=BEFORE_ANSWER),  # S3 stored it; the agent never heard
+    Window("before_forward", (f"proxy.{BEFORE_FORWARD}",)),
+    Window("lost_answer", (f"proxy.{BEFORE_ANSWER}",)),  # S3 stored it; the agent never heard
     Window("put_answered", ("drain.put_answered",)),  # heard, not yet committed
     Window("committed", ("drain.committed",)),
 )
 
 
+def _capturing(point: str) -> bool:
+    """Reached only while a new record is captured (else: while something is queued)."""
+    return point.startswith(("package.", "capture."))
+
+
 @dataclass
 class Tally:
-    """What the campaign did: hits per window and per point, runs, and how long."""
+    """What the campaign did: hits per window and per point, runs, and kills out of place."""
 
     hits: Counter[str] = field(default_factory=Counter)
     points: Counter[str] = field(default_factory=Counter)
     runs: int = 0
     unhit_runs: int = 0  # armed, but the run finished before reaching its point
+    out_of_place: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         return {"runs": self.runs, "unhit_runs": self.unhit_runs,
@@ -92,16 +97,18 @@ class Tally:
 class Campaign:
     """Runs the agent again and again, each run armed for one window, and counts the hits."""
 
-    def __init__(self, root: Path, proxy: FaultProxy, bucket: str, *, records: int,
-                 seed: int) -> None:
+    def __init__(self, root: Path, proxy: FaultProxy, endpoint: str, bucket: str, *,
+                 records: int, seed: int) -> None:
         self.state = root / "state"
         self.logs = root / "agent-logs"
         self.logs.mkdir(parents=True)
         self.proxy = proxy
         self.bucket = bucket
+        self.s3 = _client(endpoint)
         self.records = records
         self.rng = random.Random(seed)
         self.tally = Tally()
+        self.trapped: Sprung | None = None  # the proxy's last kill
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
 
     def captured(self) -> int:
@@ -111,86 +118,140 @@ class Campaign:
         stats = read_only_stats(self.state)
         return 0 if stats is None else stats.pending
 
+    def reachable(self, point: str) -> bool:
+        return self.captured() < self.records or (not _capturing(point) and self.pending() > 0)
+
     def hit_every_window(self, hits: int) -> None:
         """Armed runs, round by round over the windows still short of `hits`."""
         max_runs = 4 * hits * len(WINDOWS)
         while self.tally.runs < max_runs:
             short = [w for w in WINDOWS if self.tally.hits[w.name] < hits
-                     and not (w.capturing and self.captured() >= self.records)]
+                     and any(self.reachable(p) for p in w.points)]
             if not short:
                 return
             self.rng.shuffle(short)
             for window in short:
-                self.armed_run(window)
+                points = [p for p in window.points if self.reachable(p)]
+                if points:
+                    self.armed_run(window, self.rng.choice(points))
 
-    def armed_run(self, window: Window) -> None:
+    def armed_run(self, window: Window, point: str) -> None:
         """One run that captures one or two new records (or none, with work queued)."""
         captured, pending = self.captured(), self.pending()
-        if window.capturing:
+        if _capturing(point):
             new = self.rng.randint(1, 2)
         else:
             new = self.rng.choice((0, 1)) if pending else 1
         records = min(self.records, captured + new)
         new = records - captured
-        if window.capturing:
-            if new == 0:
-                return
+        if _capturing(point):  # the at-th record this run captures
             at = self.rng.randint(1, new)
-        else:
+        else:  # the at-th put (or answer, or commit) of this run
             at = self.rng.randint(1, max(1, min(4, pending + FILES_PER_RECORD * new)))
-        point = self.rng.choice(window.checkpoints) if window.checkpoints else window.trap
-        assert point is not None
-        if window.name == "queued" and point == "capture.queued":
-            at = self.rng.randint(1, max(1, new))
-        hit = self.run(records, checkpoint=point if window.checkpoints else None,
-                       trap=window.trap, at=at)
+        hit = self.run(records, point=point, at=at)
         if hit is None:
             self.tally.unhit_runs += 1
-        else:
-            self.tally.hits[window.name] += 1
-            self.tally.points[hit] += 1
+            return
+        self.tally.hits[window.name] += 1
+        self.tally.points[hit] += 1
+        problem = self.where_it_landed(hit, stamp_of(captured + at - 1))
+        if problem:
+            self.tally.out_of_place.append(f"run {self.tally.runs} killed at {hit}: {problem}")
 
-    def run(self, records: int, *, checkpoint: str | None = None, trap: str | None = None,
-            at: int = 1) -> str | None:
+    def run(self, records: int, *, point: str | None = None, at: int = 1) -> str | None:
         """Start the agent, kill it where armed; the point it was killed at, or None."""
         n = self.tally.runs = self.tally.runs + 1
         cmd = [sys.executable, str(AGENT), "--state", str(self.state), "--endpoint",
                self.proxy.url, "--bucket", self.bucket, "--records", str(records)]
-        if checkpoint:
-            cmd += ["--arm", checkpoint, "--at", str(at)]
         killer: list[subprocess.Popen[bytes]] = []
-        if trap:
-            self.proxy.arm(trap, nth=at, action=lambda line: killer[0].send_signal(
-                signal.SIGKILL))
+        if point and point.startswith("proxy."):
+            self.proxy.arm(point.removeprefix("proxy."), nth=at, action=lambda line: killer[0]
+                           .send_signal(signal.SIGKILL))
+        elif point:
+            cmd += ["--arm", point, "--at", str(at)]
         sprung_before = len(self.proxy.sprung)
         err_path = self.logs / f"run{n:03d}.err"
         with err_path.open("wb") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=self.env)
         killer.append(proc)
-        assert proc.stdout is not None
         hit: str | None = None
         out = b""
         try:
             out, announced = _read_until_announced(proc, RUN_TIMEOUT_S)
             if announced:
-                with pytest.raises(subprocess.TimeoutExpired):  # it waits to be killed
+                try:  # its other threads run on meanwhile; it must not end by itself
                     proc.wait(timeout=self.rng.uniform(0.0, KILL_DELAY_S))
-                proc.send_signal(signal.SIGKILL)
-                hit = announced
+                except subprocess.TimeoutExpired:
+                    proc.send_signal(signal.SIGKILL)
+                    hit = announced
         finally:
             self.proxy.disarm()
             if proc.poll() is None and hit is None:
                 proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
+            assert proc.stdout is not None
             proc.stdout.close()
         log = err_path.read_text(errors="replace")[-3000:]
         if hit is not None:
             return hit
         if len(self.proxy.sprung) > sprung_before:
             assert proc.returncode == -signal.SIGKILL, log
-            return f"proxy.{self.proxy.sprung[-1].when}"
+            self.trapped = self.proxy.sprung[-1]
+            return f"proxy.{self.trapped.when}"
         assert proc.returncode == 0 and b"done pending=0" in out, (
             f"run {n} ({' '.join(cmd[2:])}) ended with {proc.returncode}: {out!r}\n{log}")
+        return None
+
+    # --- did the kill land where it was meant to? ---------------------------------------
+
+    def items(self, where: str, args: tuple[str, ...]) -> list[tuple[str, str, str]]:
+        """(key, state, sha256) of the outbox rows matching `where`, read-only."""
+        db = sqlite3.connect(f"file:{self.state / DB_NAME}?mode=ro", uri=True)
+        try:
+            return db.execute(f"SELECT key, state, sha256 FROM items WHERE {where}",
+                              args).fetchall()
+        finally:
+            db.close()
+
+    def stored(self, key: str, sha256: str) -> bool:
+        """Does the bucket hold exactly this object (S3's own SHA-256 checksum)?"""
+        try:
+            head = self.s3.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+        except self.s3.exceptions.ClientError:
+            return False
+        return base64.b64decode(head.get("ChecksumSHA256", "")).hex() == sha256
+
+    def where_it_landed(self, point: str, stamp: str) -> str | None:
+        """What is wrong with the state the kill left for its window, or None."""
+        folders = sorted((self.state / "records").glob(f"{stamp}*"))
+        complete = [f for f in folders if (f / f"manifest_{stamp}.json").exists()]
+        names = file_names(stamp)
+        rows = self.items("key LIKE ?", (f"%/{stamp}/%",))
+        if point.startswith("package.") and point != "package.manifest":
+            kinds = DATA_KINDS if point == "package.before_manifest" else (point[8:],)
+            if complete or not any(all((f / names[k]).exists() for k in kinds)
+                                   for f in folders):
+                return f"{stamp}: no partial folder holding {kinds}"
+        elif point == "package.manifest":
+            if len(complete) != 1 or rows:
+                return f"{stamp}: {len(complete)} complete folders, {len(rows)} outbox rows"
+        elif point == "capture.queued":
+            if len(rows) != FILES_PER_RECORD or any(
+                    state != "pending" or self.stored(key, sha) for key, state, sha in rows):
+                return f"{stamp}: not queued, or something already sent: {rows}"
+        elif point == "drain.put_answered":  # an answered put is in the bucket, uncommitted
+            if not any(self.stored(key, sha)
+                       for key, _, sha in self.items("state = 'pending'", ())):
+                return "no pending item is in the bucket"
+        elif point.startswith("proxy."):
+            assert self.trapped is not None
+            key = unquote(urlparse(self.trapped.request_line.split(" ")[1]).path).split(
+                "/", 2)[2]
+            (row,) = self.items("key = ?", (key,)) or [(key, "unknown", "")]
+            if row[1] != "pending":
+                return f"{key} is {row[1]}, not pending"
+            if point == f"proxy.{BEFORE_ANSWER}" and not self.stored(key, row[2]):
+                return f"{key}: S3 answered 2xx but does not hold it"
         return None
 
 
@@ -219,9 +280,13 @@ def _read_until_announced(proc: subprocess.Popen[bytes], timeout: float
 
 # --- what must hold afterwards ---------------------------------------------------------------
 
+def _client(endpoint: str) -> Any:
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
 def _bucket(endpoint: str, bucket: str) -> dict[str, bytes]:
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client = _client(endpoint)
     objects: dict[str, bytes] = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         for obj in page.get("Contents", []):
@@ -309,7 +374,7 @@ def _campaign(tmp_path: Path, endpoint: str, bucket: str, *, records: int, hits:
     assert port is not None
     with FaultProxy(port, seed=seed) as proxy:
         proxy.set_mode("http")
-        campaign = Campaign(tmp_path, proxy, bucket, records=records, seed=seed)
+        campaign = Campaign(tmp_path, proxy, endpoint, bucket, records=records, seed=seed)
         campaign.hit_every_window(hits)
         captured_under_kills = campaign.captured()
         assert campaign.run(records) is None  # the last run: no kill, everything delivered
@@ -328,6 +393,7 @@ def _campaign(tmp_path: Path, endpoint: str, bucket: str, *, records: int, hits:
     short = {w.name: campaign.tally.hits[w.name] for w in WINDOWS
              if campaign.tally.hits[w.name] < hits}
     assert not short, f"windows hit fewer than {hits} times: {short}"
+    assert not campaign.tally.out_of_place, campaign.tally.out_of_place
     for kind, found in problems.items():
         assert not found, f"{kind}: {found[:10]}"
     assert len(objects) == FILES_PER_RECORD * records
@@ -335,13 +401,16 @@ def _campaign(tmp_path: Path, endpoint: str, bucket: str, *, records: int, hits:
 
 
 @pytest.mark.functional
-def test_crash_campaign_bounded(tmp_path, s3_endpoint, s3_bucket, capsys):
+def test_crash_campaign_bounded(tmp_path: Path, s3_endpoint: str, s3_bucket: str,
+                                capsys: pytest.CaptureFixture[str]) -> None:
     _campaign(tmp_path, s3_endpoint, s3_bucket, records=16, hits=3, seed=5, capsys=capsys)
 
 
 @pytest.mark.slow
 @pytest.mark.functional
-def test_crash_campaign_full(tmp_path, s3_endpoint, s3_bucket, capsys, request):
+def test_crash_campaign_full(tmp_path: Path, s3_endpoint: str, s3_bucket: str,
+                             capsys: pytest.CaptureFixture[str],
+                             request: pytest.FixtureRequest) -> None:
     if "slow" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("the full campaign runs with -m slow")
     _campaign(tmp_path, s3_endpoint, s3_bucket, records=80, hits=15, seed=11, capsys=capsys)
