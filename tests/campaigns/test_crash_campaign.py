@@ -228,7 +228,8 @@ class Campaign:
         names = file_names(stamp)
         rows = self.items("key LIKE ?", (f"%/{stamp}/%",))
         if point.startswith("package.") and point != "package.manifest":
-            kinds = DATA_KINDS if point == "package.before_manifest" else (point[8:],)
+            kinds = (DATA_KINDS if point == "package.before_manifest"
+                     else (point.removeprefix("package."),))
             if complete or not any(all((f / names[k]).exists() for k in kinds)
                                    for f in folders):
                 return f"{stamp}: no partial folder holding {kinds}"
@@ -390,13 +391,13 @@ def _campaign(tmp_path: Path, endpoint: str, bucket: str, *, records: int, hits:
                "seconds": round(time.monotonic() - started, 1)}
     with capsys.disabled():
         print(f"\ncrash campaign: {json.dumps(numbers)}")
+    for kind, found in problems.items():
+        assert not found, f"{kind}: {found[:10]}"
+    assert len(objects) == FILES_PER_RECORD * records
     short = {w.name: campaign.tally.hits[w.name] for w in WINDOWS
              if campaign.tally.hits[w.name] < hits}
     assert not short, f"windows hit fewer than {hits} times: {short}"
     assert not campaign.tally.out_of_place, campaign.tally.out_of_place
-    for kind, found in problems.items():
-        assert not found, f"{kind}: {found[:10]}"
-    assert len(objects) == FILES_PER_RECORD * records
     return numbers
 
 
