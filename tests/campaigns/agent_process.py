@@ -110,8 +110,8 @@ def main() -> int:
                         metavar="KEY=VALUE", help="extra settings")
     parser.add_argument("--arm", metavar="CHECKPOINT",
                         help="stop at this checkpoint and wait to be killed")
-    parser.add_argument("--at", type=int, default=1,
-                        help="the how-manieth time the armed checkpoint is reached")
+    parser.add_argument("--at", type=int, default=1, metavar="K",
+                        help="stop the K-th time the armed checkpoint is reached")
     args = parser.parse_args()
     checkpoint = StopAt(args.arm, args.at)
     logging.basicConfig(level=logging.WARNING, format="agent %(levelname)s %(name)s: %(message)s")
