@@ -221,6 +221,7 @@ def build_package(
     body = json.dumps(doc, indent=2).encode("ascii")
     manifest_path = folder / names["manifest"]
     atomic_write(manifest_path, body)
+    checkpoint("package.manifest")
     manifest = PackageFile(names["manifest"], "manifest", manifest_path, len(body),
                            hashlib.sha256(body).hexdigest())
     log.info("package %s written to %s (%s)", stamp, folder, disposition.decision)

@@ -6,7 +6,10 @@ see the new mode): "pass" relays bytes; "refuse" stops listening (connection ref
 or after relaying a request but before its answer (the answer is lost, the write happened);
 "drip" relays the request, then the answer one byte every `drip_interval_s`; "blackhole"
 accepts and never answers (not even a TLS handshake); "portal" answers every request with a
-captive portal's 200 OK HTML page. With `server_context` the proxy terminates TLS.
+captive portal's 200 OK HTML page; "http" relays request by request (HTTP/1.1 framing,
+keep-alive) so a trap set with `arm` can act on one request: before it is forwarded, or after
+S3 answered it and before the answer is relayed (the crash campaign kills the agent there).
+With `server_context` the proxy terminates TLS.
 `counts["client_gone"]` counts connections the client closed while the proxy held them;
 `request_heads` holds the head (request line and headers) of every request relayed.
 """
@@ -21,6 +24,8 @@ import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 _SLOWDOWN = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
              b"Connection: close\r\nContent-Length: %d\r\n\r\n%s")
@@ -32,7 +37,51 @@ PORTAL_HTML = (b"<!DOCTYPE html><html><head><title>Hospital Guest Wi-Fi</title><
                b"</body></html>")
 _PORTAL = (b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"
            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s")
-MODES = ("pass", "refuse", "slowdown", "reset", "drip", "blackhole", "portal")
+MODES = ("pass", "refuse", "slowdown", "reset", "drip", "blackhole", "portal", "http")
+BEFORE_FORWARD = "before_forward"  # the request reached the proxy; S3 never sees it
+BEFORE_ANSWER = "before_answer"  # S3 answered 2xx (the write happened); the client never hears
+TRAP_POINTS = (BEFORE_FORWARD, BEFORE_ANSWER)
+_NO_BODY_STATUS = (204, 304)
+
+
+@dataclass
+class Trap:
+    """Act once, on the `nth` request with `method` to reach `when` (mode "http")."""
+
+    when: str
+    nth: int
+    action: Callable[[str], None]  # called with the request line, before anything else
+    method: str = "PUT"
+    seen: int = 0
+
+
+@dataclass(frozen=True)
+class Sprung:
+    """A trap that acted: where, on which request line, and S3's status (BEFORE_ANSWER)."""
+
+    when: str
+    request_line: str
+    status: int | None
+
+
+@dataclass(frozen=True)
+class _Message:
+    start_line: bytes
+    headers: dict[bytes, bytes]  # lower-cased names
+    raw: bytes  # exactly the bytes read: head and framed body
+
+    @property
+    def method(self) -> str:
+        return self.start_line.split(b" ", 1)[0].decode("ascii", "replace")
+
+    @property
+    def status(self) -> int:
+        parts = self.start_line.split(b" ", 2)
+        return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+
+    @property
+    def closes(self) -> bool:
+        return self.headers.get(b"connection", b"").strip().lower() == b"close"
 
 
 def _recv(sock: socket.socket) -> bytes:
@@ -98,7 +147,10 @@ class FaultProxy:
         self.request_heads: list[bytes] = []
         self.counts = {"accepted": 0, "refused_periods": 0, "slowdowns": 0, "resets": 0,
                        "lost_answers": 0, "client_gone": 0, "drip_bytes": 0,
-                       "drip_answer_bytes": 0, "portals": 0, "tls_failures": 0}
+                       "drip_answer_bytes": 0, "portals": 0, "tls_failures": 0,
+                       "http_requests": 0, "trapped": 0}
+        self.trap: Trap | None = None
+        self.sprung: list[Sprung] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._conns: set[socket.socket] = set()
@@ -136,6 +188,31 @@ class FaultProxy:
             conns, self._conns = self._conns, set()
         for conn in conns:
             _reset(conn)
+
+    def arm(self, when: str, *, nth: int, action: Callable[[str], None],
+            method: str = "PUT") -> None:
+        """Set the one trap (mode "http"): `action` runs on the nth `method` request at `when`."""
+        assert when in TRAP_POINTS and nth >= 1
+        with self._lock:
+            self.trap = Trap(when, nth, action, method)
+
+    def disarm(self) -> None:
+        """Remove the trap if it has not acted yet."""
+        with self._lock:
+            self.trap = None
+
+    def _springs(self, when: str, method: str) -> Trap | None:
+        """The trap, if this request is the one it waits for (it then is disarmed)."""
+        with self._lock:
+            trap = self.trap
+            if trap is None or trap.when != when or trap.method != method:
+                return None
+            trap.seen += 1
+            if trap.seen < trap.nth:
+                return None
+            self.trap = None
+            self.counts["trapped"] += 1
+            return trap
 
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
@@ -184,6 +261,8 @@ class FaultProxy:
                 client.close()
             elif mode == "reset":
                 self._reset_mid_request(client)
+            elif mode == "http":
+                self._exchange(client)
             else:
                 self._relay(client)
         except OSError:
@@ -316,6 +395,49 @@ class FaultProxy:
             with contextlib.suppress(OSError):
                 client.close()
 
+    def _exchange(self, client: socket.socket) -> None:
+        """Relay request by request on a kept-alive connection; a trap may act on one."""
+        upstream: socket.socket | None = None
+        from_client = _Reader(client, self._stop)
+        from_upstream: _Reader | None = None
+        try:
+            while True:
+                request = from_client.message(response_to=None)
+                if request is None:
+                    return
+                self.counts["http_requests"] += 1
+                line = request.start_line.decode("ascii", "replace")
+                trap = self._springs(BEFORE_FORWARD, request.method)
+                if trap is not None:
+                    self.sprung.append(Sprung(BEFORE_FORWARD, line, None))
+                    trap.action(line)
+                    return
+                if upstream is None:
+                    upstream = socket.create_connection(self.upstream, timeout=5)
+                    from_upstream = _Reader(upstream, self._stop)
+                assert from_upstream is not None
+                upstream.sendall(request.raw)
+                answer = from_upstream.message(response_to=request.method)
+                while answer is not None and 100 <= answer.status < 200:
+                    client.sendall(answer.raw)  # an interim answer (100 Continue)
+                    answer = from_upstream.message(response_to=request.method)
+                if answer is None:
+                    return
+                if 200 <= answer.status < 300:
+                    trap = self._springs(BEFORE_ANSWER, request.method)
+                    if trap is not None:
+                        self.sprung.append(Sprung(BEFORE_ANSWER, line, answer.status))
+                        trap.action(line)
+                        return
+                client.sendall(answer.raw)
+                if request.closes or answer.closes:
+                    return
+        finally:
+            if upstream is not None:
+                upstream.close()
+            with contextlib.suppress(OSError):
+                client.close()
+
     def close(self) -> None:
         self._stop.set()
         self._acceptor.join(timeout=5)
@@ -333,3 +455,95 @@ class FaultProxy:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Reader:
+    """Buffered reads of whole HTTP/1.1 messages from one socket (until the proxy stops)."""
+
+    def __init__(self, sock: socket.socket, stop: threading.Event) -> None:
+        self.sock = sock
+        self.stop = stop
+        self.buf = b""
+
+    def _fill(self) -> bool:
+        """Read more into the buffer; False at EOF or when the proxy stops."""
+        while not self.stop.is_set():
+            pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()
+            if not pending:
+                ready, _, _ = select.select([self.sock], [], [], 0.1)
+                if not ready:
+                    continue
+            data = _recv(self.sock)
+            if not data:
+                return False
+            self.buf += data
+            return True
+        return False
+
+    def _until(self, marker: bytes) -> bytes | None:
+        while marker not in self.buf:
+            if not self._fill():
+                return None
+        head, _, self.buf = self.buf.partition(marker)
+        return head + marker
+
+    def _exactly(self, n: int) -> bytes | None:
+        while len(self.buf) < n:
+            if not self._fill():
+                return None
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def _to_eof(self) -> bytes:
+        while self._fill():
+            pass
+        data, self.buf = self.buf, b""
+        return data
+
+    def _chunked(self) -> bytes | None:
+        framed = b""
+        while True:
+            size_line = self._until(b"\r\n")
+            if size_line is None:
+                return None
+            framed += size_line
+            size = int(size_line.split(b";", 1)[0].strip(), 16)
+            if size == 0:
+                while True:  # trailers, then the empty line
+                    trailer = self._until(b"\r\n")
+                    if trailer is None:
+                        return None
+                    framed += trailer
+                    if trailer == b"\r\n":
+                        return framed
+            chunk = self._exactly(size + 2)
+            if chunk is None:
+                return None
+            framed += chunk
+
+    def message(self, *, response_to: str | None) -> _Message | None:
+        """The next request (response_to None) or answer to a `response_to` request."""
+        head = self._until(b"\r\n\r\n")
+        if head is None:
+            return None
+        lines = head[:-4].split(b"\r\n")
+        headers: dict[bytes, bytes] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        message = _Message(lines[0], headers, b"")
+        length = headers.get(b"content-length")
+        if response_to is not None and (response_to == "HEAD" or 100 <= message.status < 200
+                                        or message.status in _NO_BODY_STATUS):
+            body: bytes | None = b""
+        elif b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+            body = self._chunked()
+        elif length is not None:
+            body = self._exactly(int(length))
+        elif response_to is not None:
+            body = self._to_eof()  # an answer without a length ends when the peer closes
+        else:
+            body = b""
+        if body is None:
+            return None
+        return _Message(lines[0], headers, head + body)
