@@ -22,6 +22,7 @@ import time
 import tty
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -72,7 +73,7 @@ class FaultSpec:
     @classmethod
     def parse(cls, spec: str) -> FaultSpec:
         """Parse `drop=0.001,garbage=0.0005,lose=0.002,electrode=LA@2-4,stall=3@1.5,unplug=5@1`."""
-        values: dict = {}
+        values: dict[str, Any] = {}
         electrodes = []
         for item in filter(None, (part.strip() for part in spec.split(","))):
             key, _, value = item.partition("=")
@@ -115,7 +116,7 @@ def resample(signals: np.ndarray, rate: float, target: int = RATE) -> np.ndarray
     n_out = int(signals.shape[1] / factor)
     t_out = np.arange(n_out) * factor
     t_in = np.arange(signals.shape[1])
-    return np.stack([np.interp(t_out, t_in, row) for row in signals])
+    return np.stack([np.interp(t_out, t_in, row) for row in signals]).astype(np.float64)
 
 
 def record_counts(record_path: Path | str, counts_per_mv: float) -> np.ndarray:
@@ -124,7 +125,8 @@ def record_counts(record_path: Path | str, counts_per_mv: float) -> np.ndarray:
     uv = np.stack([rec.lead(name) for name in MEASURED_LEADS])
     uv = resample(uv, rec.sampling_rate)
     counts = np.rint(uv * (counts_per_mv / 1000.0)).astype(np.int64) + MID_SCALE[:, None]
-    return np.clip(counts, 0, 4095).astype(np.uint16).T.copy()
+    board: np.ndarray = np.clip(counts, 0, 4095).astype(np.uint16).T.copy()
+    return board
 
 
 def encode_frames(
@@ -158,12 +160,14 @@ def encode_frames(
 def payload_sum(frames: np.ndarray) -> np.ndarray:
     """The simulator's checksum of frames (n, 22): the board's is unknown, so a payload byte sum."""
     payload = frames[:, PAYLOAD_AT : PAYLOAD_AT + 2 * N_CHANNELS]
-    return (payload.sum(axis=1, dtype=np.int64) & 0xFF).astype(np.uint8)
+    total: np.ndarray = (payload.sum(axis=1, dtype=np.int64) & 0xFF).astype(np.uint8)
+    return total
 
 
 def verify_payload_sum(frames: np.ndarray) -> np.ndarray:
     """A FrameDecoder checksum verifier for the simulator's frames (tests, lab runs)."""
-    return frames[:, AT_CHECKSUM] == payload_sum(frames)
+    ok: np.ndarray = frames[:, AT_CHECKSUM] == payload_sum(frames)
+    return ok
 
 
 @dataclass
@@ -461,43 +465,3 @@ class BoardSimulator:
             self.truth.bytes_discarded += len(pending)
             pending.clear()
         return pending
-
-
-def cmd_simulate(settings, args) -> int:
-    """`device-agent simulate`: stream a record into a pty until done or interrupted."""
-    from device_agent.cli import echo
-
-    try:
-        faults = FaultSpec.parse(args.faults or "")
-    except ValueError as exc:
-        from device_agent.errors import ConfigError
-
-        raise ConfigError(f"--faults: {exc}") from None
-    record = args.record
-    if record is None:
-        from device_agent.lab.demo import default_record
-
-        record = default_record()
-    hea = record if Path(record).suffix == ".hea" else Path(f"{record}.hea")
-    if not hea.exists():
-        from device_agent.errors import ConfigError
-
-        raise ConfigError(f"--record {record}: no WFDB header {hea}; name a .hea file or its "
-                          "stem, or leave --record out to replay the shipped recording")
-    sim = BoardSimulator(
-        record, args.link, counts_per_mv=settings.counts_per_mv,
-        byte_order=settings.byte_order, speed=args.speed, loop=args.loop, faults=faults,
-        seconds=args.seconds,
-    )
-    sim.start()
-    echo(f"simulating {Path(record).name} on {args.link} at {args.speed:g}x "
-         f"(ECG_COUNTS_PER_MV={settings.counts_per_mv:g}); Ctrl-C to stop")
-    try:
-        while not sim.finished.wait(0.5):
-            pass
-    finally:
-        sim.stop()
-    t = sim.truth
-    echo(f"sent {t.frames_sent} frames; lost {len(t.lost)}, damaged {len(t.damaged)}, "
-         f"garbage bytes {t.garbage_bytes}, unread bytes discarded {t.bytes_discarded}")
-    return 0
