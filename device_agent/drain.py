@@ -23,10 +23,10 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from device_agent import s3keys
 from device_agent.clock import Clock
@@ -34,31 +34,14 @@ from device_agent.errors import UploadError
 from device_agent.fsutil import FileTooLarge, NotRegularFile, atomic_write, read_regular
 from device_agent.outbox import Item, Outbox
 from device_agent.package import settle_manifest
-from device_agent.uploader import ALREADY_DELIVERED, Head, PutResult, classify_error
+from device_agent.protocols import Uploader
+from device_agent.uploader import ALREADY_DELIVERED, PutResult, classify_error
 
 log = logging.getLogger(__name__)
 
 STABLE_AGE_S = 2.0  # a report rewritten while queued is looked at again after this
 OWN_FILE_MAX_BYTES = 1 << 30  # the agent's own files are small; this only bounds a mistake
 _WEDGE_SLACK_S = 30.0
-
-
-class UploaderLike(Protocol):
-    """What the drainer needs of the uploader (uploader.Uploader; tests pass fakes)."""
-
-    bucket: str
-
-    def put_new(self, key: str, body: bytes, *, sha256: str, metadata: Mapping[str, str],
-                content_type: str, ours: Collection[str] = ()) -> PutResult: ...
-
-    def replace(self, key: str, body: bytes, *, sha256: str, metadata: Mapping[str, str],
-                content_type: str, if_match: str, ours: Collection[str] = ()) -> PutResult: ...
-
-    def head(self, key: str) -> Head | None: ...
-
-    def list_prefix(self, prefix: str) -> dict[str, tuple[str, int]]: ...
-
-    def max_duration_s(self, size: int) -> float: ...
 
 
 class DaemonExecutor(Executor):
@@ -153,7 +136,7 @@ class _Flight:
 class Drainer:
     """Ships the outbox; `drain()` is one pass, `close()` ends its executor."""
 
-    def __init__(self, outbox: Outbox, uploader: UploaderLike | None, *, clock: Clock,
+    def __init__(self, outbox: Outbox, uploader: Uploader | None, *, clock: Clock,
                  stop: threading.Event, backoff_base_s: float = 2.0,
                  backoff_cap_s: float = 900.0, workers: int = 3,
                  executor: Executor | None = None, rng: random.Random | None = None,
