@@ -8,6 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
+
+# Property tests: no per-example deadline (shared, noisy machines make one flaky; durations
+# belong in bench/) and no example database written into the checkout.
+hypothesis_settings.register_profile("device_agent", deadline=None, database=None)
+hypothesis_settings.load_profile("device_agent")
 
 # CI and dev containers have a right clock but no NTP evidence; records would be held
 # forever under CLOCK_CHECK=ntp. Tests of the hold path pass their own unsynchronised clock.
