@@ -13,7 +13,10 @@ Heart rate: against 60 / mean RR of the QRS peaks marked in lead II. The first a
 beats are often unmarked, so in an irregular rhythm the marked span's rate differs from the
 whole record's; the table also gives the error on records whose marked RR intervals are
 regular (coefficient of variation under 0.1). QRS axis: `ludb.axis_category` of the
-measured angle against the csv's label.
+measured angle against the csv's label, with the fitted cut-offs of ludb.AXIS_CATEGORIES;
+beside it the best any cut could do, the textbook cut-offs, cut-offs fitted on one half and
+scored on the other (what fitting is worth on unseen records), and which labels are taken
+for which.
 
 Calibration: delineate.CALIBRATION_MS and the thresholds in delineate.py and
 measurements.py were tuned on these (odd-numbered) records only; the even-numbered half
