@@ -14,11 +14,15 @@ Method:
   (at least MIN_CLEAN_BEATS of them).
 - QTc: Bazett QT / sqrt(RR), Fridericia QT / RR^(1/3), RR in seconds (the mean RR).
 - Axes (degrees, -90 to 270, frontal plane): from leads I and III, Ey = (I + 2 III) / sqrt 3
-  on the hexaxial system (the same as I and aVF: 2 aVF / sqrt 3). The QRS axis uses each
-  lead's algebraic sum of its largest positive and negative QRS deflection (Dieuaide's
-  method; LUDB's cardiologists' axis labels follow it best, see bench/accuracy.py); P and
-  T axes use the net area over the median beat's P wave and ST-T segment. Levels are
-  measured from the PR segment.
+  on the hexaxial system (the same as I and aVF: 2 aVF / sqrt 3), all three on the median
+  beat and levelled at its PR segment. The QRS axis uses each lead's R + Q + S
+  (qrs_net_deflection: Dieuaide's algebraic sum, how the Russian school that labelled LUDB
+  reads the axis); P and T axes use the net area over the median beat's P wave and ST-T
+  segment (one smooth wave each). Against LUDB's axis labels R + Q + S did as well as any
+  alternative tried and better than most: QRS net area and a least-squares fit to the six
+  limb leads agreed with 9 and 12 fewer of the 96 labels (leave-one-out, cut-offs fitted);
+  the largest instantaneous vector, per-beat medians and other levels were within three
+  records either way (the labels overlap in angle: see ludb.AXIS_CATEGORIES).
 - No PR or P axis when delineate finds no P wave (Delineation.p_absent: the beats' P
   windows do not repeat, as in atrial fibrillation, or the P wave is tiny); no QT, QTc or T
   axis when the T wave is too flat for a clear end (t_absent).
@@ -246,6 +250,23 @@ def frontal_axis(lead_i: float, lead_iii: float) -> float | None:
     return round(angle + 360.0 if angle <= -90.0 else angle)
 
 
+def qrs_net_deflection(qrs_uv: np.ndarray) -> np.ndarray:
+    """Each row's R + Q + S (Dieuaide's algebraic sum, the Russian school's way to the axis).
+
+    Rows are leads over the QRS, levelled at zero (NaN counts as the level). R is the
+    tallest positive peak, Q the deepest dip before it and S the deepest after it (0 when
+    none dips below the level); a QS complex, with no positive peak, gives its deepest dip.
+    """
+    q = np.nan_to_num(np.asarray(qrs_uv, dtype=np.float64))
+    r = np.argmax(q, axis=1)
+    tallest = q[np.arange(q.shape[0]), r]
+    at = np.arange(q.shape[1])[None, :]
+    dip_q = np.minimum(np.where(at <= r[:, None], q, 0.0).min(axis=1), 0.0)
+    dip_s = np.minimum(np.where(at >= r[:, None], q, 0.0).min(axis=1), 0.0)
+    net: np.ndarray = np.where(tallest > 0.0, tallest + dip_q + dip_s, q.min(axis=1))
+    return net
+
+
 def _axes(d: delineate.Delineation, values: dict[str, float | None], reasons: dict[str, str],
           live: np.ndarray, *, skip_p: bool) -> None:
     """P, QRS and T frontal axes from the median beat's leads I and III."""
@@ -260,9 +281,8 @@ def _axes(d: delineate.Delineation, values: dict[str, float | None], reasons: di
             reasons.setdefault(name, "QRS complex not delineated on the median beat")
         return
     x = t - delineate.pr_level(t, tw.qrs_onset, fs)
-    q = x[:, tw.qrs_onset : tw.qrs_offset + 1]
-    net = np.nanmax(q, axis=1) + np.nanmin(q, axis=1)
-    _set_axis(values, reasons, "qrs_axis_deg", net[i], net[iii], "QRS")
+    net = qrs_net_deflection(x[[i, iii], tw.qrs_onset : tw.qrs_offset + 1])
+    _set_axis(values, reasons, "qrs_axis_deg", net[0], net[1], "QRS")
     if tw.t_offset is not None and tw.t_offset > tw.qrs_offset:
         area = np.nansum(x[:, tw.qrs_offset : tw.t_offset + 1], axis=1)
         _set_axis(values, reasons, "t_axis_deg", area[i], area[iii], "T wave")

@@ -21,8 +21,10 @@ from tests.conftest import REPO
 
 LUDB = REPO / "tests" / "data" / "ludb"
 # The cardiologists' axis labels overlap in angle (see test_axis_labels_cap_any_angle_rule),
-# so the issue's 85 % is out of reach for any angle-to-label rule; this is what we keep.
-AXIS_AGREEMENT_MIN = 0.75
+# so the issue's 85 % is out of reach for any angle-to-label rule; this is what we keep:
+# 77 of 96 today (80 %), and 36 and 37 of 48 on each half with cut-offs fitted on the other.
+AXIS_AGREEMENT_MIN = 0.80
+AXIS_CROSS_VALIDATED_MIN = 0.74
 AXIS_AIM = 0.85
 
 
@@ -75,6 +77,30 @@ def test_qrs_axis_category_agreement(bench, results):
     assert stats["agreement"] >= AXIS_AGREEMENT_MIN, stats
 
 
+def test_fitted_axis_cutoffs_hold_on_records_they_were_not_fitted_to(bench, results):
+    """Cut-offs fitted on alternate records, scored on the others: the angle, not the fit."""
+    halves = bench.axis_cross_validated(results)
+    assert len(halves) == 2 and sum(h["labelled"] for h in halves) == 96
+    for half in halves:
+        assert half["agreement"] >= AXIS_CROSS_VALIDATED_MIN, half
+
+
+def test_textbook_axis_cutoffs_agree_less_than_the_fitted_ones(bench, results):
+    """The Russian school's textbook cut-offs, for comparison: the labels do not follow them."""
+    book = bench.axis_stats(results, ludb.TEXTBOOK_AXIS_CATEGORIES)
+    assert [n for n, _ in ludb.TEXTBOOK_AXIS_CATEGORIES] == [n for n, _ in ludb.AXIS_CATEGORIES]
+    assert book["measured"] == bench.axis_stats(results)["measured"]
+    assert 0.5 <= book["agreement"] < bench.axis_stats(results)["agreement"], book
+
+
+def test_axis_confusions_count_every_disagreement(bench, results):
+    stats = bench.axis_stats(results)
+    confusions = bench.axis_confusions(results)
+    assert sum(n for _, _, n in confusions) == stats["measured"] - stats["hits"]
+    assert all(label != got for label, got, _ in confusions)
+    assert [n for _, _, n in confusions] == sorted((n for _, _, n in confusions), reverse=True)
+
+
 def test_axis_labels_cap_any_angle_rule(bench, results):
     """No rule cutting the measured angle into the five labels in order reaches the aim."""
     ceiling = bench.axis_ceiling(results)
@@ -98,6 +124,19 @@ def test_axis_ceiling_is_the_best_rule_on_a_small_case(bench):
         for cuts in itertools.combinations_with_replacement(np.arange(10) - 0.5, 4)
     ) / 9
     assert bench.axis_ceiling(fake) == pytest.approx(brute)
+    cuts, hits = bench.fit_axis_cuts([(float(a), order[k]) for a, k in zip(angles, labels,
+                                                                         strict=True)])
+    assert hits == round(brute * 9)
+    assert sum(ludb.axis_category(float(a), cuts) == order[k]
+               for a, k in zip(angles, labels, strict=True)) == hits
+
+
+def test_fitted_axis_cutoffs_keep_equal_angles_together(bench):
+    order = [name for name, _ in ludb.AXIS_CATEGORIES]
+    pairs = [(10.0, order[0]), (10.0, order[1]), (10.0, order[1]), (50.0, order[2])]
+    cuts, hits = bench.fit_axis_cuts(pairs)
+    assert hits == 3
+    assert [ludb.axis_category(a, cuts) for a, _ in pairs] == [order[1]] * 3 + [order[2]]
 
 
 def test_reasons_exactly_for_the_missing_values(results):

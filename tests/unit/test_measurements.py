@@ -17,6 +17,7 @@ from device_agent.measurements import (
     frontal_axis,
     measure_record,
     measurements_block,
+    qrs_net_deflection,
     qtc_bazett,
     qtc_fridericia,
 )
@@ -226,6 +227,18 @@ def test_frontal_axis_on_the_hexaxial_system():
     assert frontal_axis(-1.0, 0.5) == 180
     assert frontal_axis(0.0, -1.0) == 270  # -90 is reported as 270
     assert frontal_axis(0.0, 0.0) is None
+
+
+def test_qrs_net_deflection_is_r_plus_q_plus_s():
+    complexes = np.array([
+        [0.0, -100.0, 500.0, -200.0, 0.0],  # qRs: 500 - 100 - 200
+        [0.0, -300.0, -100.0, -20.0, 0.0],  # QS: no positive peak, the deepest dip
+        [0.0, 400.0, -600.0, 0.0, 0.0],     # Rs without q: 400 - 600
+        [0.0, 200.0, -500.0, 300.0, 0.0],   # rSr': the taller r' with the S before it
+        [50.0, 80.0, 600.0, 40.0, 10.0],    # R alone, never below the level
+        [0.0, np.nan, 700.0, -100.0, 0.0],  # NaN counts as the level
+    ])
+    assert qrs_net_deflection(complexes).tolist() == [200.0, -300.0, -200.0, -200.0, 600.0, 600.0]
 
 
 @pytest.mark.parametrize("record_id", (1, 3, 173))
