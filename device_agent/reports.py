@@ -53,25 +53,31 @@ class ReportsFinder:
         result = ScanResult()
         now = time.time() if now is None else now
         try:
-            entries = sorted(os.scandir(self.reports_dir), key=lambda e: e.name)
+            with os.scandir(self.reports_dir) as listing:
+                entries = sorted(e.name for e in listing)
         except FileNotFoundError:
             return result
         except OSError as exc:
             result.errors.append(f"cannot list REPORTS_DIR {self.reports_dir}: {exc.strerror}")
             return result
-        names = {e.name for e in entries}
-        present: set[str] = set()
+        names = set(entries)
+        present: set[str] = set()  # names, not paths: a year of reports is thousands
         problems: set[str] = set()
+        # entries are plain names in one folder: paths by concatenation, not os.path.join
+        folder = os.path.join(self.reports_dir, "")
+        settled = self.outbox.settled_reports(folder, os.path.join(self.reports_dir.resolve(), ""))
         for entry in entries:
-            if not entry.name.lower().endswith(".pdf"):
+            if not entry.lower().endswith(".pdf"):
                 continue
-            candidates = [(entry.name, "ecg_report_pdf")]
-            twin = entry.name[:-4] + ".json"
+            candidates = [(entry, "ecg_report_pdf")]
+            twin = entry[:-4] + ".json"
             if twin in names:
                 candidates.append((twin, "report_json"))
             for name, kind in candidates:
+                present.add(name)
+                if self._unchanged(folder + name, settled.get(name)):
+                    continue
                 path = self.reports_dir / name
-                present.add(str(path))
                 try:
                     problem = self._look(path, kind, now, result)
                 except Exception as exc:  # one entry's trouble never stops the others
@@ -84,9 +90,27 @@ class ReportsFinder:
                     if self.outbox.note_problem(SOURCE, ref, problem):
                         log.warning("report %s skipped: %s", ref, problem)
         self.outbox.clear_problems(SOURCE, keep=problems)
-        self.outbox.forget_hashes(present)
-        self._seen = {p: sig for p, sig in self._seen.items() if p in present}
+        self.outbox.forget_hashes(present, folder=folder)
+        self._seen = {p: sig for p, sig in self._seen.items()
+                      if p.startswith(folder) and p[len(folder):] in present}
         return result
+
+    def _unchanged(self, key: str, settled: tuple[int, int, int] | None) -> bool:
+        """True when a file is still what was hashed and that content is already queued.
+
+        The common case after a year (thousands of known reports): one lstat and a dict
+        lookup, no query and no transaction. Anything else takes the full look (_look).
+        """
+        if settled is None:
+            return False
+        try:
+            st = os.lstat(key)
+        except OSError:
+            return False
+        sig = (st.st_size, st.st_mtime_ns, st.st_ino)
+        # not kept in _seen: if it changes, its new signature differs from any it had, which
+        # is all the stability check asks (a year of reports is not held in memory)
+        return stat.S_ISREG(st.st_mode) and st.st_size <= self.max_bytes and sig == settled
 
     def _look(self, path: Path, kind: str, now: float, result: ScanResult) -> str | None:
         """Queue one entry if it is ready; the reason it was skipped, or None."""
