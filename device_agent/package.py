@@ -292,6 +292,8 @@ def package_folders(records_root: Path) -> list[Path]:
 
 def has_manifest(folder: Path) -> bool:
     """Whether a package folder holds its manifest (the mark of a complete package)."""
+    if os.path.isfile(os.path.join(folder, f"manifest_{folder.name[:15]}.json")):
+        return True  # the usual case, {stamp}/ or {stamp}_{id}/: one stat, no listing
     try:
         return any(n.startswith("manifest_") and n.endswith(".json") for n in os.listdir(folder))
     except OSError:
