@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 COLUMNS = ("benchmark", "metric", "value", "baseline", "ratio", "note")
 MIN_ROUNDS = 15
@@ -119,7 +120,7 @@ def machine() -> str:
             f"{platform.system()} {platform.release()}")
 
 
-def print_rows(rows: list[dict]) -> None:
+def print_rows(rows: list[dict[str, Any]]) -> None:
     """Print benchmark rows as one Markdown table."""
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))

@@ -20,6 +20,7 @@ import sys
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +55,7 @@ def real_record(path: Path = RECORD) -> Record:
 
 
 def _row(metric: str, ours: list[float], baseline: list[float], target: str,
-         at_least: float | None = None) -> dict:
+         at_least: float | None = None) -> dict[str, Any]:
     """One table row: median ms of ours and of the baseline, ratio = baseline / ours."""
     q1, _, q3 = ratio_spread(baseline, ours)
     t_ours, t_base = statistics.median(ours), statistics.median(baseline)
@@ -70,7 +71,7 @@ def _row(metric: str, ours: list[float], baseline: list[float], target: str,
     }
 
 
-def run(rounds: int = ROUNDS) -> list[dict]:
+def run(rounds: int = ROUNDS) -> list[dict[str, Any]]:
     """Median CPU times (ms) of dumps/loads and their baselines; ratio = baseline / ours."""
     record = real_record()
     ours = ecgdata.dumps(record)
@@ -81,7 +82,7 @@ def run(rounds: int = ROUNDS) -> list[dict]:
         d["leads"] = {n: record.samples[i].tolist() for i, n in enumerate(record.lead_names)}
         return json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode()
 
-    def stdlib_loads() -> list:
+    def stdlib_loads() -> list[np.ndarray]:
         d = json.loads(ours)
         return [np.array(d["leads"][n], dtype=np.int32) for n in record.lead_names]
 

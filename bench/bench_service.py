@@ -43,6 +43,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -195,7 +196,7 @@ def _flat_child(state: str, captures: int) -> None:
     print(json.dumps(rss))
 
 
-def flat_rows(tmp: Path, env: dict[str, str]) -> list[dict]:
+def flat_rows(tmp: Path, env: dict[str, str]) -> list[dict[str, Any]]:
     """VmRSS growth from capture FLAT_FROM to FLAT_CAPTURES of the capture path, in one process."""
     out = subprocess.run([sys.executable, __file__, "flat", str(tmp / "flat"),
                           str(FLAT_CAPTURES)], env=env, capture_output=True, text=True,
@@ -217,7 +218,7 @@ def flat_rows(tmp: Path, env: dict[str, str]) -> list[dict]:
 
 # --- the benchmark ---------------------------------------------------------------------------
 
-def run(rounds: int = ROUNDS) -> list[dict]:
+def run(rounds: int = ROUNDS) -> list[dict[str, Any]]:
     """Rows: idle CPU of the service / a bare read loop; its RSS / a bare interpreter; growth."""
     import boto3
     from moto.server import ThreadedMotoServer
@@ -228,7 +229,7 @@ def run(rounds: int = ROUNDS) -> list[dict]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     tmp = Path(tempfile.mkdtemp(prefix="bench_service_"))
-    children: list[subprocess.Popen] = []
+    children: list[subprocess.Popen[str]] = []
     probed: list[Probed] = []
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
@@ -309,7 +310,7 @@ def run(rounds: int = ROUNDS) -> list[dict]:
             rss["bare-imports"].append(rss_kib(imports.pid))
         if service.proc.poll() is not None:
             raise RuntimeError(f"the service exited ({service.proc.returncode})")
-        rows = []
+        rows: list[dict[str, Any]] = []
         ours, base = statistics.median(cpu["service"]), statistics.median(cpu["bare"])
         ratio = ours / base
         rows.append({

@@ -42,9 +42,14 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from device_agent.record import Record
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -132,8 +137,8 @@ def build_year_state(home: Path, n: int, *, now: float) -> YearCounts:
     for kind, _, body in template:
         (blobs / kind).write_bytes(body)
     cutoff = now - RETENTION_DAYS * 86400
-    items: list[tuple] = []
-    packages: list[tuple] = []
+    items: list[tuple[Any, ...]] = []
+    packages: list[tuple[Any, ...]] = []
     daily: dict[str, int] = {}
     folders = 0
     for i in range(n):
@@ -197,7 +202,7 @@ def build_year_state(home: Path, n: int, *, now: float) -> YearCounts:
 
 # --- the children ----------------------------------------------------------------------------
 
-def bench_record():  # -> Record (imported lazily: the parent never loads numpy for this)
+def bench_record() -> Record:
     """A recorded 10 s 12-lead Record (HR06000), stamped now with a fresh id."""
     from bench_json import real_record
 
@@ -267,7 +272,7 @@ class Launcher:
 
 # --- the benchmark ---------------------------------------------------------------------------
 
-def run(n: int = N, rounds: int = ROUNDS) -> list[dict]:
+def run(n: int = N, rounds: int = ROUNDS) -> list[dict[str, Any]]:
     """Rows: CPU and peak RSS of capture and of `sync --once`, year state / empty state."""
     import boto3
     from moto.server import ThreadedMotoServer
@@ -298,7 +303,7 @@ def run(n: int = N, rounds: int = ROUNDS) -> list[dict]:
         rss: dict[str, dict[str, list[int]]] = {s: {"capture": [], "sync": []} for s in homes}
         cpu: dict[str, dict[str, list[float]]] = {s: {"capture": [], "sync": []} for s in homes}
 
-        def contestant(state: str):
+        def contestant(state: str) -> Callable[[], float]:
             def one() -> float:
                 total = 0.0
                 for step, argv in (
@@ -333,7 +338,7 @@ def run(n: int = N, rounds: int = ROUNDS) -> list[dict]:
                   f"disk, {built.compacted:,} rows compacted into daily counts) + {n:,} reports "
                   f"known in the hash cache, {built.rows:,} outbox rows; built in {build_s:.0f} s "
                   f"by direct SQLite inserts into the Outbox's own schema")
-    rows = []
+    rows: list[dict[str, Any]] = []
 
     def row(metric: str, year: float, empty: float, unit_note: str) -> None:
         ratio = year / empty
