@@ -32,6 +32,7 @@ from device_agent.config import load_settings  # noqa: E402
 from device_agent.lab.demo import default_record  # noqa: E402
 
 REPEATS = 9
+PATIENT = {"first_name": "Bench", "last_name": "Synthetic", "age": 50, "gender": "Female"}
 CAPTURES = 10
 SPEED = 5.0  # the simulated board streams 5x real time so ten captures take ~20 s
 UNIT = ROOT / "systemd" / "device-agent.service"
@@ -63,6 +64,7 @@ def _one_record(settings, data: bytes, out: Path) -> float:
     from datetime import datetime
 
     from device_agent.framing import FrameDecoder, Frames
+    from device_agent.capture import PackageEncoders, measure_once
     from device_agent.outbox import Outbox
     from device_agent.package import build_package
     from device_agent.port import READ_CHUNK
@@ -75,7 +77,9 @@ def _one_record(settings, data: bytes, out: Path) -> float:
     record = build_record(frames.position, frames.counts, frames.electrodes, n_samples=5000,
                           acquired_at=datetime.now().astimezone(), settings=settings,
                           device=DeviceInfo(settings.device_serial, settings.device_model))
-    info = build_package(record, {"patient_name": "Bench Patient", "age": 50}, out, settings)
+    record = measure_once(record, mains_hz=settings.mains_hz)
+    info = build_package(record, PATIENT, out, device_serial=settings.device_serial,
+                         encoders=PackageEncoders(settings))
     with Outbox.open(settings) as outbox:
         outbox.add_package(info)
     return time.process_time() - started

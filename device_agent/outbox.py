@@ -725,6 +725,10 @@ class Outbox:
             "ORDER BY i.id DESC LIMIT 1)", (n + 1, n, folder, resolved, n + 1))
         return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
+    def hash_count(self) -> int:
+        """How many report hashes are cached."""
+        return int(self._tuples("SELECT COUNT(*) FROM file_hashes")[0][0])
+
     def forget_hashes(self, keep: set[str], *, folder: str = "") -> int:
         """Drop cached hashes of files no longer present; returns how many.
 
@@ -807,12 +811,11 @@ class Outbox:
         The newest delivered row of each dropped report stays (its ETag is what a later
         edit of that report replaces with If-Match); users stay (a signup is sent once).
         """
-        rows = self._rows(
-            "SELECT id, delivered_at FROM items AS i WHERE state = 'delivered' "
+        rows = self._rows(  # the newest delivered rows of the reports, found once, not per row
+            "SELECT id, delivered_at FROM items WHERE state = 'delivered' "
             "AND delivered_at < ? AND (pruned_at IS NOT NULL OR source = 'report') "
-            "AND NOT (source = 'report' AND id = (SELECT MAX(id) FROM items AS r "
-            "WHERE r.path = i.path AND r.source = 'report' AND r.state = 'delivered'))",
-            (before,))
+            "AND id NOT IN (SELECT MAX(id) FROM items WHERE source = 'report' "
+            "AND state = 'delivered' GROUP BY path)", (before,))
         if not rows:
             return 0
         per_day: dict[str, int] = {}
@@ -837,24 +840,25 @@ class Outbox:
         after a year as after a day; the outbox stays the source of truth (it is never read).
         """
         now = time.time() if now is None else now
-        rows = self._rows(
+        rows = self._tuples(
             "SELECT key, path, final_key, kind, size, sha256, etag, outcome, record_id, "
             "delivered_at FROM items WHERE delivered_at >= ? AND state = 'delivered' "
             "ORDER BY delivered_at DESC LIMIT ?", (now - days * 86400, UPLOAD_LOG_MAX))
         entries = [
             {
-                "filename": r["key"].rsplit("/", 1)[-1],
-                "local_path": r["path"],
-                "s3_key": r["final_key"] or r["key"],
-                "type": r["kind"],
-                "size": r["size"],
-                "sha256": r["sha256"],
-                "etag": r["etag"],
-                "outcome": r["outcome"],
-                "record_id": r["record_id"],
-                "uploaded_at": _iso(r["delivered_at"]),
+                "filename": key.rsplit("/", 1)[-1],
+                "local_path": path,
+                "s3_key": final_key or key,
+                "type": kind,
+                "size": size,
+                "sha256": sha256,
+                "etag": etag,
+                "outcome": outcome,
+                "record_id": record_id,
+                "uploaded_at": _iso(delivered_at),
             }
-            for r in reversed(rows)
+            for key, path, final_key, kind, size, sha256, etag, outcome, record_id, delivered_at
+            in reversed(rows)
         ]
         path = Path(reports_dir) / UPLOAD_LOG_NAME
         make_dirs(path.parent)

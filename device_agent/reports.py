@@ -66,6 +66,7 @@ class ReportsFinder:
         # entries are plain names in one folder: paths by concatenation, not os.path.join
         folder = os.path.join(self.reports_dir, "")
         settled = self.outbox.settled_reports(folder, os.path.join(self.reports_dir.resolve(), ""))
+        unchanged = self._unchanged(folder, settled, names)
         for entry in entries:
             if not entry.lower().endswith(".pdf"):
                 continue
@@ -75,7 +76,7 @@ class ReportsFinder:
                 candidates.append((twin, "report_json"))
             for name, kind in candidates:
                 present.add(name)
-                if self._unchanged(folder + name, settled.get(name)):
+                if name in unchanged:
                     continue
                 path = self.reports_dir / name
                 try:
@@ -90,27 +91,32 @@ class ReportsFinder:
                     if self.outbox.note_problem(SOURCE, ref, problem):
                         log.warning("report %s skipped: %s", ref, problem)
         self.outbox.clear_problems(SOURCE, keep=problems)
-        self.outbox.forget_hashes(present, folder=folder)
+        if self.outbox.hash_count() != len(unchanged & present):  # else all are still here
+            self.outbox.forget_hashes(present, folder=folder)
         self._seen = {p: sig for p, sig in self._seen.items()
                       if p.startswith(folder) and p[len(folder):] in present}
         return result
 
-    def _unchanged(self, key: str, settled: tuple[int, int, int] | None) -> bool:
-        """True when a file is still what was hashed and that content is already queued.
+    def _unchanged(self, folder: str, settled: dict[str, tuple[int, int, int]],
+                   names: set[str]) -> set[str]:
+        """The listed names still as they were hashed whose content is already queued.
 
-        The common case after a year (thousands of known reports): one lstat and a dict
-        lookup, no query and no transaction. Anything else takes the full look (_look).
+        The common case after a year (thousands of known reports): one lstat each, no query
+        and no transaction; anything else takes the full look (_look). Not kept in _seen:
+        if one changes, its new signature differs from any it had, which is all the
+        stability check asks (so a year of reports is not held in memory).
         """
-        if settled is None:
-            return False
-        try:
-            st = os.lstat(key)
-        except OSError:
-            return False
-        sig = (st.st_size, st.st_mtime_ns, st.st_ino)
-        # not kept in _seen: if it changes, its new signature differs from any it had, which
-        # is all the stability check asks (a year of reports is not held in memory)
-        return stat.S_ISREG(st.st_mode) and st.st_size <= self.max_bytes and sig == settled
+        same: set[str] = set()
+        lstat, regular, limit = os.lstat, stat.S_ISREG, self.max_bytes
+        for name in settled.keys() & names:
+            try:
+                st = lstat(folder + name)
+            except OSError:
+                continue
+            if ((st.st_size, st.st_mtime_ns, st.st_ino) == settled[name]
+                    and regular(st.st_mode) and st.st_size <= limit):
+                same.add(name)
+        return same
 
     def _look(self, path: Path, kind: str, now: float, result: ScanResult) -> str | None:
         """Queue one entry if it is ready; the reason it was skipped, or None."""
