@@ -17,7 +17,8 @@ interpreter, and whether its memory stays flat over 200 captures.
    service after work, not fresh from start.
 2. Memory. The service's VmRSS over the same windows (median) against a bare interpreter
    that imports boto3, numpy, reportlab, pydicom, serial and the device_agent modules the
-   service loads, and makes one boto3 S3 client; measured alongside.
+   service loads, and makes one boto3 S3 client; measured alongside. Every process here
+   runs with the systemd unit's Environment= (MALLOC_ARENA_MAX=2), as the service is deployed.
 3. Flat memory. In a child process, the capture path (measure_once, package_and_decide:
    JSON, PDF, DICOM, manifest, outbox rows) run FLAT_CAPTURES times on a recorded 10 s
    Record; VmRSS after capture 6 and after the last. (The service takes 10 s of board data
@@ -50,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import MIN_ROUNDS, machine, print_rows, verdict  # noqa: E402
+from bench_pipeline import unit_environment  # noqa: E402
 
 ROUNDS = max(int(os.environ.get("BENCH_ROUNDS", "15")), MIN_ROUNDS)
 WINDOW_S = 3.0
@@ -243,6 +245,7 @@ def run(rounds: int = ROUNDS) -> list[dict[str, Any]]:
                                                           "WATCHDOG_PID")}
         env.update(_S3_ENV)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "bench")])
+        env.update(unit_environment())  # as deployed (MALLOC_ARENA_MAX); the bare ones too
         links = {name: str(tmp / f"tty{name}") for name in ("service", "bare")}
         for link in links.values():
             feeder = subprocess.Popen([sys.executable, str(READER), "feed", link],
