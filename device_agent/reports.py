@@ -70,8 +70,11 @@ class ReportsFinder:
         for entry in entries:
             if not entry.lower().endswith(".pdf"):
                 continue
-            candidates = [(entry, "ecg_report_pdf")]
             twin = entry[:-4] + ".json"
+            if entry in unchanged and twin not in names:  # most of a year's reports
+                present.add(entry)
+                continue
+            candidates = [(entry, "ecg_report_pdf")]
             if twin in names:
                 candidates.append((twin, "report_json"))
             for name, kind in candidates:
