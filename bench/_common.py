@@ -1,7 +1,9 @@
 """Helpers the bench_*.py scripts share: timers, the machine's name and the Markdown table.
 
-Timing rules (every bench follows them): contestants run interleaved round-robin in one
-process, CPU time (`time.process_time`), medians over at least 15 rounds, the machine named.
+Timing rules (every bench follows them): contestants run interleaved round-robin
+(`interleaved`, the one helper for it), CPU time (`time.process_time`, or getrusage of a
+child), medians over at least 15 rounds, each row a ratio to a baseline measured in the same
+run, the machine named.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 COLUMNS = ("benchmark", "metric", "value", "baseline", "ratio", "note")
 MIN_ROUNDS = 15
@@ -29,30 +32,45 @@ def median_s(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def interleaved_cpu(
+def cpu_time(fn: Callable[[], object]) -> float:
+    """The process CPU seconds (all threads) of one call of `fn`: the default measure."""
+    t0 = time.process_time()
+    fn()
+    return time.process_time() - t0
+
+
+def reported(fn: Callable[[], object]) -> float:
+    """The measure of a contestant that times itself (e.g. a subprocess's own CPU): its value."""
+    value = fn()
+    if not isinstance(value, int | float):
+        raise TypeError(f"a reported measurement must be a number, not {value!r}")
+    return float(value)
+
+
+def interleaved(
     contestants: Mapping[str, Callable[[], object]],
     *,
     rounds: int = 31,
-    calls: int = 5,
+    calls: int = 1,
     seed: int = 0,
+    measure: Callable[[Callable[[], object]], float] = cpu_time,
 ) -> dict[str, list[float]]:
-    """CPU seconds per call of each contestant, one mean per round, called round-robin.
+    """Each contestant's measurement per round (the mean of its `calls`), run round-robin.
 
-    A round is `calls` passes; each pass calls every contestant once (round-robin), in a
-    freshly shuffled order (seeded, so runs repeat), each call timed on its own (process_time has ns
-    resolution on Linux, and its ~0.6 us overhead is noise next to calls of 0.1 ms and
-    more). So each call finds the caches and the allocator as a random other contestant
-    left them, as a call made once per record in a real process does, and no contestant
-    always runs first or after the same one. A round's value is the mean of its calls;
-    take medians over rounds.
+    The one round-robin every bench uses. After one warm-up call each (imports, lookup tables
+    built once per process), a round is `calls` passes; each pass calls every contestant
+    once, in a freshly shuffled order (seeded, so runs repeat), each call measured on its own
+    by `measure` (default: CPU time of the call; `reported` for a contestant that returns
+    its own measurement). So a slow spell of the machine (another job, a frequency change)
+    falls on every contestant alike, each call finds the caches as a random other contestant
+    left them, and none always runs first. Take medians over rounds (`medians`).
     """
     if rounds < MIN_ROUNDS:
         raise ValueError(f"rounds={rounds}: medians need at least {MIN_ROUNDS} rounds")
     names = list(contestants)
     for fn in contestants.values():
-        fn()  # warm up imports and caches (e.g. a lookup table built once per process)
-    clock = time.process_time
-    times: dict[str, list[float]] = {name: [] for name in names}
+        fn()
+    values: dict[str, list[float]] = {name: [] for name in names}
     order = list(names)
     shuffle = random.Random(seed).shuffle
     for _ in range(rounds):
@@ -60,13 +78,15 @@ def interleaved_cpu(
         for _ in range(calls):
             shuffle(order)
             for name in order:
-                fn = contestants[name]
-                t0 = clock()
-                fn()
-                spent[name] += clock() - t0
+                spent[name] += measure(contestants[name])
         for name in names:
-            times[name].append(spent[name] / calls)
-    return times
+            values[name].append(spent[name] / calls)
+    return values
+
+
+def medians(values: Mapping[str, list[float]]) -> dict[str, float]:
+    """The median of each contestant's per-round values."""
+    return {name: statistics.median(v) for name, v in values.items()}
 
 
 def ratio_spread(baseline: list[float], ours: list[float]) -> tuple[float, float, float]:
@@ -76,30 +96,14 @@ def ratio_spread(baseline: list[float], ours: list[float]) -> tuple[float, float
     return q1, q2, q3
 
 
-def interleaved(contestants: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
-    """Median of each contestant's measurement, run round-robin `rounds` times after a warm-up.
-
-    Round-robin, so a machine that slows down (another job, thermal) slows every contestant
-    alike instead of whichever happened to run then.
-    """
-    for fn in contestants.values():
-        fn()
-    results: dict[str, list[float]] = {name: [] for name in contestants}
-    for _ in range(rounds):
-        for name, fn in contestants.items():
-            results[name].append(fn())
-    return {name: statistics.median(values) for name, values in results.items()}
-
-
-def cpu_s(fn: Callable[[], object]) -> Callable[[], float]:
-    """A contestant for `interleaved`: the process CPU time (s, all threads) of one call."""
-
-    def run() -> float:
-        t0 = time.process_time()
-        fn()
-        return time.process_time() - t0
-
-    return run
+def verdict(ratio: float, *, at_most: float | None = None, at_least: float | None = None,
+            ) -> str:
+    """'aim <= 1.2x: met' (or 'NOT met'): a row's pass/fail against the issue's figure."""
+    if at_most is not None:
+        return f"aim <= {at_most:g}x: {'met' if ratio <= at_most else 'NOT met'}"
+    if at_least is not None:
+        return f"aim >= {at_least:g}x: {'met' if ratio >= at_least else 'NOT met'}"
+    raise ValueError("verdict needs at_most or at_least")
 
 
 def machine() -> str:
@@ -116,28 +120,9 @@ def machine() -> str:
             f"{platform.system()} {platform.release()}")
 
 
-def print_rows(rows: list[dict]) -> None:
+def print_rows(rows: list[dict[str, Any]]) -> None:
     """Print benchmark rows as one Markdown table."""
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
     for r in rows:
         print("| " + " | ".join(str(r[k]) for k in COLUMNS) + " |")
-
-
-def interleaved_cpu_medians(
-    contestants: dict[str, Callable[[], object]], repeats: int = 15
-) -> dict[str, float]:
-    """Median CPU seconds per call of each contestant, called round-robin `repeats` times.
-
-    Round-robin makes a slow spell of the machine (another process, a frequency change)
-    fall on every contestant alike; CPU time (time.process_time) leaves out waiting.
-    """
-    for fn in contestants.values():
-        fn()  # warm up imports and caches
-    times: dict[str, list[float]] = {name: [] for name in contestants}
-    for _ in range(max(repeats, 15)):
-        for name, fn in contestants.items():
-            t0 = time.process_time()
-            fn()
-            times[name].append(time.process_time() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}

@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import cpu_s, interleaved, machine, print_rows
+from _common import interleaved, machine, medians, print_rows
 
 from device_agent.framing import FrameDecoder, Frames
 from device_agent.lab.simulator import FaultSpec, Truth, encode_frames, inject
@@ -85,16 +85,16 @@ def run() -> list[dict]:
         got = len(numpy_decode(data, chunk))
         if data is faulty and got != expect:
             raise AssertionError(f"decoders disagree at {label}: {got} vs {expect} frames")
-    contestants = {"python": cpu_s(partial(python_decode, faulty))}
+    contestants = {"python": partial(python_decode, faulty)}
     for label, (data, chunk) in cases.items():
-        contestants[label] = cpu_s(partial(numpy_decode, data, chunk))
-    medians = interleaved(contestants, ROUNDS)
-    py = medians["python"]
+        contestants[label] = partial(numpy_decode, data, chunk)
+    times = medians(interleaved(contestants, rounds=ROUNDS))
+    py = times["python"]
     rows = []
     for label in cases:
         rows.append({"benchmark": "decode", "metric": f"x real time, {label}",
-                     "value": round(SECONDS / medians[label]), "baseline": round(SECONDS / py),
-                     "ratio": round(py / medians[label], 1),
+                     "value": round(SECONDS / times[label]), "baseline": round(SECONDS / py),
+                     "ratio": round(py / times[label], 1),
                      "note": f"median of {ROUNDS}, round-robin, process CPU; baseline = "
                              f"per-frame pure-Python decoder on the faulty stream; "
                              f"{len(faulty)} bytes with drop/garbage/lose faults; {machine()}"})

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from _common import interleaved_cpu_medians, print_rows  # noqa: E402
+from _common import interleaved, medians, print_rows  # noqa: E402
 
 from device_agent import ecgdata  # noqa: E402
 from device_agent.dicom import DisplayFilter, Equipment, build_dataset, encode_ecg  # noqa: E402
@@ -73,13 +73,13 @@ def run(repeats: int = REPEATS) -> list[dict]:
         assert write_only() == dcm, "dcmwrite of the built dataset differs from encode_ecg"
         json_bytes = ecgdata.dumps(record)
         header, data = wfdb.encode_record(record, "bench")
-        t = interleaved_cpu_medians({
+        t = medians(interleaved({
             "dicom": lambda r=record: encode_ecg(r, PATIENT, equipment=EQUIPMENT,
                                                  filters=FILTERS),
             "json": lambda r=record: ecgdata.dumps(r),
             "dcmwrite": write_only,
             "wfdb": lambda r=record: wfdb.encode_record(r, "bench"),
-        }, repeats)
+        }, rounds=max(repeats, 15)))
         shape = f"{name}: 12 x {record.n_samples} at {record.sampling_rate} Hz"
         rows += [
             _row(f"encode_ecg CPU ms (vs ecgdata.dumps), {shape}", t["dicom"], t["json"],

@@ -14,6 +14,7 @@ with a bare interpreter that imports the same libraries.
 
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 import subprocess
@@ -32,6 +33,7 @@ from device_agent.config import load_settings  # noqa: E402
 from device_agent.lab.demo import default_record  # noqa: E402
 
 REPEATS = 9
+PATIENT = {"first_name": "Bench", "last_name": "Synthetic", "age": 50, "gender": "Female"}
 CAPTURES = 10
 SPEED = 5.0  # the simulated board streams 5x real time so ten captures take ~20 s
 UNIT = ROOT / "systemd" / "device-agent.service"
@@ -62,6 +64,7 @@ def _one_record(settings, data: bytes, out: Path) -> float:
     """CPU seconds for one record through the whole on-device pipeline."""
     from datetime import datetime
 
+    from device_agent.capture import PackageEncoders, measure_once
     from device_agent.framing import FrameDecoder, Frames
     from device_agent.outbox import Outbox
     from device_agent.package import build_package
@@ -75,7 +78,9 @@ def _one_record(settings, data: bytes, out: Path) -> float:
     record = build_record(frames.position, frames.counts, frames.electrodes, n_samples=5000,
                           acquired_at=datetime.now().astimezone(), settings=settings,
                           device=DeviceInfo(settings.device_serial, settings.device_model))
-    info = build_package(record, {"patient_name": "Bench Patient", "age": 50}, out, settings)
+    record = measure_once(record, mains_hz=settings.mains_hz)
+    info = build_package(record, PATIENT, out, device_serial=settings.device_serial,
+                         encoders=PackageEncoders(settings))
     with Outbox.open(settings) as outbox:
         outbox.add_package(info)
     return time.process_time() - started
@@ -139,7 +144,7 @@ def _wait_until_drained(state_dir: Path, timeout: float = 60) -> None:
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if outbox_summary(state_dir)["pending"] == 0:
+        if outbox_summary(state_dir, now=time.time())["pending"] == 0:
             return
         time.sleep(0.1)
     raise RuntimeError("the service did not drain its outbox in time")
@@ -151,6 +156,7 @@ def rss_rows() -> list[dict]:
 
     from device_agent.lab.simulator import BoardSimulator
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -165,6 +171,7 @@ def rss_rows() -> list[dict]:
                "AWS_S3_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "b",
                "AWS_SECRET_ACCESS_KEY": "b", "ECG_COUNTS_PER_MV": "500", "CLOCK_CHECK": "floor",
                "SYNC_INTERVAL_S": "2", "DISK_RESERVE_MB": "0", "DEVICE_SERIAL": "BENCH-1"}
+        Path(tmp, "none").write_text("")  # the settings come from the environment
         cli = [sys.executable, "-m", "device_agent", "--env-file", f"{tmp}/none"]
         env.update(unit_environment())
         with BoardSimulator(default_record(), link, counts_per_mv=500, speed=SPEED, loop=True):

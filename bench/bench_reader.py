@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import interleaved, machine, print_rows  # noqa: E402
+from _common import interleaved, machine, medians, print_rows, reported  # noqa: E402
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "15"))  # fewer only to try things out
 RUN_S = 3.0
@@ -164,11 +164,12 @@ def run() -> list[dict]:
 
                 return one
 
-            medians = interleaved({name: contestant(name) for name in CONTESTANTS}, ROUNDS)
+            times = medians(interleaved({name: contestant(name) for name in CONTESTANTS},
+                                         rounds=ROUNDS, measure=reported))
         finally:
             feeder.terminate()
             feeder.wait(timeout=10)
-    base = medians["bare"]
+    base = times["bare"]
 
     def per_s(name: str, key: str) -> float:
         runs = extra[name][1:]  # the first is the warm-up
@@ -179,9 +180,9 @@ def run() -> list[dict]:
         rows.append({
             "benchmark": "reader",
             "metric": f"CPU ms per s of board data, {LABELS[name]}",
-            "value": round(medians[name] * 1000, 2),
+            "value": round(times[name] * 1000, 2),
             "baseline": round(base * 1000, 2),
-            "ratio": round(medians[name] / base, 2),
+            "ratio": round(times[name] / base, 2),
             "note": (f"median of {ROUNDS}, round-robin, process CPU of a subprocess reading a "
                      f"pty fed at 500 frames/s for {RUN_S:g} s; baseline = os.read + "
                      f"sleep(0.1) loop; wake-ups/s {per_s(name, 'switches'):.0f} vs "

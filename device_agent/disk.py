@@ -19,7 +19,7 @@ from pathlib import Path
 from device_agent.errors import DiskSpaceError
 from device_agent.fsutil import free_mb
 from device_agent.outbox import Outbox
-from device_agent.package import DISPOSITION_NAME
+from device_agent.package import DISPOSITION_NAME, has_manifest, package_folders
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,7 @@ def prune(outbox: Outbox, state_dir: Path, *, cutoff: float) -> PruneResult:
     paths: dict[int, Path] = {}
     ready: dict[str, bool] = {}
     singles = []
-    for item in outbox.items():
-        if item.pruned_at is not None:
-            continue
+    for item in outbox.prunable(cutoff):
         old = item.state == "delivered" and item.delivered_at is not None and (
             item.delivered_at <= cutoff)
         if item.package:
@@ -110,8 +108,8 @@ def remove_incomplete(records_root: Path, *, grace_s: float,
     removed: list[Path] = []
     if not records_root.is_dir():
         return removed
-    for folder in sorted(p for p in records_root.iterdir() if p.is_dir()):
-        if any(folder.glob("manifest_*.json")):
+    for folder in package_folders(records_root):
+        if has_manifest(folder):
             continue
         try:
             newest = max([folder.stat().st_mtime,

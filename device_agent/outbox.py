@@ -382,6 +382,13 @@ class Outbox:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
+    def _tuples(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows as plain tuples: bulk reads (thousands of rows) skip building sqlite3.Row."""
+        with self._lock:
+            cur = self._db.cursor()
+            cur.row_factory = None
+            return cur.execute(sql, args).fetchall()
+
     def _insert(self, db: sqlite3.Connection, **cols: Any) -> int:
         now = time.time()
         cols.setdefault("created_at", now)
@@ -447,11 +454,25 @@ class Outbox:
         rows = self._rows("SELECT * FROM packages ORDER BY created_at DESC LIMIT ?", (limit,))
         return [PackageRow(**dict(r)) for r in rows]
 
-    def known_packages(self) -> set[str]:
-        """Resolved folder paths of every package the outbox knows (queued or not)."""
-        rows = self._rows("SELECT folder FROM packages UNION "
-                          "SELECT DISTINCT package FROM items WHERE package IS NOT NULL")
-        return {r[0] for r in rows}
+    def known_packages(self, folders: Iterable[str] | None = None) -> set[str]:
+        """Resolved folder paths of every package the outbox knows (queued or not).
+
+        With `folders`, only which of those it knows: a pass asks about the folders on disk
+        (retention keeps a month of them), not about a year of packages it remembers.
+        """
+        both = ("SELECT folder FROM packages WHERE folder IN ({marks}) UNION SELECT DISTINCT "
+                "package FROM items WHERE package IN ({marks})")
+        if folders is None:
+            return {r[0] for r in self._tuples(
+                "SELECT folder FROM packages UNION "
+                "SELECT DISTINCT package FROM items WHERE package IS NOT NULL")}
+        asked = list(folders)
+        known: set[str] = set()
+        for i in range(0, len(asked), 400):  # SQLite's bound-parameter limit is 999 or more
+            batch = asked[i:i + 400]
+            marks = ", ".join("?" * len(batch))
+            known.update(r[0] for r in self._tuples(both.format(marks=marks), (*batch, *batch)))
+        return known
 
     # --- single files --------------------------------------------------------------------
 
@@ -688,9 +709,37 @@ class Outbox:
             db.execute("INSERT OR REPLACE INTO file_hashes (path, size, mtime_ns, ino, sha256) "
                        "VALUES (?, ?, ?, ?, ?)", (path, size, mtime_ns, ino, sha256))
 
-    def forget_hashes(self, keep: set[str]) -> int:
-        """Drop cached hashes of files no longer present; returns how many."""
-        gone = [r[0] for r in self._rows("SELECT path FROM file_hashes") if r[0] not in keep]
+    def settled_reports(self, folder: str, resolved: str) -> dict[str, tuple[int, int, int]]:
+        """Reports in `folder` whose cached hash is also their newest queued content.
+
+        name -> (size, mtime_ns, ino) as hashed, for paths under `folder` (with its trailing
+        separator; `resolved` is the same folder's real path, as item rows hold it). A file
+        still matching its entry has nothing new to queue (track_report would return None),
+        so a pass after a year of reports asks one query instead of one per file.
+        """
+        n = len(folder)
+        rows = self._tuples(
+            "SELECT substr(h.path, ?), h.size, h.mtime_ns, h.ino FROM file_hashes AS h "
+            "WHERE substr(h.path, 1, ?) = ? AND h.sha256 = (SELECT i.sha256 FROM items AS i "
+            "WHERE i.path = ? || substr(h.path, ?) AND i.source = 'report' "
+            "ORDER BY i.id DESC LIMIT 1)", (n + 1, n, folder, resolved, n + 1))
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+    def hash_count(self) -> int:
+        """How many report hashes are cached."""
+        return int(self._tuples("SELECT COUNT(*) FROM file_hashes")[0][0])
+
+    def forget_hashes(self, keep: set[str], *, folder: str = "") -> int:
+        """Drop cached hashes of files no longer present; returns how many.
+
+        `keep` holds paths, or with `folder` (ending in a separator) names in that folder.
+        """
+        with self._lock:  # streamed: a year of reports is thousands of paths
+            cur = self._db.cursor()
+            cur.row_factory = None
+            n = len(folder)
+            gone = [r[0] for r in cur.execute("SELECT path FROM file_hashes")
+                    if not r[0].startswith(folder) or r[0][n:] not in keep]
         if gone:
             with self._tx(durable=False) as db:
                 db.executemany("DELETE FROM file_hashes WHERE path = ?", [(p,) for p in gone])
@@ -735,6 +784,19 @@ class Outbox:
         with self._lock:
             return read_stats(self._db, time.time() if now is None else now)
 
+    def prunable(self, cutoff: float) -> list[Item]:
+        """Rows retention may prune: every row of a package all delivered by `cutoff`, and
+        delivered signups; none already pruned. Reports and recent packages are not loaded,
+        so a housekeeping pass after a year reads what it deletes, not the whole history."""
+        return [_item(r) for r in self._rows(
+            "SELECT * FROM items WHERE pruned_at IS NULL AND ("
+            " (package IS NULL AND source = 'signup' AND state = 'delivered'"
+            "  AND delivered_at <= ?)"
+            " OR package IN (SELECT package FROM items WHERE package IS NOT NULL"
+            "  AND pruned_at IS NULL GROUP BY package HAVING MIN(state = 'delivered'"
+            "  AND delivered_at IS NOT NULL AND delivered_at <= ?) = 1))"
+            " ORDER BY id", (cutoff, cutoff))]
+
     def mark_pruned(self, item_ids: list[int]) -> None:
         """Note that delivered items' local files were deleted by retention."""
         with self._tx() as db:
@@ -749,12 +811,11 @@ class Outbox:
         The newest delivered row of each dropped report stays (its ETag is what a later
         edit of that report replaces with If-Match); users stay (a signup is sent once).
         """
-        rows = self._rows(
-            "SELECT id, delivered_at FROM items AS i WHERE state = 'delivered' "
+        rows = self._rows(  # the newest delivered rows of the reports, found once, not per row
+            "SELECT id, delivered_at FROM items WHERE state = 'delivered' "
             "AND delivered_at < ? AND (pruned_at IS NOT NULL OR source = 'report') "
-            "AND NOT (source = 'report' AND id = (SELECT MAX(id) FROM items AS r "
-            "WHERE r.path = i.path AND r.source = 'report' AND r.state = 'delivered'))",
-            (before,))
+            "AND id NOT IN (SELECT MAX(id) FROM items WHERE source = 'report' "
+            "AND state = 'delivered' GROUP BY path)", (before,))
         if not rows:
             return 0
         per_day: dict[str, int] = {}
@@ -779,27 +840,31 @@ class Outbox:
         after a year as after a day; the outbox stays the source of truth (it is never read).
         """
         now = time.time() if now is None else now
-        rows = self._rows(
-            "SELECT * FROM items WHERE delivered_at >= ? AND state = 'delivered' "
+        rows = self._tuples(
+            "SELECT key, path, final_key, kind, size, sha256, etag, outcome, record_id, "
+            "delivered_at FROM items WHERE delivered_at >= ? AND state = 'delivered' "
             "ORDER BY delivered_at DESC LIMIT ?", (now - days * 86400, UPLOAD_LOG_MAX))
         entries = [
             {
-                "filename": it.filename,
-                "local_path": str(it.path),
-                "s3_key": it.final_key or it.key,
-                "type": it.kind,
-                "size": it.size,
-                "sha256": it.sha256,
-                "etag": it.etag,
-                "outcome": it.outcome,
-                "record_id": it.record_id,
-                "uploaded_at": _iso(it.delivered_at),
+                "filename": key.rsplit("/", 1)[-1],
+                "local_path": path,
+                "s3_key": final_key or key,
+                "type": kind,
+                "size": size,
+                "sha256": sha256,
+                "etag": etag,
+                "outcome": outcome,
+                "record_id": record_id,
+                "uploaded_at": _iso(delivered_at),
             }
-            for it in map(_item, reversed(rows))
+            for key, path, final_key, kind, size, sha256, etag, outcome, record_id, delivered_at
+            in reversed(rows)
         ]
         path = Path(reports_dir) / UPLOAD_LOG_NAME
         make_dirs(path.parent)
-        atomic_write(path, json.dumps(entries, indent=1).encode() + b"\n")
+        # one entry per line: as readable as indent=1, and json's C encoder does the work
+        body = ",\n".join(json.dumps(e) for e in entries)
+        atomic_write(path, f"[\n{body}\n]\n".encode() if entries else b"[]\n")
         return path
 
 

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -282,6 +283,23 @@ def load_package(folder: Path | str) -> PackageInfo:
     return info
 
 
+def package_folders(records_root: Path) -> list[Path]:
+    """The folders (or links to folders) under records_root, by name; one listing, no stat."""
+    with os.scandir(records_root) as entries:
+        names = sorted(e.name for e in entries if e.is_dir())
+    return [records_root / name for name in names]
+
+
+def has_manifest(folder: Path) -> bool:
+    """Whether a package folder holds its manifest (the mark of a complete package)."""
+    if os.path.isfile(os.path.join(folder, f"manifest_{folder.name[:15]}.json")):
+        return True  # the usual case, {stamp}/ or {stamp}_{id}/: one stat, no listing
+    try:
+        return any(n.startswith("manifest_") and n.endswith(".json") for n in os.listdir(folder))
+    except OSError:
+        return False
+
+
 def reconcile_folders(records_root: Path, outbox: Outbox) -> list[Path]:
     """Queue complete package folders the outbox does not know whose decision is "queued".
 
@@ -293,9 +311,14 @@ def reconcile_folders(records_root: Path, outbox: Outbox) -> list[Path]:
     queued: list[Path] = []
     if not records_root.is_dir():
         return queued
-    known = outbox.known_packages()
-    for folder in sorted(p for p in records_root.iterdir() if p.is_dir()):
-        if str(folder.resolve()) in known or not any(folder.glob("manifest_*.json")):
+    root = records_root.resolve()
+    # a plain subfolder of the resolved root is its own real path: no resolve() per folder
+    # (a month of captures is hundreds of them); a link is resolved as before
+    folders = {str(root / f.name if not f.is_symlink() else f.resolve()): f
+               for f in package_folders(records_root)}
+    known = outbox.known_packages(folders)
+    for real, folder in sorted(folders.items(), key=lambda kv: kv[1].name):
+        if real in known or not has_manifest(folder):
             continue
         try:
             info = load_package(folder)

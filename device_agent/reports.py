@@ -53,25 +53,35 @@ class ReportsFinder:
         result = ScanResult()
         now = time.time() if now is None else now
         try:
-            entries = sorted(os.scandir(self.reports_dir), key=lambda e: e.name)
+            with os.scandir(self.reports_dir) as listing:
+                entries = sorted(e.name for e in listing)
         except FileNotFoundError:
             return result
         except OSError as exc:
             result.errors.append(f"cannot list REPORTS_DIR {self.reports_dir}: {exc.strerror}")
             return result
-        names = {e.name for e in entries}
-        present: set[str] = set()
+        names = set(entries)
+        present: set[str] = set()  # names, not paths: a year of reports is thousands
         problems: set[str] = set()
+        # entries are plain names in one folder: paths by concatenation, not os.path.join
+        folder = os.path.join(self.reports_dir, "")
+        settled = self.outbox.settled_reports(folder, os.path.join(self.reports_dir.resolve(), ""))
+        unchanged = self._unchanged(folder, settled, names)
         for entry in entries:
-            if not entry.name.lower().endswith(".pdf"):
+            if not entry.lower().endswith(".pdf"):
                 continue
-            candidates = [(entry.name, "ecg_report_pdf")]
-            twin = entry.name[:-4] + ".json"
+            twin = entry[:-4] + ".json"
+            if entry in unchanged and twin not in names:  # most of a year's reports
+                present.add(entry)
+                continue
+            candidates = [(entry, "ecg_report_pdf")]
             if twin in names:
                 candidates.append((twin, "report_json"))
             for name, kind in candidates:
+                present.add(name)
+                if name in unchanged:
+                    continue
                 path = self.reports_dir / name
-                present.add(str(path))
                 try:
                     problem = self._look(path, kind, now, result)
                 except Exception as exc:  # one entry's trouble never stops the others
@@ -84,9 +94,32 @@ class ReportsFinder:
                     if self.outbox.note_problem(SOURCE, ref, problem):
                         log.warning("report %s skipped: %s", ref, problem)
         self.outbox.clear_problems(SOURCE, keep=problems)
-        self.outbox.forget_hashes(present)
-        self._seen = {p: sig for p, sig in self._seen.items() if p in present}
+        if self.outbox.hash_count() != len(unchanged & present):  # else all are still here
+            self.outbox.forget_hashes(present, folder=folder)
+        self._seen = {p: sig for p, sig in self._seen.items()
+                      if p.startswith(folder) and p[len(folder):] in present}
         return result
+
+    def _unchanged(self, folder: str, settled: dict[str, tuple[int, int, int]],
+                   names: set[str]) -> set[str]:
+        """The listed names still as they were hashed whose content is already queued.
+
+        The common case after a year (thousands of known reports): one lstat each, no query
+        and no transaction; anything else takes the full look (_look). Not kept in _seen:
+        if one changes, its new signature differs from any it had, which is all the
+        stability check asks (so a year of reports is not held in memory).
+        """
+        same: set[str] = set()
+        lstat, regular, limit = os.lstat, stat.S_ISREG, self.max_bytes
+        for name in settled.keys() & names:
+            try:
+                st = lstat(folder + name)
+            except OSError:
+                continue
+            if ((st.st_size, st.st_mtime_ns, st.st_ino) == settled[name]
+                    and regular(st.st_mode) and st.st_size <= limit):
+                same.add(name)
+        return same
 
     def _look(self, path: Path, kind: str, now: float, result: ScanResult) -> str | None:
         """Queue one entry if it is ready; the reason it was skipped, or None."""

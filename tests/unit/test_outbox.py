@@ -272,3 +272,47 @@ def test_hash_cache_is_keyed_by_size_mtime_and_inode(outbox):
     assert outbox.cached_hash("/r/a.pdf", size=10, mtime_ns=6, ino=7) is None
     assert outbox.forget_hashes({"/r/b.pdf"}) == 1
     assert outbox.cached_hash("/r/a.pdf", size=10, mtime_ns=5, ino=7) is None
+
+
+def test_retention_loads_only_rows_it_may_prune(outbox, tmp_path):
+    """After a year the outbox holds thousands of report rows and a month of packages:
+    prune reads the packages wholly delivered before the cutoff and delivered signups, only."""
+    old, half, recent = (make_package(tmp_path / "records", f"20260124_12181{i}", seed=i)
+                         for i in range(3))
+    for pkg in (old, half, recent):
+        outbox.add_package(pkg)
+    report = tmp_path / "ECG_Report_20260124_121815.pdf"
+    report.write_bytes(b"v1")
+    outbox.track_report(report, kind="ecg_report_pdf", key="ecg-reports/r.pdf",
+                        sha256="1" * 64, size=2)
+    signup = tmp_path / "signup.json"
+    signup.write_text("{}")
+    outbox.add_signup("synthetic", "2026-01-24T12:00:00", signup, key="users/s.json",
+                      sha256="2" * 64, size=2)
+    rows = outbox.items()
+    for item in rows:
+        if item.package == str(half.folder) and item.kind == "manifest":
+            continue  # one file of this package is still on its way
+        outbox.mark_delivered(item.id, etag='"e"', final_key=item.key, outcome="created")
+    cutoff = time.time() + 1
+    with outbox._tx() as db:  # the recent package was delivered after the cutoff
+        db.execute("UPDATE items SET delivered_at = ? WHERE package = ?",
+                   (cutoff + 60, str(recent.folder)))
+    got = outbox.prunable(cutoff)
+    assert {i.package for i in got if i.package} == {str(old.folder)}
+    assert len([i for i in got if i.package]) == 4, "every row of the old package"
+    assert [i.source for i in got if not i.package] == ["signup"], "never a report"
+    outbox.mark_pruned([i.id for i in got])
+    assert outbox.prunable(cutoff) == [], "a pruned row is not offered again"
+
+
+def test_known_packages_answers_about_the_folders_asked(outbox, tmp_path):
+    pkgs = [make_package(tmp_path / "records", f"20260124_1218{i:02d}", seed=i)
+            for i in range(3)]
+    outbox.add_package(pkgs[0])
+    outbox.record_package(pkgs[1].folder, stamp=pkgs[1].stamp, record_id=None,
+                          disposition="withheld", reason="operator", verdict=None)
+    asked = [str(p.folder.resolve()) for p in pkgs] + [f"/nowhere/{i}" for i in range(900)]
+    assert outbox.known_packages(asked) == {asked[0], asked[1]}
+    assert outbox.known_packages() == {asked[0], asked[1]}
+    assert reconcile_folders(tmp_path / "records", outbox) == [pkgs[2].folder]

@@ -357,6 +357,45 @@ def test_a_report_is_hashed_once_across_passes_and_processes(tmp_path):
         second.close()
 
 
+def _statements_while(outbox: Outbox, fn) -> list[str]:
+    """The SQL statements the outbox ran during fn()."""
+    seen: list[str] = []
+    outbox._db.set_trace_callback(seen.append)
+    try:
+        fn()
+    finally:
+        outbox._db.set_trace_callback(None)
+    return seen
+
+
+@pytest.mark.parametrize("count", [3, 40])
+def test_known_reports_cost_the_same_queries_however_many_there_are(tmp_path, count):
+    """After a year REPORTS_DIR holds thousands of known files: a pass asks the outbox the
+    same few questions for 3 or 40 of them, never a query or a transaction per file."""
+    first = Env(tmp_path)
+    first.reports.mkdir(parents=True)
+    for i in range(count):
+        pdf = first.reports / f"Report_{i:03d}.pdf"
+        pdf.write_bytes(b"%PDF " + str(i).encode())
+        _aged(pdf)
+    (first.reports / "Report_000.json").write_text("{}")  # a twin is known the same way
+    _aged(first.reports / "Report_000.json")
+    assert first.loop.run_once().delivered == count + 1
+    first.close()
+    second = Env(tmp_path)  # a new process: nothing in memory
+    try:
+        ran = _statements_while(second.outbox, second.loop.reports.find)
+        assert len(ran) <= 10, ran  # a query and a transaction per file: 4 x count or more
+        assert sum(s.startswith("BEGIN") for s in ran) <= 1, ran  # clearing old problems
+        assert second.outbox.items(DELIVERED)[-1].path.name == f"Report_{count - 1:03d}.pdf"
+        pdf = second.reports / "Report_001.pdf"  # one changes: that one is looked at again
+        pdf.write_bytes(b"%PDF changed")
+        _aged(pdf, 30)
+        assert second.loop.reports.find().queued == 1
+    finally:
+        second.close()
+
+
 def test_run_stops_with_an_upload_in_flight_and_marks_nothing(tmp_path):
     e = Env(tmp_path, executor=None)
     e.drainer = Drainer(e.outbox, e.uploader, clock=e.clock, stop=e.stop)  # daemon workers
