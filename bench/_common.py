@@ -126,3 +126,14 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
     print("|" + "---|" * len(COLUMNS))
     for r in rows:
         print("| " + " | ".join(str(r[k]) for k in COLUMNS) + " |")
+
+
+def unit_environment(unit: Path | None = None) -> dict[str, str]:
+    """The Environment= settings of the systemd unit: a service is measured as deployed."""
+    unit = unit or Path(__file__).resolve().parents[1] / "systemd" / "device-agent.service"
+    env = {}
+    for line in unit.read_text().splitlines():
+        if line.startswith("Environment="):
+            key, _, value = line.removeprefix("Environment=").partition("=")
+            env[key] = value
+    return env

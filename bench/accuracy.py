@@ -29,7 +29,6 @@ baseline: qrs.detect_record on the same record, the detector alone), as a ratio.
 from __future__ import annotations
 
 import math
-import platform
 import statistics
 import sys
 import time
@@ -40,6 +39,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _common import machine  # noqa: E402
 
 from device_agent import qrs  # noqa: E402
 from device_agent.lab import ludb  # noqa: E402
@@ -276,21 +278,6 @@ def accuracy_rows(results: list[RecordResult]) -> list[dict]:
         "ecgdeli": "-",
     })
     return rows
-
-
-def machine() -> str:
-    """CPU model, cores and Python, for the table's heading."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""Whole-pipeline cost per 10 s record, and the service's steady-state memory.
+"""Whole-pipeline cost per 10 s record.
 
 CPU: decode 10 s of board frames (fed as the reader feeds them, ~50 ms per read), build the
 record, detect QRS, write ecg_data JSON, render the PDF, write patient details and the
@@ -6,18 +6,12 @@ manifest with SHA-256 and fsync'd atomic writes, and commit the outbox rows. Mea
 process CPU time (time.process_time, all threads), median of repeats, as a share of the
 record's own 10 s: the budget is 2 %.
 
-Memory: `device-agent run` as a real subprocess with the unit's Environment= settings,
-reading a simulated board on a pty and uploading to moto's HTTP server on 127.0.0.1, after
-each of ten captures handed to it through the spool and uploaded; its VmRSS is compared
-with a bare interpreter that imports the same libraries.
+The service's memory and idle CPU are bench_service.py's.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,22 +26,8 @@ from _common import print_rows  # noqa: E402
 from device_agent.config import load_settings  # noqa: E402
 from device_agent.lab.demo import default_record  # noqa: E402
 
-REPEATS = 9
+REPEATS = 15
 PATIENT = {"first_name": "Bench", "last_name": "Synthetic", "age": 50, "gender": "Female"}
-CAPTURES = 10
-SPEED = 5.0  # the simulated board streams 5x real time so ten captures take ~20 s
-UNIT = ROOT / "systemd" / "device-agent.service"
-
-
-def unit_environment(unit: Path = UNIT) -> dict[str, str]:
-    """The Environment= settings of the systemd unit: the service is measured as deployed."""
-    env = {}
-    for line in unit.read_text().splitlines():
-        if line.startswith("Environment="):
-            key, _, value = line.removeprefix("Environment=").partition("=")
-            env[key] = value
-    return env
-RSS_BUDGET_MB = 80.0
 
 
 def _frames_bytes(settings) -> bytes:
@@ -102,107 +82,8 @@ def pipeline_rows() -> list[dict]:
     }]
 
 
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def _baseline_rss_mb() -> float:
-    code = ("import boto3, numpy, reportlab.pdfgen.canvas, serial, sqlite3, sys;"
-            "boto3.session.Session().client('s3', region_name='us-east-1');"
-            "sys.stdout.write('ready\\n'); sys.stdout.flush(); sys.stdin.read()")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        proc.stdout.readline()
-        return _rss_mb(proc.pid)
-    finally:
-        proc.stdin.close()
-        proc.wait(timeout=30)
-
-
-def _wait_until_serving(state_dir: Path, service: subprocess.Popen, timeout: float = 60) -> None:
-    """Until the service's status file says the board is connected (bounded)."""
-    from device_agent.status import read_status_file
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if service.poll() is not None:
-            raise RuntimeError(f"device-agent run exited with {service.returncode}")
-        doc = read_status_file(state_dir) or {}
-        if (doc.get("port") or {}).get("connected"):
-            return
-        time.sleep(0.1)
-    raise RuntimeError("device-agent run did not connect to the simulated board in time")
-
-
-def _wait_until_drained(state_dir: Path, timeout: float = 60) -> None:
-    """Until the service has uploaded everything queued (bounded)."""
-    from device_agent.status import outbox_summary
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if outbox_summary(state_dir, now=time.time())["pending"] == 0:
-            return
-        time.sleep(0.1)
-    raise RuntimeError("the service did not drain its outbox in time")
-
-
-def rss_rows() -> list[dict]:
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    from device_agent.lab.simulator import BoardSimulator
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="b",
-                 aws_secret_access_key="b").create_bucket(Bucket="bench")
-    with tempfile.TemporaryDirectory() as tmp:
-        link = Path(tmp) / "board"
-        env = {**os.environ, "ECG_SERIAL_PORT": str(link), "STATE_DIR": f"{tmp}/state",
-               "REPORTS_DIR": f"{tmp}/reports", "USERS_FILE": f"{tmp}/users.json",
-               "AWS_ENDPOINT_URL_S3": endpoint, "AWS_S3_BUCKET": "bench",
-               "AWS_S3_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "b",
-               "AWS_SECRET_ACCESS_KEY": "b", "ECG_COUNTS_PER_MV": "500", "CLOCK_CHECK": "floor",
-               "SYNC_INTERVAL_S": "2", "DISK_RESERVE_MB": "0", "DEVICE_SERIAL": "BENCH-1"}
-        Path(tmp, "none").write_text("")  # the settings come from the environment
-        cli = [sys.executable, "-m", "device_agent", "--env-file", f"{tmp}/none"]
-        env.update(unit_environment())
-        with BoardSimulator(default_record(), link, counts_per_mv=500, speed=SPEED, loop=True):
-            service = subprocess.Popen([*cli, "run"], env=env, cwd=tmp,
-                                       stderr=subprocess.DEVNULL)
-            try:
-                _wait_until_serving(Path(tmp) / "state", service)
-                samples = []
-                for _ in range(CAPTURES):
-                    subprocess.run([*cli, "capture"], env=env, cwd=tmp, check=True,
-                                   capture_output=True, timeout=120)
-                    _wait_until_drained(Path(tmp) / "state")
-                    samples.append(_rss_mb(service.pid))
-                rss = samples[-1]
-            finally:
-                service.terminate()
-                service.wait(timeout=30)
-    server.stop()
-    base = _baseline_rss_mb()
-    return [{
-        "benchmark": "service memory", "metric": "steady-state RSS of `device-agent run` "
-        f"after {CAPTURES} captures, all uploaded (unit's Environment=)", "value": f"{rss:.1f} MB",
-        "baseline": f"{base:.1f} MB (python + boto3, numpy, reportlab, pyserial imported)",
-        "ratio": f"{rss / base:.2f}x",
-        "note": f"budget {RSS_BUDGET_MB:.0f} MB; RSS after each capture: "
-        + ", ".join(f"{s:.1f}" for s in samples) + " MB",
-    }]
-
-
 def run() -> list[dict]:
-    return pipeline_rows() + rss_rows()
+    return pipeline_rows()
 
 
 if __name__ == "__main__":

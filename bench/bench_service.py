@@ -50,8 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import MIN_ROUNDS, machine, print_rows, verdict  # noqa: E402
-from bench_pipeline import unit_environment  # noqa: E402
+from _common import MIN_ROUNDS, machine, print_rows, unit_environment, verdict  # noqa: E402
 
 ROUNDS = max(int(os.environ.get("BENCH_ROUNDS", "15")), MIN_ROUNDS)
 WINDOW_S = 3.0

@@ -8,26 +8,14 @@ stdout and to bench/results/benchmarks.md, headed by the machine it was made on.
 from __future__ import annotations
 
 import importlib.util
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"{platform.system()} {platform.release()}")
+from _common import machine  # noqa: E402
 
 
 def _fmt(value) -> str:
@@ -62,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {path.name} took {time.monotonic() - started:.1f} s", file=sys.stderr)
 
     lines = [
-        f"Machine: {_machine()}. Date: {time.strftime('%Y-%m-%d')}. "
+        f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. "
         "Times are medians of repeated runs; each ratio is against a baseline measured in the "
         "same run.",
         "",
