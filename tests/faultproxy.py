@@ -368,7 +368,10 @@ class FaultProxy:
         sent = b""
         try:
             while not self._stop.is_set():
-                ready, _, _ = select.select([client, upstream], [], [], 0.1)
+                try:
+                    ready, _, _ = select.select([client, upstream], [], [], 0.1)
+                except (ValueError, OSError):
+                    return  # a socket was closed under us (the proxy stopping or resetting)
                 for sock in ready:
                     data = _recv(sock)
                     if not data:
