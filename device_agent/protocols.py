@@ -7,6 +7,7 @@ drifts from the real thing fails lint, not production.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -17,6 +18,15 @@ if TYPE_CHECKING:
     from device_agent.sync import PassResult
     from device_agent.uploader import Head, PutResult
 
+
+
+@dataclass
+class FindResult:
+    """What one look by a finder (reports folder, users file) queued, skipped, and met."""
+
+    queued: int = 0
+    skipped: int = 0
+    errors: list[str] = field(default_factory=list)
 
 class Uploader(Protocol):
     """Conditional, proven puts into one bucket (uploader.Uploader)."""

@@ -17,25 +17,18 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from device_agent import s3keys
 from device_agent.fsutil import FileTooLarge, NotRegularFile, hash_regular
 from device_agent.outbox import Outbox
+from device_agent.protocols import FindResult
 
 log = logging.getLogger(__name__)
 
 SOURCE = "reports"
 STABLE_AGE_S = 2.0  # a report untouched this long is taken as completely written
-
-
-@dataclass
-class ScanResult:
-    queued: int = 0
-    skipped: int = 0
-    errors: list[str] = field(default_factory=list)
 
 
 class ReportsFinder:
@@ -49,8 +42,8 @@ class ReportsFinder:
         self.hasher = hasher
         self._seen: dict[str, tuple[int, int, int]] = {}
 
-    def find(self, *, now: float | None = None) -> ScanResult:
-        result = ScanResult()
+    def find(self, *, now: float | None = None) -> FindResult:
+        result = FindResult()
         now = time.time() if now is None else now
         try:
             with os.scandir(self.reports_dir) as listing:
@@ -121,7 +114,7 @@ class ReportsFinder:
                 same.add(name)
         return same
 
-    def _look(self, path: Path, kind: str, now: float, result: ScanResult) -> str | None:
+    def _look(self, path: Path, kind: str, now: float, result: FindResult) -> str | None:
         """Queue one entry if it is ready; the reason it was skipped, or None."""
         problem = s3keys.key_problem(path.name)
         if problem:

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from device_agent.fsutil import (
     read_regular,
 )
 from device_agent.outbox import Outbox
+from device_agent.protocols import FindResult
 
 log = logging.getLogger(__name__)
 
@@ -163,13 +163,6 @@ def signup_document(user: Mapping[str, Any], registered_at: datetime) -> bytes:
     return json.dumps(doc, indent=2, ensure_ascii=False).encode("utf-8")
 
 
-@dataclass
-class SignupResult:
-    queued: int = 0
-    skipped: int = 0
-    errors: list[str] = field(default_factory=list)
-
-
 class SignupsFinder:
     """Queues one signup document per user first seen in USERS_FILE."""
 
@@ -181,8 +174,8 @@ class SignupsFinder:
         self.clock = clock
         self.max_bytes = max_bytes
 
-    def find(self) -> SignupResult:
-        result = SignupResult()
+    def find(self) -> FindResult:
+        result = FindResult()
         try:
             users = read_users(self.users_file, max_bytes=self.max_bytes)
         except UsersFileError as exc:
