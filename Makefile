@@ -8,15 +8,15 @@ BIN    := $(VENV)/bin
 LOG    := $(VENV)/install.log
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: test lint demo bench install-dev clean install
+.PHONY: test lint demo bench install-dev clean install constraints
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV)
 	@$(PIP) install --upgrade pip >$(LOG) 2>&1 || { tail -20 $(LOG); exit 1; }
 
-$(VENV)/.installed-%: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-%: pyproject.toml constraints.txt | $(BIN)/python
 	@echo "make: installing device_agent with its $* tools into $(VENV)/ (first run only, about a minute; log: $(LOG))"
-	@$(PIP) install -e '.[$*]' >>$(LOG) 2>&1 || { tail -20 $(LOG); exit 1; }
+	@$(PIP) install -c constraints.txt -e '.[$*]' >>$(LOG) 2>&1 || { tail -20 $(LOG); exit 1; }
 	@touch $@
 
 install-dev: $(VENV)/.installed-test
@@ -40,3 +40,8 @@ clean:
 # On a board, as root: service user, venv under /opt/device-agent, unit, settings (docs/operations.md).
 install:
 	sh systemd/install.sh
+
+# After a tested upgrade (pip install -U in the test venv, make test green): record the versions.
+constraints: $(VENV)/.installed-test
+	@{ sed -n '1,2p' constraints.txt; $(PIP) freeze --exclude-editable | grep -v '^-e'; } > constraints.txt.new
+	@mv constraints.txt.new constraints.txt

@@ -34,13 +34,14 @@ say "copying the source to $DESTDIR$PREFIX/src"
 mkdir -p "$DESTDIR$PREFIX/src" "$DESTDIR$PREFIX/docs"
 tar -C "$SRC" --exclude=.venv --exclude=.git --exclude=__pycache__ --exclude='*.egg-info' \
     --exclude=.pytest_cache --exclude=state --exclude=reports -cf - \
-    pyproject.toml README.md device_agent | tar -C "$DESTDIR$PREFIX/src" -xf -
+    pyproject.toml README.md constraints.txt device_agent | tar -C "$DESTDIR$PREFIX/src" -xf -
 cp "$SRC"/docs/*.md "$DESTDIR$PREFIX/docs/" 2>/dev/null || true
 
 if [ "${SKIP_PIP:-}" != 1 ]; then
     say "creating the venv $DESTDIR$PREFIX/venv"
     "$PYTHON" -m venv "$DESTDIR$PREFIX/venv"
-    "$DESTDIR$PREFIX/venv/bin/python" -m pip install --quiet "$DESTDIR$PREFIX/src"
+    "$DESTDIR$PREFIX/venv/bin/python" -m pip install --quiet \
+        -c "$DESTDIR$PREFIX/src/constraints.txt" "$DESTDIR$PREFIX/src"
 fi
 
 say "installing the unit"
