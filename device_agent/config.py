@@ -11,7 +11,6 @@ warned about with the closest known key, so `AWS_S3_BUKET` is not silently ignor
 
 from __future__ import annotations
 
-import difflib
 import logging
 import re
 import stat
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.errors import ConfigError
+from device_agent.text import closest, text_problem
 
 log = logging.getLogger(__name__)
 
@@ -353,8 +353,7 @@ def parse_env_file(text: str, *, origin: str) -> dict[str, str]:
 
 def closest_key(name: str) -> str | None:
     """The known setting a misspelt key most likely meant, or None."""
-    match = difflib.get_close_matches(name.upper(), list(_BY_ENV), n=1, cutoff=0.75)
-    return match[0] if match else None
+    return closest(name, _BY_ENV)
 
 
 def _unknown(name: str, origin: str) -> str:
@@ -442,6 +441,10 @@ def load_settings(
 
     parsed: dict[str, Any] = {}
     for key in KEYS:
+        problem = text_problem(raw[key.env])
+        if problem:  # e.g. DEVICE_MODEL=$'\xff': it would fail the first PDF or DICOM written
+            raise ConfigError(f"{key.env} (from {sources[key.env]}) holds {problem}; set it "
+                              "again as UTF-8 text")
         try:
             parsed[key.attr] = key.parse(raw[key.env])
         except ValueError as exc:

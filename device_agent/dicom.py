@@ -30,9 +30,11 @@ the purpose ("study", "series", "instance"): with the default root "2.25." that 
 ISO/IEC 9834-8 form of a UUID, no registered root needed. A record without a record_id is
 named by a SHA-256 of its time, device serial and samples, so it too re-encodes the same.
 
-Patient module: only what the patient block holds (first_name/last_name or patient_name,
-patient_id or id, dob or date_of_birth as YYYY-MM-DD, gender, age, doctor as the referring
-physician, Org. as the institution); the type-2 attributes the IOD requires are written
+Patient module: only what the patient block holds (first_name/last_name, else patient_name
+or name, patient_id or id, dob or date_of_birth as YYYY-MM-DD, gender or sex, age, doctor
+as the referring physician and doctor_mobile as their telephone, Org. as the institution;
+the legacy date_time, when the details were taken, has no place in these modules and stays
+in patient_details); the type-2 attributes the IOD requires are written
 empty when the block lacks them. Text is cut to the VR's length (logged, never the text).
 """
 
@@ -319,7 +321,7 @@ def _patient(ds: Dataset, patient: Mapping[str, Any]) -> None:
             given = given[: max(_PN_ROOM - len(family), _PN_ROOM // 2)].rstrip()
             family = family[: _PN_ROOM - len(given)].rstrip()
         name = family + "^" + given
-    elif (whole := _given(patient, "patient_name")) is not None:
+    elif (whole := _given(patient, "patient_name", "name")) is not None:
         name = _person(whole, "name")
     else:
         name = ""
@@ -336,6 +338,9 @@ def _patient(ds: Dataset, patient: Mapping[str, Any]) -> None:
         ds.PatientAge = f"{int(str(age).strip()):03d}Y"
     doctor = _given(patient, "doctor")
     ds.ReferringPhysicianName = "" if doctor is None else _person(doctor, "doctor")
+    phone = _given(patient, "doctor_mobile")
+    if phone is not None:  # SH: 16 characters
+        ds.ReferringPhysicianTelephoneNumbers = _text(phone, 16, "doctor's phone")
 
 
 def _person(value: Any, what: str) -> str:

@@ -91,3 +91,10 @@ class InputRefused(AgentError, ValueError):
     """A file the agent was asked to read is not a bounded regular file (link, FIFO, huge)."""
 
     exit_code = 2
+
+
+class NotUnicodeText(AgentError, ValueError):
+    """Text from outside (a patient field, a username, a setting, a file name) that is not
+    valid Unicode (a lone surrogate): refused where it is read, before anything is written."""
+
+    exit_code = 2

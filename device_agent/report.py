@@ -314,19 +314,38 @@ def _furniture_ops(geo: dict[str, Any]) -> str:
 
 
 def _patient_lines(patient: Mapping[str, Any] | None) -> tuple[str, str]:
-    """The patient's name (or id) line and the id/birth/age/sex line; "-" where absent."""
-    p = {k: v for k, v in (patient or {}).items() if v not in (None, "")}
+    """The patient's name (or id) line and the id/birth/age/sex line; "-" where absent.
+
+    The name is first_name + last_name, else patient_name, else name (the legacy report
+    index's key); the keys are listed in patient.KNOWN_KEYS.
+    """
+    p = _given(patient)
     name = " ".join(str(p[k]).strip() for k in ("first_name", "last_name") if k in p)
-    name = name or str(p.get("patient_name") or "-")
+    name = name or str(p.get("patient_name") or p.get("name") or "-")
     pid = p.get("patient_id") or p.get("id")
     dob = p.get("dob") or p.get("date_of_birth")
     parts = [f"ID {pid}" if pid else "ID -", f"DOB {dob}" if dob else "DOB -",
              f"Age {p.get('age', '-')}", f"Sex {p.get('gender', p.get('sex', '-'))}"]
-    if "doctor" in p:
-        parts.append(f"Doctor {p['doctor']}")
-    if "Org." in p:
-        parts.append(str(p["Org."]))
     return name, "    ".join(parts)
+
+
+def _referral_line(patient: Mapping[str, Any] | None) -> str | None:
+    """Who asked for the ECG and where: doctor (and their phone), organisation, and when the
+    legacy front end took the details (its `date_time`); None when the block has none."""
+    p = _given(patient)
+    parts = []
+    if "doctor" in p or "doctor_mobile" in p:
+        doctor = f"Ref. {p.get('doctor', '-')}"
+        parts.append(doctor + (f" (tel {p['doctor_mobile']})" if "doctor_mobile" in p else ""))
+    if "Org." in p:
+        parts.append(f"Org. {p['Org.']}")
+    if "date_time" in p:
+        parts.append(f"Details taken {p['date_time']}")
+    return "    ".join(parts) if parts else None
+
+
+def _given(patient: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (patient or {}).items() if v not in (None, "")}
 
 
 def _value(m: Mapping[str, Any], name: str, unit: str = "") -> str:
@@ -428,7 +447,13 @@ def render_pdf(record: Record, patient: Mapping[str, Any] | None, *,
     canvas.setFont("Helvetica", 9)
     device = record.device
     canvas.drawString(x0 * mm, (top - 4.5) * mm, simpleSplit(details, "Helvetica", 9, left_w)[0])
-    canvas.drawString(x0 * mm, (top - 9.0) * mm,
+    referral = _referral_line(patient)
+    shift = 0.0
+    if referral:  # one more line; the reasons below still stop at the grid
+        canvas.drawString(x0 * mm, (top - 9.0) * mm,
+                          simpleSplit(referral, "Helvetica", 9, left_w)[0])
+        shift = 4.0
+    canvas.drawString(x0 * mm, (top - 9.0 - shift) * mm,
                       f"Acquired {_acquired_text(record.acquired_at)}    "
                       f"Device {device.serial} ({device.model})")
     rows = measurement_rows(record.measurements)
@@ -443,7 +468,7 @@ def render_pdf(record: Record, patient: Mapping[str, Any] | None, *,
     canvas.setFont("Helvetica-Bold" if rejected else "Helvetica", 9)
     if rejected:
         canvas.setFillColorRGB(0.8, 0.0, 0.0)
-    y = top - 14.5
+    y = top - 14.5 - shift
     for part in simpleSplit(quality_line(record), "Helvetica", 9, GRID_W_MM * mm)[:2]:
         canvas.drawString(x0 * mm, y * mm, part)
         y -= 4.0
