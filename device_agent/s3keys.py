@@ -31,6 +31,8 @@ USERNAME_MAX = 64
 _DATE_PREFIX_RE = re.compile(r"^\d{4}/\d{2}/\d{2}$")
 _STAMP_RE = re.compile(r"^\d{8}_\d{6}$")
 _REPORT_STAMP_RE = re.compile(r"ECG_Report_(\d{8}_\d{6})")
+_TAGGED_RE = re.compile(r"-[0-9a-f]{12}$")  # the tag safe_username adds
+EARLIEST_YEAR = 2000  # no report or user of this unit is older; a date before is not one
 _UNSAFE_RE = re.compile(r"[^A-Za-z0-9._-]+")
 _DOTS_RE = re.compile(r"\.{2,}")
 _PRINTABLE_ASCII = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
@@ -118,17 +120,28 @@ def report_key(filename: str, mtime: datetime) -> str:
 
 
 def safe_username(name: str) -> str:
-    """A key-safe, deterministic, non-empty form of a username: only A-Z a-z 0-9 . _ -."""
-    folded = unicodedata.normalize("NFKD", str(name))
+    """A key-safe, deterministic, non-empty form of a username, injective in the username.
+
+    A name already safe (only A-Z a-z 0-9 . _ -, not only punctuation, at most
+    USERNAME_MAX, no `..`, no leading dot) is kept as it is, as the legacy app keyed it.
+    Any other name is cleaned (accents folded, the rest to `_`, cut) and gets
+    `-{sha256(name)[:12]}`: `José` and `Jose`, or `a/b`, `a_b` and `a b`, never share a key
+    (or a local file). A safe name that itself ends like such a tag is tagged too, so a
+    kept name never equals a tagged one.
+    """
+    raw = str(name)
+    folded = unicodedata.normalize("NFKD", raw)
     ascii_only = "".join(ch for ch in folded if not unicodedata.combining(ch)).encode(
         "ascii", "ignore"
     ).decode("ascii")
-    safe = _UNSAFE_RE.sub("_", ascii_only)
-    safe = _DOTS_RE.sub(".", safe).lstrip(".")[:USERNAME_MAX]
-    if not safe.strip("_.-"):
-        # Nothing recognisable survived (e.g. a name in a non-Latin script): a stable token.
-        return "user-" + hashlib.sha256(str(name).encode("utf-8")).hexdigest()[:12]
-    return safe
+    safe = _DOTS_RE.sub(".", _UNSAFE_RE.sub("_", ascii_only)).lstrip(".")
+    if (safe == raw and len(safe) <= USERNAME_MAX and safe.strip("_.-")
+            and not _TAGGED_RE.search(safe)):
+        return safe
+    digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    # Nothing recognisable survived (e.g. a name in a non-Latin script): `user-{digest}`.
+    base = safe[:USERNAME_MAX - 13] if safe.strip("_.-") else "user"
+    return f"{base}-{digest}"
 
 
 def signup_key(username: str, registered_at: datetime) -> str:

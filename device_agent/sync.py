@@ -89,7 +89,7 @@ class SyncLoop:
         self.reports = ReportsFinder(settings.reports_dir, outbox,
                                      max_bytes=settings.report_max_bytes)
         self.signups = SignupsFinder(settings.users_file, Path(settings.state_dir) / "signups",
-                                     outbox, clock=clock, max_bytes=settings.users_max_bytes)
+                                     outbox, max_bytes=settings.users_max_bytes)
         self._last_housekeeping = -HOUSEKEEPING_EVERY_S
         self._step: tuple[str, float] | None = None
         self.last_pass_at: float | None = None  # monotonic, when a pass last completed

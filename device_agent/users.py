@@ -13,8 +13,14 @@ whose entry cannot make a signup (a lone surrogate in a name, no username) is sk
 one line naming a hash of the entry, and the others go on.
 
 A signup document depends only on the user's own fields and registration time, so a unit
-that lost its outbox produces byte-identical bodies (the conditional put then says
-"already delivered" instead of keeping a second copy).
+that lost its outbox produces byte-identical bodies under the same key (the conditional
+put then says "already delivered" instead of keeping a second copy). The registration time
+is the user's own: `registration_date`, else the legacy app's `signup_date` (YYYY-MM-DD,
+what its sign-in screens write), else `registered_at`; a user with none of these usable is
+filed under UNDATED (2000-01-01, the layout's "date unknown") with empty time fields in the
+body, never under the clock's "now" (a second pass after a lost outbox would stamp again).
+`serial_id` defaults to the username when the entry has none, as the legacy sync does.
+The key's name part is injective in the username (s3keys.safe_username).
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from device_agent import s3keys
-from device_agent.clock import Clock
 from device_agent.errors import UsersFileError
 from device_agent.fsutil import (
     FileTooLarge,
@@ -39,6 +44,7 @@ from device_agent.fsutil import (
 )
 from device_agent.outbox import Outbox
 from device_agent.protocols import FindResult
+from device_agent.text import checked
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +53,8 @@ SIGNUP_FIELDS = ("username", "full_name", "phone", "serial_id", "email", "age", 
                  "registration_date", "last_sync", "uploaded_at")
 _LEGACY_TIME = "%Y-%m-%d %H:%M:%S"
 _REGISTRATION_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d")
+_REGISTRATION_KEYS = ("registration_date", "signup_date", "registered_at")
+UNDATED = datetime(2000, 1, 1)  # local time; where users with no usable date are filed
 _MAX_TEXT = 500
 
 
@@ -135,43 +143,56 @@ def parse_registration(value: Any) -> datetime | None:
                 break
             except ValueError:
                 continue
-    if when is None or when.year < 2000:
+    if when is None or when.year < s3keys.EARLIEST_YEAR:
         return None
     return when if when.tzinfo else when.astimezone()
 
 
-def signup_document(user: Mapping[str, Any], registered_at: datetime) -> bytes:
+def registration_of(user: Mapping[str, Any]) -> datetime | None:
+    """The user's own registration time from their entry, or None when it gives none."""
+    for key in _REGISTRATION_KEYS:
+        when = parse_registration(user.get(key))
+        if when is not None:
+            return when
+    return None
+
+
+def signup_document(user: Mapping[str, Any], registered_at: datetime | None) -> bytes:
     """The legacy `user_signup_*.json` body: exactly the legacy fields, never a password.
 
     `last_sync` and `uploaded_at` are the registration time: a signup is sent once, when
     the user is first seen, so both describe that moment (and the body stays the same
-    whenever it is rebuilt). UnicodeEncodeError for text that is not valid Unicode.
+    whenever it is rebuilt); all three are "" for a user whose entry gives no date.
+    NotUnicodeText (a ValueError) for text that is not valid Unicode.
     """
-    registration = registered_at.strftime(_LEGACY_TIME)
+    registration = registered_at.strftime(_LEGACY_TIME) if registered_at else ""
+    serial = user["serial_id"] if "serial_id" in user else user.get("username")
     doc = {
         "username": _text(user.get("username")),
         "full_name": _text(user.get("full_name")),
         "phone": _text(user.get("phone")),
-        "serial_id": _text(user.get("serial_id")),
+        "serial_id": _text(serial),
         "email": _text(user.get("email")),
         "age": _text(user.get("age")),
         "gender": _text(user.get("gender")),
         "registration_date": registration,
         "last_sync": registration,
-        "uploaded_at": registered_at.isoformat(),
+        "uploaded_at": registered_at.isoformat() if registered_at else "",
     }
+    ref = user_ref(doc["username"])
+    for value in doc.values():
+        checked(value, f"users file entry {ref}")  # the one Unicode gate, before any write
     return json.dumps(doc, indent=2, ensure_ascii=False).encode("utf-8")
 
 
 class SignupsFinder:
     """Queues one signup document per user first seen in USERS_FILE."""
 
-    def __init__(self, users_file: Path, signups_dir: Path, outbox: Outbox, *, clock: Clock,
+    def __init__(self, users_file: Path, signups_dir: Path, outbox: Outbox, *,
                  max_bytes: int) -> None:
         self.users_file = Path(users_file)
         self.signups_dir = Path(signups_dir)
         self.outbox = outbox
-        self.clock = clock
         self.max_bytes = max_bytes
 
     def find(self) -> FindResult:
@@ -206,17 +227,12 @@ class SignupsFinder:
 
     def _queue(self, user: Mapping[str, Any]) -> bool:
         username = str(user["username"])
-        registered = parse_registration(user.get("registration_date"))
-        if registered is None:
-            if not self.clock.synced():
-                return False  # never stamp a signup from an unsynchronised clock
-            registered = self.clock.now().replace(microsecond=0)
-        username.encode("utf-8")  # a lone surrogate cannot be a key or a body
-        key = s3keys.signup_key(username, registered)
-        doc = signup_document(user, registered)
+        registered = registration_of(user)  # the user's own date, never the clock's
+        doc = signup_document(user, registered)  # refuses text that is not Unicode first
+        key = s3keys.signup_key(username, registered or UNDATED)
         make_dirs(self.signups_dir)
-        local = self.signups_dir / key.rsplit("/", 1)[-1]
+        local = self.signups_dir / key.rsplit("/", 1)[-1]  # one file per user: injective
         atomic_write(local, doc)  # durable before its row
-        return self.outbox.add_signup(username, registered.isoformat(), local, key=key,
-                                      sha256=hashlib.sha256(doc).hexdigest(),
+        return self.outbox.add_signup(username, registered.isoformat() if registered else "",
+                                      local, key=key, sha256=hashlib.sha256(doc).hexdigest(),
                                       size=len(doc)) is not None

@@ -180,3 +180,12 @@ def test_content_types_come_from_one_table():
     assert s3keys.content_type("a/b/ECG_Report_x.PDF") == "application/pdf"
     assert s3keys.content_type("manifest_x.json") == "application/json"
     assert s3keys.content_type("noext") == "application/octet-stream"
+
+
+def test_safe_username_is_injective_on_names_that_clean_alike():
+    names = ["José", "Jose", "Jose\u0301", "a/b", "a_b", "a b", "x" * 64 + "1", "x" * 64 + "2",
+             "Jose-0123456789ab", "user-" + "0" * 12, "", "..", "דוד"]
+    safe = [s3keys.safe_username(n) for n in names]
+    assert len(set(safe)) == len(names)
+    assert s3keys.safe_username("Jose") == "Jose" and s3keys.safe_username("a_b") == "a_b"
+    assert all(len(s) <= s3keys.USERNAME_MAX for s in safe)

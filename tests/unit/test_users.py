@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from device_agent.errors import UsersFileError
+from device_agent.errors import NotUnicodeText, UsersFileError
 from device_agent.users import SIGNUP_FIELDS, read_users, signup_document
 
 USER = {"password": "hunter2-secret", "full_name": "Synthetic Person", "phone": "000",
@@ -70,3 +70,8 @@ def test_signup_document_of_sparse_user_matches_legacy_example():
                    "email": "", "age": "", "gender": "",
                    "registration_date": "2026-01-24 12:04:19",
                    "last_sync": "2026-01-24 12:04:19", "uploaded_at": "2026-01-24T12:04:19"}
+
+
+def test_a_user_field_that_is_not_unicode_is_refused_by_the_signup():
+    with pytest.raises(NotUnicodeText, match="users file entry user#"):
+        signup_document({"username": "ptr", "full_name": "\ud800x"}, None)
