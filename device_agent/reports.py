@@ -145,8 +145,17 @@ class ReportsFinder:
                 return f"{exc.strerror}; not uploaded"
             self.outbox.remember_hash(key, size=st.st_size, mtime_ns=st.st_mtime_ns,
                                       ino=st.st_ino, sha256=sha)
-        mtime = datetime.fromtimestamp(st.st_mtime).astimezone()
-        s3_key = s3keys.report_key(path.name, mtime)
+        try:
+            mtime: datetime | None = datetime.fromtimestamp(st.st_mtime).astimezone()
+        except (OverflowError, OSError, ValueError):  # a time datetime cannot hold
+            mtime = None
+        try:
+            when, note = s3keys.report_dating(path.name, mtime)
+        except ValueError as exc:
+            return f"{exc}; not uploaded"
+        if note:  # once: the next pass knows the file and does not look at it again
+            log.warning("report %s: %s", s3keys.display_name(path.name), note)
+        s3_key = s3keys.report_key(path.name, when)
         if self.outbox.track_report(path, kind=kind, key=s3_key, sha256=sha,
                                     size=st.st_size) is not None:
             result.queued += 1

@@ -13,6 +13,8 @@ import unicodedata
 from datetime import datetime
 from urllib.parse import quote
 
+from device_agent.text import text_problem
+
 PREFIX = "ecg-reports"
 KINDS = (
     "ecg_report_pdf",
@@ -30,7 +32,8 @@ USERNAME_MAX = 64
 
 _DATE_PREFIX_RE = re.compile(r"^\d{4}/\d{2}/\d{2}$")
 _STAMP_RE = re.compile(r"^\d{8}_\d{6}$")
-_REPORT_STAMP_RE = re.compile(r"ECG_Report_(\d{8}_\d{6})")
+# A stamp anywhere in a report's name, not inside a longer run of digits.
+_NAME_STAMP_RE = re.compile(r"(?<!\d)(\d{8}_\d{6})(?!\d)")
 _TAGGED_RE = re.compile(r"-[0-9a-f]{12}$")  # the tag safe_username adds
 EARLIEST_YEAR = 2000  # no report or user of this unit is older; a date before is not one
 _UNSAFE_RE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -44,13 +47,15 @@ _OWN_NAME_RE = re.compile(
 
 
 def date_prefix(when: datetime) -> str:
-    """`YYYY/MM/DD` of a timestamp, in the timestamp's own time zone."""
-    return when.strftime("%Y/%m/%d")
+    """`YYYY/MM/DD` of a timestamp, in the timestamp's own time zone; always 4-digit years
+    (strftime's %Y gives `1` for the year 1 on glibc)."""
+    return f"{when.year:04d}/{when.month:02d}/{when.day:02d}"
 
 
 def stamp(when: datetime) -> str:
     """`YYYYMMDD_HHMMSS` of a timestamp, as the legacy app named files."""
-    return when.strftime("%Y%m%d_%H%M%S")
+    return (f"{when.year:04d}{when.month:02d}{when.day:02d}_"
+            f"{when.hour:02d}{when.minute:02d}{when.second:02d}")
 
 
 def content_type(name: str) -> str:
@@ -76,11 +81,9 @@ def key_problem(filename: str) -> str | None:
         return "a slash or backslash in the name"
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in filename):
         return "a control character (newline, tab) in the name"
-    try:
-        encoded = filename.encode("utf-8")
-    except UnicodeEncodeError:
+    if text_problem(filename):  # the one Unicode gate (device_agent.text)
         return "bytes that are not UTF-8 in the name"
-    if len(encoded) > 255:
+    if len(filename.encode("utf-8")) > 255:
         return "a name longer than 255 bytes"
     return None
 
@@ -102,18 +105,45 @@ def package_key(date_prefix: str, stamp: str, filename: str) -> str:
     return f"{PREFIX}/{date_prefix}/{stamp}/{_check_filename(filename)}"
 
 
-def report_date(filename: str, mtime: datetime) -> datetime:
-    """A report's own date: from `ECG_Report_YYYYMMDD_HHMMSS` in its name, else its mtime."""
-    match = _REPORT_STAMP_RE.search(filename)
+def stamp_date(text: str) -> datetime | None:
+    """The time of a `YYYYMMDD_HHMMSS` stamp, or None when it is not a real date from
+    EARLIEST_YEAR on (`00010101_...` and `09991231_...` are not this unit's data)."""
+    try:
+        when = datetime.strptime(text, "%Y%m%d_%H%M%S")
+    except ValueError:
+        return None
+    return when if when.year >= EARLIEST_YEAR else None
+
+
+def report_dating(filename: str, mtime: datetime | None) -> tuple[datetime, str | None]:
+    """A report's own date, and a note when its name's stamp could not be used.
+
+    The date is the first `YYYYMMDD_HHMMSS` in the name (`ECG_Report_{stamp}.pdf`; the
+    legacy 12-lead screen's `ECG_Report_12_1_{stamp}.pdf`; its `..._{stamp}_1.pdf` when a
+    name was taken), else the file's mtime. ValueError when neither gives a date from
+    EARLIEST_YEAR on: a key is always `YYYY/MM/DD` with a 4-digit year.
+    """
+    note = None
+    match = _NAME_STAMP_RE.search(filename)
     if match:
-        try:
-            return datetime.strptime(match.group(1), "%Y%m%d_%H%M%S")
-        except ValueError:
-            pass  # e.g. ECG_Report_20261399_...: not a real date, fall back to the mtime
-    return mtime
+        when = stamp_date(match.group(1))
+        if when is not None:
+            return when, None
+        note = (f"the stamp {match.group(1)} in its name is not a date from {EARLIEST_YEAR} "
+                "on; dated by its modification time")
+    if mtime is None or mtime.year < EARLIEST_YEAR:
+        raise ValueError(f"neither its name nor its modification time gives a date from "
+                         f"{EARLIEST_YEAR} on; rename it ECG_Report_YYYYMMDD_HHMMSS.pdf "
+                         "or set its time (touch)")
+    return mtime, note
 
 
-def report_key(filename: str, mtime: datetime) -> str:
+def report_date(filename: str, mtime: datetime | None) -> datetime:
+    """A report's own date (see report_dating)."""
+    return report_dating(filename, mtime)[0]
+
+
+def report_key(filename: str, mtime: datetime | None) -> str:
     """`ecg-reports/{YYYY}/{MM}/{DD}/{filename}` for a simple report upload (PDF or .json twin)."""
     when = report_date(filename, mtime)
     return f"{PREFIX}/{date_prefix(when)}/{_check_filename(filename)}"

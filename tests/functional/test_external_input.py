@@ -5,8 +5,10 @@ lands under a 4-digit `YYYY/MM/DD` from the stamp in its name (issues 22 and 23)
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
+from datetime import datetime
 from pathlib import Path
 
 import boto3
@@ -110,3 +112,41 @@ def test_legacy_users_json_is_dated_by_signup_date_and_serial_defaults_to_userna
     assert body["registration_date"] == body["last_sync"] == body["uploaded_at"] == ""
     for body in objects.values():
         assert "password" not in body and "address" not in body
+
+
+def _report(folder: Path, name: str, when: datetime) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_bytes(b"%PDF-1.4 synthetic " + name.encode())
+    os.utime(path, (when.timestamp(), when.timestamp()))
+    return path
+
+
+def test_legacy_report_names_are_dated_by_their_stamp_not_their_mtime(
+        tmp_path, s3_endpoint, s3_bucket, s3_env):
+    rows = [line.split("\t") for line in
+            (LEGACY / "report_names.txt").read_text().splitlines()]
+    copied = datetime(2026, 3, 9, 10, 0, 0)  # copied onto the unit weeks later
+    for name, _ in rows:
+        _report(tmp_path / "reports", name, copied)
+    _sync(_flags(tmp_path, s3_endpoint, s3_bucket))
+    keys = set(_objects(s3_endpoint, s3_bucket))
+    assert keys == {f"ecg-reports/{day.replace('-', '/')}/{name}" for name, day in rows}
+
+
+def test_a_report_stamped_before_year_2000_keeps_a_four_digit_date(
+        tmp_path, s3_endpoint, s3_bucket, s3_env, capsys):
+    reports = tmp_path / "reports"
+    _report(reports, "ECG_Report_00010101_000000.pdf", datetime(2026, 2, 3, 4, 5, 6))
+    _report(reports, "ECG_Report_09991231_235959.pdf", datetime(2026, 2, 3, 4, 5, 6))
+    _report(reports, "holter.pdf", datetime(1999, 12, 31, 12, 0, 0))  # and an old mtime
+    flags = _flags(tmp_path, s3_endpoint, s3_bucket)
+    _sync(flags)
+    keys = sorted(_objects(s3_endpoint, s3_bucket))
+    assert keys == ["ecg-reports/2026/02/03/ECG_Report_00010101_000000.pdf",
+                    "ecg-reports/2026/02/03/ECG_Report_09991231_235959.pdf"]
+    err = capsys.readouterr().err.splitlines()
+    notes = [line for line in err if "dated by its modification time" in line]
+    assert len(notes) == 2, "one line per report dated otherwise, over both passes"
+    refused = [line for line in err if "date from 2000 on" in line and "not uploaded" in line]
+    assert len(refused) == 1 and "holter" not in refused[0], "one line, the name hashed"

@@ -182,6 +182,35 @@ def test_content_types_come_from_one_table():
     assert s3keys.content_type("noext") == "application/octet-stream"
 
 
+def test_a_report_name_with_undecodable_bytes_cannot_form_a_key():
+    assert s3keys.key_problem("ECG_Report_\udcff.pdf") == "bytes that are not UTF-8 in the name"
+    assert s3keys.key_problem("ECG_Report_é.pdf") is None
+
+
+def test_report_dates_keep_four_digit_years():
+    assert s3keys.date_prefix(datetime(1, 2, 3)) == "0001/02/03"
+    assert s3keys.stamp(datetime(999, 2, 3, 4, 5, 6)) == "09990203_040506"
+    mtime = datetime(2026, 2, 3, 4, 5, 6)
+    for name in ("ECG_Report_00010101_000000.pdf", "ECG_Report_09991231_235959.pdf"):
+        when, note = s3keys.report_dating(name, mtime)
+        assert when == mtime and note and "dated by its modification time" in note
+        assert s3keys.report_key(name, mtime) == f"ecg-reports/2026/02/03/{name}"
+    with pytest.raises(ValueError, match="neither its name nor its modification time"):
+        s3keys.report_key("ECG_Report_00010101_000000.pdf", datetime(999, 1, 1))
+    with pytest.raises(ValueError):
+        s3keys.report_key("holter.pdf", None)
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("ECG_Report_12_1_20260127_175300.pdf", "ecg-reports/2026/01/27/"),
+    ("ECG_Report_20260124_121815_1.pdf", "ecg-reports/2026/01/24/"),
+    ("ECG_Report_4_3_20260128_095719_12.pdf", "ecg-reports/2026/01/28/"),
+    ("scan-120260128_095719.pdf", "ecg-reports/2030/05/06/"),  # inside a longer number
+])
+def test_report_names_of_the_legacy_screens_are_dated_by_their_stamp(name, expected):
+    assert s3keys.report_key(name, datetime(2030, 5, 6)) == expected + name
+
+
 def test_safe_username_is_injective_on_names_that_clean_alike():
     names = ["José", "Jose", "Jose\u0301", "a/b", "a_b", "a b", "x" * 64 + "1", "x" * 64 + "2",
              "Jose-0123456789ab", "user-" + "0" * 12, "", "..", "דוד"]
