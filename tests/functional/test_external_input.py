@@ -150,3 +150,5 @@ def test_a_report_stamped_before_year_2000_keeps_a_four_digit_date(
     assert len(notes) == 2, "one line per report dated otherwise, over both passes"
     refused = [line for line in err if "date from 2000 on" in line and "not uploaded" in line]
     assert len(refused) == 1 and "holter" not in refused[0], "one line, the name hashed"
+    main([*flags, "status", "--json"])
+    assert json.loads(capsys.readouterr().out)["outbox"]["problems"] == 1, "status lists it"
