@@ -47,16 +47,11 @@ def load_ecg_json(path: Path) -> Any:
 
 
 def load_patient(path: Path | None) -> dict[str, Any] | None:
-    if path is None:
-        return None
-    try:
-        doc = json.loads(_read(path, "patient details"))
-    except ValueError as exc:
-        raise AgentError(f"patient details {path} is not valid JSON ({exc}); the file is "
-                         "damaged") from exc
-    if not isinstance(doc, dict):
-        raise AgentError(f"patient details {path} is not a JSON object")
-    return doc
+    """A patient file read and checked as `capture --patient` does (one gate, one reader)."""
+    from device_agent.patient import read_patient, validate_patient
+
+    doc = read_patient(path)
+    return None if doc is None else validate_patient(doc)
 
 
 def _write(out: Path, data: bytes, what: str) -> None:

@@ -85,3 +85,21 @@ def test_a_lone_surrogate_in_the_patient_file_is_refused_before_the_board_is_rea
     assert rc == 2, err
     assert len(err) == 1 and "'first_name' holds a lone surrogate" in err[0]
     assert not list(state.glob("records/*")), "nothing captured, nothing half-written"
+
+
+def test_report_and_export_read_the_patient_file_through_the_same_gate(
+        tmp_path, ecg_data_dir, capsys):
+    from device_agent import ecgdata
+
+    data = tmp_path / "ecg_data_20261127_093000.json"
+    data.write_bytes(ecgdata.dumps(to_record(ecg_data_dir / "HR06000", record_id="pat-2")))
+    patient = tmp_path / "patient.json"
+    patient.write_text('{"patient_name": "Syn\\udcffx"}')
+    for command in (["report", "--input", str(data), "--patient", str(patient),
+                     "--out", str(tmp_path / "r.pdf")],
+                    ["export", "--format", "dicom", "--input", str(data),
+                     "--patient", str(patient), "--out", str(tmp_path / "r.dcm")]):
+        assert main(command) == 2, command[0]
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "'patient_name' holds a lone surrogate" in err[0], err
+    assert not list(tmp_path.glob("r.*")), "nothing written"
