@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from device_agent.errors import AgentError
-from device_agent.fsutil import atomic_write, make_dirs
+from device_agent.fsutil import atomic_extend, atomic_write, make_dirs
 from device_agent.s3keys import content_type
 
 log = logging.getLogger(__name__)
@@ -850,26 +851,37 @@ class Outbox:
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def adopt_report(self, path: Path, *, kind: str, key: str, sha256: str, size: int) -> bool:
-        """Record a report the legacy app delivered as delivered (False if already known)."""
+        """Record a report the legacy app delivered as delivered: a new row, or its queued
+        row of the same content (the legacy app sent it first); False if nothing changed."""
         resolved = str(Path(path).resolve())
         now = time.time()
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM items WHERE path = ? AND source = 'report'",
-                          (resolved,)).fetchone():
+            last = db.execute("SELECT id, state, sha256 FROM items WHERE path = ? AND "
+                              "source = 'report' ORDER BY id DESC LIMIT 1",
+                              (resolved,)).fetchone()
+            if last is not None and (last["state"] != PENDING or last["sha256"] != sha256):
                 return False
-            item_id = self._insert(db, kind=kind, source="report", path=resolved, key=key,
-                                   sha256=sha256, size=size, content_type=content_type(key))
+            item_id = last["id"] if last is not None else self._insert(
+                db, kind=kind, source="report", path=resolved, key=key, sha256=sha256,
+                size=size, content_type=content_type(key))
             db.execute("UPDATE items SET state = 'delivered', final_key = ?, outcome = ?, "
                        "delivered_at = ?, updated_at = ? WHERE id = ?",
                        (key, LEGACY_OUTCOME, now, now, item_id))
         return True
 
     def adopt_user(self, username: str, registered_at: str) -> bool:
-        """Remember a user the legacy app already signed up (False if already known)."""
+        """Remember a user the legacy app already signed up; a signup of ours still queued
+        for them is settled as the legacy app's. False if nothing changed."""
+        now = time.time()
         with self._tx() as db:
             cur = db.execute("INSERT OR IGNORE INTO users (username, registered_at, item_id, "
-                             "first_seen) VALUES (?, ?, NULL, ?)",
-                             (username, registered_at, time.time()))
+                             "first_seen) VALUES (?, ?, NULL, ?)", (username, registered_at, now))
+            if cur.rowcount:
+                return True
+            cur = db.execute("UPDATE items SET state = 'delivered', outcome = ?, delivered_at = ?, "
+                             "updated_at = ? WHERE state = 'pending' AND id = (SELECT item_id "
+                             "FROM users WHERE username = ?)",
+                             (LEGACY_OUTCOME, now, now, username))
         return cur.rowcount > 0
 
     def upload_log_current(self, reports_dir: Path) -> bool:
@@ -944,28 +956,33 @@ class Outbox:
             return path
         if appended + len(rows) > UPLOAD_LOG_MAX:
             return None
-        body = path.read_bytes().rstrip()
-        if not body.endswith(b"]"):
-            return None
-        head = body[:-1].rstrip()
+        with path.open("rb") as f:  # only its end is read: where the closing `]` is
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - 256))
+            tail = f.read()
+        before = tail.rstrip()
+        if not before.endswith(b"]") or not before[:-1].rstrip():
+            return None  # not a list we can extend in place of reading it: rebuild
+        before = before[:-1].rstrip()
+        keep = size - len(tail) + len(before)
         lines = [json.dumps(_log_entry(r, bucket, region)) for r in rows]
+        text = ",\n".join(lines).encode()
+        atomic_extend(path, keep, (b"\n" if before.endswith(b"[") else b",\n") + text
+                      + b"\n]\n")
         with self._tx() as db:
             db.executemany("DELETE FROM upload_log_pending WHERE item_id = ?",
                            [(r[0],) for r in rows])
-        return self._write_log(reports_dir, lines, appended=appended + len(rows),
-                               head=head)
+        return self._note_log(path, appended + len(rows))
 
-    def _write_log(self, reports_dir: Path, lines: list[str], *, appended: int,
-                   head: bytes | None = None) -> Path:
+    def _write_log(self, reports_dir: Path, lines: list[str], *, appended: int) -> Path:
         path = Path(reports_dir) / UPLOAD_LOG_NAME
         make_dirs(path.parent)
         # one entry per line: as readable as indent=1, and json's C encoder does the work
         text = ",\n".join(lines).encode()
-        if head is None or head == b"[":
-            body = b"[\n" + text + b"\n]\n" if lines else b"[]\n"
-        else:
-            body = head + b",\n" + text + b"\n]\n"
-        atomic_write(path, body)
+        atomic_write(path, b"[\n" + text + b"\n]\n" if lines else b"[]\n")
+        return self._note_log(path, appended)
+
+    def _note_log(self, path: Path, appended: int) -> Path:
         with self._tx() as db:
             db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                            [("upload_log_sig", _file_sig(path)),
