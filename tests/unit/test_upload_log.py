@@ -156,3 +156,19 @@ def test_after_many_appends_the_log_is_rebuilt_so_old_package_files_age_out(outb
     assert calls == [1]
     assert len(json.loads(path.read_text())) == 5
     assert outbox.get_meta("upload_log_appended") == "0"
+
+
+def test_the_previous_versions_7_day_view_is_replaced_by_the_legacy_shapes(outbox, tmp_path):
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    report = reports / "ECG_Report_20260124_121815.pdf"
+    deliver_report(outbox, report)
+    old_view = [{"filename": report.name, "local_path": str(report),
+                 "s3_key": f"ecg-reports/2026/01/24/{report.name}", "type": "ecg_report_pdf",
+                 "size": 30, "sha256": "0" * 64, "etag": '"e"', "outcome": "created",
+                 "record_id": None, "uploaded_at": "2026-01-24T12:18:20+00:00"}]
+    (reports / "upload_log.json").write_text(json.dumps(old_view))
+    path = outbox.write_upload_log(reports, **BUCKET)
+    entries = json.loads(path.read_text())
+    assert len(entries) == 1 and "s3_key" not in entries[0]
+    assert legacy_app.is_file_already_uploaded(str(path), str(report))
