@@ -94,8 +94,10 @@ def _run(record: Record, rounds: int, label: str) -> list[dict[str, Any]]:
     ours = ecgdata.dumps(record)
     doc = json.loads(ours)  # the same document, as the baselines see it
 
-    # the leads as the document holds them (a lost sample holds its lead's last value)
-    leads = np.array([doc["leads"][n] for n in record.lead_names], dtype=np.int32)
+    # the leads as the document holds them: the samples themselves when nothing was lost (as
+    # last round measured it), else with each lost sample holding its lead's last value
+    leads = record.samples if not record.missing.any() else np.array(
+        [doc["leads"][n] for n in record.lead_names], dtype=np.int32)
 
     def stdlib_dumps() -> bytes:
         d = dict(doc)
