@@ -84,11 +84,18 @@ def atomic_write(path: Path | str, data: bytes, *, mode: int = 0o666) -> None:
     log.debug("wrote %s (%d bytes)", path, len(data))
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def atomic_extend(path: Path | str, keep: int, data: bytes, *, mode: int = 0o666) -> None:
     """Replace `path`, as atomic_write does, by its first `keep` bytes and then `data`.
 
-    The kept bytes are copied in the kernel (copy_file_range), never read into memory: a
-    large file gains a few lines at the cost of a copy, not of a parse or of its size in RAM.
+    The kept bytes are copied in 1 MiB chunks, never read whole: a large file gains a few
+    lines at the cost of a copy, not of a parse or of its size in RAM. (Plain reads and
+    writes, not copy_file_range: the power-cut campaign replays every write it traced.)
     """
     path = Path(path)
     folder = path.parent
@@ -101,16 +108,12 @@ def atomic_extend(path: Path | str, keep: int, data: bytes, *, mode: int = 0o666
             try:
                 left = keep
                 while left > 0:
-                    try:
-                        copied = os.copy_file_range(src, fd, left)
-                    except OSError:  # a file system without it: plain reads, in chunks
-                        copied = os.write(fd, os.read(src, min(left, 1 << 20)))
-                    if copied == 0:
+                    chunk = os.read(src, min(left, 1 << 20))
+                    if not chunk:
                         raise OSError(f"{path} shrank while it was being extended")
-                    left -= copied
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                    left -= len(chunk)
+                    _write_all(fd, chunk)
+                _write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
