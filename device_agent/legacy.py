@@ -97,12 +97,13 @@ class Takeover:
         """Read the log if another writer changed it; on a unit the legacy app synced, LIST
         the bucket once (AgentError if that fails: the finders wait for it)."""
         changed = not self.outbox.upload_log_current(self.reports_dir)
-        listed = self.outbox.get_meta(LISTED) is not None
-        if not changed and listed:
+        # with uploads off, the bucket is asked on the first start that has them on
+        need_list = self.uploader is not None and self.outbox.get_meta(LISTED) is None
+        if not changed and not need_list:
             return
         foreign = [e for e in self.outbox.read_upload_log(self.reports_dir) if not is_ours(e)]
-        if not listed:
-            if foreign and self.uploader is not None:  # else no legacy history to take over
+        if need_list:
+            if foreign:  # else there is no legacy history to take over
                 self._list_bucket()
                 changed = True  # what the bucket showed goes into the log too
             self.outbox.set_meta(LISTED, "1")

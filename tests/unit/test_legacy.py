@@ -34,3 +34,47 @@ def test_a_queued_signup_the_legacy_app_sent_first_is_settled_not_sent(tmp_path)
         assert outbox.due() == [] and outbox.get(item).outcome == LEGACY_OUTCOME
         assert outbox.adopt_user("someone", "2026-01-24") and "someone" in outbox.known_users()
         assert not outbox.adopt_user("someone", "2026-01-24")
+
+
+class CountingBucket:
+    """An uploader's list_prefix over a fixed listing, counting the LISTs."""
+
+    def __init__(self, listing):
+        self.listing = listing
+        self.lists = 0
+
+    def list_prefix(self, prefix):
+        self.lists += 1
+        return {k: v for k, v in self.listing.items() if k.startswith(prefix)}
+
+
+def test_the_bucket_is_listed_once_and_only_on_a_unit_with_legacy_history(tmp_path):
+    import json
+    import shutil
+    from pathlib import Path
+
+    from device_agent.config import load_settings
+    from device_agent.legacy import Takeover
+
+    fixtures = Path(__file__).resolve().parents[1] / "data" / "legacy"
+    settings = load_settings(environ={}).replace(
+        state_dir=tmp_path / "state", reports_dir=tmp_path / "reports",
+        users_file=tmp_path / "users.json", s3_bucket="b")
+    (tmp_path / "reports").mkdir()
+    bucket = CountingBucket({"ecg-reports/2026/01/17/user_signup_bucket_only_20260117_1010"
+                             "10.json": ('"e"', 27)})
+    with Outbox(tmp_path / "state" / "outbox.sqlite3") as outbox:
+        Takeover(settings, outbox, bucket).run_once()
+        assert bucket.lists == 0, "no legacy history: nothing to take over"
+    shutil.rmtree(tmp_path / "state")
+    shutil.copy(fixtures / "upload_log.json", tmp_path / "reports" / "upload_log.json")
+    shutil.copy(fixtures / "users.json", tmp_path / "users.json")
+    with Outbox(tmp_path / "state" / "outbox.sqlite3") as outbox:
+        Takeover(settings, outbox, None).run_once()  # uploads off: the log only
+        assert outbox.known_users() == {"ptr", "demo_tech"}
+        for _ in range(3):
+            Takeover(settings, outbox, bucket).run_once()
+        assert bucket.lists == 1
+        assert outbox.known_users() == {"ptr", "demo_tech", "bucket_only"}
+        log = json.loads((tmp_path / "reports" / "upload_log.json").read_text())
+        assert any(e["metadata"].get("username") == "bucket_only" for e in log)
