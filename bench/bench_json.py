@@ -87,7 +87,28 @@ def lossy(record: Record) -> Record:
 def run(rounds: int = ROUNDS) -> list[dict[str, Any]]:
     """Median CPU times (ms) of dumps/loads and their baselines; ratio = baseline / ours."""
     rows = _run(real_record(), rounds, "")
-    return rows + _run(lossy(real_record()), rounds, ", lost samples")
+    return rows + _run(lossy(real_record()), rounds, ", lost samples") + _old_form(rounds)
+
+
+def _old_form(rounds: int) -> list[dict[str, Any]]:
+    """loads of a lossy file as written before `lost_samples` (null in the leads)."""
+    record = lossy(real_record())
+    doc = json.loads(ecgdata.dumps(record))
+    del doc["lost_samples"]
+    for i, name in enumerate(record.lead_names):
+        doc["leads"][name] = [None if gone else v for v, gone in
+                              zip(doc["leads"][name], record.missing[i].tolist(), strict=True)]
+    data = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    assert ecgdata.loads(data) == record, "the old form does not give the record back"
+
+    def stdlib_loads() -> list[np.ndarray]:
+        d = json.loads(data)
+        return [np.array(d["leads"][n]) for n in record.lead_names]  # object arrays
+
+    t = interleaved({"loads": lambda: ecgdata.loads(data), "stdlib_loads": stdlib_loads},
+                    rounds=rounds, calls=5)
+    return [_row("loads ms, lost samples as null (files before lost_samples)", t["loads"],
+                 t["stdlib_loads"], f"{len(data)} bytes", at_least=1.0)]
 
 
 def _run(record: Record, rounds: int, label: str) -> list[dict[str, Any]]:

@@ -576,10 +576,12 @@ def _fast_leads(
     ):
         return None
     samples: np.ndarray | None = None
+    nulls = False
     for row, (first, stop) in enumerate(spans):
         chunk = data[first:stop]
         if b"n" in chunk:
             chunk = chunk.replace(b"null", _LOST_TEXT)
+            nulls = True
         try:
             numbers = np.fromstring(chunk, dtype=np.int64, sep=",")
         except ValueError:
@@ -592,6 +594,8 @@ def _fast_leads(
     if samples is None:
         return None
     missing = samples == _LOST
+    if nulls:
+        samples[missing] = 0  # else int64 min sends the re-encoding to the slow wide path
     text = _document(b"", tuple(names), samples, missing, b"")
     value = begin + len(_LEADS_KEY)
     if len(text) != end - value or not data.startswith(text, value):
