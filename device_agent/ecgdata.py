@@ -4,7 +4,12 @@ Document (canonical compact JSON, UTF-8, keys in this order; `loads(dumps(r)) ==
 
 - `timestamp`: `"YYYY-MM-DD HH:MM:SS"`, the wall clock of `acquired_at` (legacy key).
 - `sampling_rate`: int, Hz (legacy key).
-- `leads`: `{name: [int uV, ...]}` in `lead_names` order; a lost sample is `null` (legacy key).
+- `leads`: `{name: [int uV, ...]}` in `lead_names` order, numbers only (legacy key). A lost
+  sample holds the last received value of its lead before it (the first received one when
+  the loss starts the lead; 0 in a lead with no received sample), so the legacy reader's
+  `np.array(lead, dtype=float)` gets 12 finite leads and draws a flat line across a gap.
+- `lost_samples`: `{name: [[first sample, count], ...]}`, the exact runs of lost samples of
+  each lead that has any (`{}` when none): what `loads`, the PDF and the DICOM go by.
 - `acquired_at`: ISO 8601 with UTC offset, microseconds when non-zero (`datetime.isoformat`).
 - `duration_s` (float), `samples_per_lead` (int), `units` (`"uV"`).
 - `lead_order`: the lead names again; `derived_leads`: those of them computed, not measured.
@@ -15,6 +20,8 @@ Document (canonical compact JSON, UTF-8, keys in this order; `loads(dumps(r)) ==
   electrodes_off: [{electrode, start_sample, length, start_s, end_s}],
   flat_leads, saturated_leads, mains_noise_uv (null if unknown), bad_frames, verdict, reasons}`.
 - `measurements`: `record.measurements` as given (JSON types; NaN/inf become `null`).
+
+Files written before `lost_samples` existed hold `null` for a lost sample; they load too.
 
 Derived values (`duration_s`, `lost_fraction`, `start_s`, `end_s`, `derived_leads`) are
 written for readers and ignored by `loads`. A non-finite float is never written (JSON has
@@ -131,7 +138,8 @@ def _empty_leads(names: tuple[str, ...]) -> bytes:
 
 
 def _document(
-    head: bytes, names: tuple[str, ...], samples: np.ndarray, missing: np.ndarray, tail: bytes
+    head: bytes, names: tuple[str, ...], samples: np.ndarray, missing: np.ndarray | None,
+    tail: bytes,
 ) -> bytearray:
     """head + the `leads` object + tail, built from NUL-padded words, NULs removed in one pass.
 
@@ -140,6 +148,7 @@ def _document(
     text plus its separator: typically 5 or 6 bytes, so the NUL pass reads far less than
     8 bytes a sample. Each lead's last `,` then becomes `]`. The lead widths come from
     Python ints (12 per record), not numpy calls: per call, fixed costs are what matter.
+    `missing` None: no `null` to write (what `dumps` asks; a mask only re-reads old files).
     """
     n_leads, n = samples.shape
     if n_leads == 0 or n == 0:
@@ -147,10 +156,11 @@ def _document(
     lo: list[int] = samples.min(axis=1).tolist()
     hi: list[int] = samples.max(axis=1).tolist()
     last: list[int] = samples[:, -1].tolist()
-    nulls = bool(missing.any())
+    nulls = missing is not None and bool(missing.any())
     lost: list[bool] = [False] * n_leads
     last_lost = lost
     if nulls:
+        assert missing is not None
         lost = [bool(row.any()) for row in missing]
         last_lost = [bool(x) for x in missing[:, -1]]
     if min(lo) >= _TABLE_LO and max(hi) <= _TABLE_HI and _overlay_in_order():
@@ -163,7 +173,7 @@ def _document(
         )
         slots = widths
     else:
-        words = _wide_words(samples, missing)
+        words = _wide_words(samples, np.zeros(samples.shape, bool) if missing is None else missing)
         widths, slots = (_WORD,) * n_leads, (_WIDE,) * n_leads
     size, room, keys, runs = _plan(names, widths, words.shape[1])
     start = len(head)
@@ -180,6 +190,45 @@ def _document(
             len(_NULL_TEXT) if gone else len(str(v)))] = _CLOSE
     buf[start + size : start + size + 1 + len(tail)] = b"}" + tail
     return buf.translate(None, _NUL)
+
+
+def _held(names: tuple[str, ...], samples: np.ndarray,
+          missing: np.ndarray) -> tuple[np.ndarray, str]:
+    """(the samples as `leads` holds them, the `lost_samples` text) for a lossy record.
+
+    Each lost sample takes its lead's last received value; a loss at the start of a lead
+    takes the first received one, a lead with none is 0. (A flat line across a gap, not a
+    step to 0 a legacy viewer would draw as a spike.) Only lost positions are touched, once
+    per distinct mask: most captures lose whole frames, every lead alike.
+    """
+    out = samples.copy()
+    texts: dict[int, str] = {}
+    left = np.flatnonzero(missing.any(axis=1))
+    while left.size:
+        mask = missing[left[0]]
+        same = (missing[left] == mask).all(axis=1)
+        rows, left = left[same], left[~same]
+        edges = np.flatnonzero(mask[1:] != mask[:-1]) + 1
+        if mask[0]:
+            edges = np.concatenate(([0], edges))
+        if mask[-1]:
+            edges = np.concatenate((edges, [mask.size]))
+        first, end = edges[::2], edges[1::2]
+        texts.update(dict.fromkeys(rows.tolist(), ",".join(
+            map("[{},{}]".format, first.tolist(), (end - first).tolist()))))
+        if first[0] == 0 and end[0] == mask.size:
+            out[rows] = 0
+            continue
+        source = np.repeat(np.where(first > 0, first - 1, end), end - first)  # received
+        lost = np.flatnonzero(mask)
+        if rows.size == out.shape[0]:
+            out[:, lost] = samples[:, source]
+        elif rows.size == 1:
+            out[rows[0], lost] = samples[rows[0], source]
+        else:
+            out[np.ix_(rows, lost)] = samples[np.ix_(rows, source)]
+    lost_text = ",".join([f"{_compact(names[i])}:[{texts[i]}]" for i in sorted(texts)])
+    return out, "{" + lost_text + "}"
 
 
 def _finite(value: float | None) -> float | None:
@@ -322,12 +371,13 @@ def _head(record: Record, rate: int) -> bytes:
     return f'{{"timestamp":"{stamp}","sampling_rate":{rate},"leads":'.encode()
 
 
-def _tail(record: Record, rate: int) -> bytes:
-    """`,"acquired_at":...}`: every key after `leads`, in the documented order."""
+def _tail(record: Record, rate: int, lost: str) -> bytes:
+    """`,"lost_samples":...}`: every key after `leads`, in the documented order."""
     n = record.n_samples
     rid = record.record_id
     return (
-        f',"acquired_at":{_text(record.acquired_at.isoformat())},"duration_s":{_num(n / rate)},'
+        f',"lost_samples":{lost},"acquired_at":{_text(record.acquired_at.isoformat())},'
+        f'"duration_s":{_num(n / rate)},'
         f'"samples_per_lead":{n},"units":{_text(UNITS)},'
         f'{_fixed_text(tuple(record.lead_names), record.device, record.adc)},'
         f'"record_id":{"null" if rid is None else _text(str(rid))},'
@@ -370,13 +420,13 @@ def dumps(record: Record) -> bytes:
     """The record as canonical compact JSON bytes (the `ecg_data_{stamp}.json` content)."""
     _check(record)
     rate = int(record.sampling_rate)
+    names = tuple(record.lead_names)
+    samples, missing = record.samples, np.asarray(record.missing, dtype=bool)
+    lost = "{}"
+    if missing.any():
+        samples, lost = _held(names, samples, missing)
     return bytes(_document(
-        _head(record, rate),
-        tuple(record.lead_names),
-        record.samples,
-        np.asarray(record.missing, dtype=bool),
-        _tail(record, rate),
-    ))
+        _head(record, rate), names, samples, None, _tail(record, rate, lost)))
 
 
 # --- loads -------------------------------------------------------------------------------
@@ -526,10 +576,12 @@ def _fast_leads(
     ):
         return None
     samples: np.ndarray | None = None
+    nulls = False
     for row, (first, stop) in enumerate(spans):
         chunk = data[first:stop]
         if b"n" in chunk:
             chunk = chunk.replace(b"null", _LOST_TEXT)
+            nulls = True
         try:
             numbers = np.fromstring(chunk, dtype=np.int64, sep=",")
         except ValueError:
@@ -542,11 +594,39 @@ def _fast_leads(
     if samples is None:
         return None
     missing = samples == _LOST
+    if nulls:
+        samples[missing] = 0  # else int64 min sends the re-encoding to the slow wide path
     text = _document(b"", tuple(names), samples, missing, b"")
     value = begin + len(_LEADS_KEY)
     if len(text) != end - value or not data.startswith(text, value):
         return None
     return doc, tuple(names), _narrowed(samples, missing), missing
+
+
+def _lost_mask(doc: dict[str, Any], names: tuple[str, ...], n: int,
+               source: str) -> np.ndarray | None:
+    """The `lost_samples` runs as a mask (leads x n), or None when there are none."""
+    spans = doc.get("lost_samples")
+    if not spans:
+        return None
+    if not isinstance(spans, dict):
+        raise ValueError(f"{source}: 'lost_samples' must be an object of lead name -> "
+                         "[[first sample, count], ...]; the file is damaged")
+    mask = np.zeros((len(names), n), dtype=bool)
+    for name, runs in spans.items():
+        if name not in names:
+            raise ValueError(f"{source}: lost_samples names lead {name!r}, which the file "
+                             "does not have; the file is damaged")
+        row = mask[names.index(name)]
+        for run in runs if isinstance(runs, list) else [runs]:
+            if not (isinstance(run, list) and len(run) == 2
+                    and type(run[0]) is int and type(run[1]) is int
+                    and run[0] >= 0 and run[1] > 0 and run[0] + run[1] <= n):
+                raise ValueError(f"{source}: lost_samples of lead {name}: {run!r} is not a "
+                                 f"[first sample, count] run within its {n} samples; the "
+                                 "file is damaged")
+            row[run[0] : run[0] + run[1]] = True
+    return mask
 
 
 def _acquired_at(doc: dict[str, Any], source: str) -> datetime:
@@ -612,6 +692,10 @@ def loads(data: bytes | str, *, source: str = "ecg_data document") -> Record:
         raise ValueError(f"{source}: sampling_rate missing or not an integer") from exc
     if fast is None:
         samples, missing = _samples(doc, names, "units" not in doc, source)
+    lost = _lost_mask(doc, names, samples.shape[1], source)
+    if lost is not None:  # held values stand in the leads for legacy readers: not data
+        missing = missing | lost
+        samples[lost] = 0
     adc = doc.get("adc")
     device = doc.get("device") or {}
     try:

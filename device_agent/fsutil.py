@@ -84,6 +84,49 @@ def atomic_write(path: Path | str, data: bytes, *, mode: int = 0o666) -> None:
     log.debug("wrote %s (%d bytes)", path, len(data))
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def atomic_extend(path: Path | str, keep: int, data: bytes, *, mode: int = 0o666) -> None:
+    """Replace `path`, as atomic_write does, by its first `keep` bytes and then `data`.
+
+    The kept bytes are copied in 1 MiB chunks, never read whole: a large file gains a few
+    lines at the cost of a copy, not of a parse or of its size in RAM. (Plain reads and
+    writes, not copy_file_range: the power-cut campaign replays every write it traced.)
+    """
+    path = Path(path)
+    folder = path.parent
+    tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     mode)
+        try:
+            try:
+                left = keep
+                while left > 0:
+                    chunk = os.read(src, min(left, 1 << 20))
+                    if not chunk:
+                        raise OSError(f"{path} shrank while it was being extended")
+                    left -= len(chunk)
+                    _write_all(fd, chunk)
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    finally:
+        os.close(src)
+    fsync_dir(folder)
+
+
 @contextlib.contextmanager
 def open_regular(path: Path | str, *, max_bytes: int) -> Iterator[tuple[int, os.stat_result]]:
     """An fd of a regular file at `path` (never through a link) no larger than max_bytes."""

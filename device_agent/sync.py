@@ -1,6 +1,8 @@
 """The sync loop: find what needs delivering, queue it, drain the queue, keep history small.
 
 One pass, under the drain lock (STATE_DIR/outbox.lock: one drainer per unit):
+0. what the legacy app delivered counts as delivered (legacy.Takeover: its upload_log.json
+   when another writer changed it, the bucket once on the first start);
 1. finders queue work, each on its own and each entry on its own:
    held captures the clock can now name (capture.release_held), complete package folders
    the outbox does not know (package.reconcile_folders), reports dropped in REPORTS_DIR
@@ -30,6 +32,7 @@ from device_agent.disk import prune, remove_incomplete
 from device_agent.drain import Drainer
 from device_agent.errors import AgentError, OutboxBusy
 from device_agent.fsutil import FileLock, is_disk_full
+from device_agent.legacy import Takeover
 from device_agent.outbox import UPLOAD_LOG_NAME, Outbox, retention_cutoff
 from device_agent.package import reconcile_folders
 from device_agent.reports import ReportsFinder
@@ -90,6 +93,8 @@ class SyncLoop:
                                      max_bytes=settings.report_max_bytes)
         self.signups = SignupsFinder(settings.users_file, Path(settings.state_dir) / "signups",
                                      outbox, max_bytes=settings.users_max_bytes)
+        self.takeover = Takeover(settings, outbox, drainer.uploader)
+        self._taken_over = False  # reports and signups wait for the first takeover look
         self._last_housekeeping = -HOUSEKEEPING_EVERY_S
         self._step: tuple[str, float] | None = None
         self.last_pass_at: float | None = None  # monotonic, when a pass last completed
@@ -148,6 +153,7 @@ class SyncLoop:
         try:
             result = PassResult()
             steps: list[tuple[str, Callable[[PassResult], None]]] = [
+                ("legacy", self._legacy),
                 ("release held", self._release_held), ("reconcile", self._reconcile),
                 ("scan reports", self._scan_reports), ("read users", self._scan_users),
                 ("drain", self._drain), ("housekeeping", self._housekeeping),
@@ -186,13 +192,22 @@ class SyncLoop:
     def _reconcile(self, result: PassResult) -> None:
         result.packages_queued += len(reconcile_folders(self.records_root, self.outbox))
 
+    def _legacy(self, result: PassResult) -> None:
+        """What the legacy app delivered (its log, the bucket once) counts as delivered."""
+        self.takeover.run_once()
+        self._taken_over = True
+
     def _scan_reports(self, result: PassResult) -> None:
+        if not self._taken_over:
+            return
         scan = self.reports.find()
         result.reports_queued += scan.queued
         result.skipped += scan.skipped
         result.errors.extend(scan.errors)
 
     def _scan_users(self, result: PassResult) -> None:
+        if not self._taken_over:
+            return
         found = self.signups.find()
         result.signups_queued += found.queued
         result.skipped += found.skipped
@@ -210,7 +225,9 @@ class SyncLoop:
         result.errors.extend(e for e in drained.errors if e != drained.paused)
         if drained.delivered or not (Path(self.settings.reports_dir) / UPLOAD_LOG_NAME
                                      ).exists():
-            self.outbox.write_upload_log(self.settings.reports_dir)
+            self.outbox.write_upload_log(self.settings.reports_dir,
+                                         bucket=self.settings.s3_bucket or "",
+                                         region=self.settings.s3_region or "")
 
     def _housekeeping(self, result: PassResult) -> None:
         if time.monotonic() - self._last_housekeeping < HOUSEKEEPING_EVERY_S:

@@ -363,8 +363,9 @@ def _check(state: Path, objects: dict[str, bytes], records: int) -> dict[str, li
     if len(entries) != len(items):
         problems["upload_log"].append(f"{len(entries)} entries for {len(items)} deliveries")
     for entry in entries:
-        if shas.get(entry["s3_key"]) != entry["sha256"]:
-            problems["upload_log"].append(f"{entry['s3_key']}: not what the bucket holds")
+        key = entry["result"]["key"]
+        if entry["result"]["status"] != "success" or shas.get(key) != entry["agent"]["sha256"]:
+            problems["upload_log"].append(f"{key}: not what the bucket holds")
     return problems
 
 

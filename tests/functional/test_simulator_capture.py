@@ -178,7 +178,7 @@ def test_rejected_capture_keeps_its_files_and_fails_clearly(ecg_data_dir, tmp_pa
     folder = Path(captured.out.strip().splitlines()[-1])
     doc = json.loads(next(folder.glob("ecg_data_*.json")).read_text())
     assert doc["quality"]["verdict"] == "rejected"
-    assert None in doc["leads"]["II"]
+    assert None not in doc["leads"]["II"] and doc["lost_samples"]["II"]  # held, listed
 
 
 def test_bad_port_fails_fast(tmp_path, capsys):

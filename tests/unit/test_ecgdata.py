@@ -188,10 +188,11 @@ def test_empty_and_one_sample_leads(n):
     assert doc["samples_per_lead"] == n
 
 
-def test_all_null_leads_write_null():
+def test_a_lead_with_nothing_received_is_zeros_and_one_run():
     record = make_record(np.zeros((12, 5), np.int32), np.ones((12, 5), dtype=bool))
     doc = json.loads(assert_roundtrip(record))
-    assert doc["leads"]["aVF"] == [None] * 5
+    assert doc["leads"]["aVF"] == [0] * 5
+    assert doc["lost_samples"]["aVF"] == [[0, 5]]
 
 
 def test_int16_extremes_and_lost_samples():
@@ -201,7 +202,16 @@ def test_int16_extremes_and_lost_samples():
     samples[3, 1] = 0
     doc = json.loads(assert_roundtrip(make_record(samples, missing)))
     assert doc["leads"]["I"] == [-32768, 32767, 0, -1, 5]
-    assert doc["leads"]["aVR"] == [-32768, None, 0, -1, 5]
+    assert doc["leads"]["aVR"] == [-32768, -32768, 0, -1, 5]  # the last received value
+    assert doc["lost_samples"] == {"aVR": [[1, 1]]}
+
+
+def test_a_loss_at_the_start_holds_the_first_received_value():
+    samples = np.array([[0, 0, 7, 8, 0]], dtype=np.int32)
+    missing = np.array([[True, True, False, False, True]])
+    doc = json.loads(assert_roundtrip(make_record(samples, missing)))
+    assert doc["leads"]["I"] == [7, 7, 7, 8, 8]
+    assert doc["lost_samples"] == {"I": [[0, 2], [4, 1]]}
 
 
 def test_no_leads_at_all():
@@ -293,14 +303,39 @@ WIDTH_EDGES = [0, 9, -9, 10, -10, 99, -99, 100, -100, 999, -999, 1000, -1000, 99
                10000, -10000, 32767, -32768, 32768, -32769, 2**31 - 1, -(2**31)]
 
 
+def held_row(values: list[int], lost: list[bool]) -> list[int]:
+    """A lead as `leads` holds it, by the docstring's rule, in plain Python (the reference)."""
+    received = [v for v, gone in zip(values, lost, strict=True) if not gone]
+    out, last = [], received[0] if received else 0
+    for v, gone in zip(values, lost, strict=True):
+        last = last if gone else v
+        out.append(last)
+    return out
+
+
 def expected_leads(record: Record) -> dict:
     """The leads as the stdlib would write them, from Python ints (the reference)."""
     return {
-        name: [None if lost else int(v) for v, lost in zip(row, gone, strict=True)]
+        name: held_row([int(v) for v in row], gone)
         for name, row, gone in zip(
             record.lead_names, record.samples.tolist(), record.missing.tolist(), strict=True
         )
     }
+
+
+def expected_lost(record: Record) -> dict:
+    """`lost_samples` in plain Python: each lossy lead's [first, count] runs."""
+    spans = {}
+    for name, gone in zip(record.lead_names, record.missing.tolist(), strict=True):
+        runs: list[list[int]] = []
+        for i, lost in enumerate(gone):
+            if lost and runs and runs[-1][0] + runs[-1][1] == i:
+                runs[-1][1] += 1
+            elif lost:
+                runs.append([i, 1])
+        if runs:
+            spans[name] = runs
+    return spans
 
 
 def test_narrow_packing_is_in_use_here():
@@ -432,7 +467,9 @@ def test_real_recordings_roundtrip(ecg_data_dir, name):
         out = assert_roundtrip(rec)
         doc = json.loads(out)
         assert doc["leads"]["II"][:10] == rec.samples[1, :10].tolist()
-    assert json.loads(ecgdata.dumps(lossy))["leads"]["V6"][1000:1050] == [None] * 50
+    doc = json.loads(ecgdata.dumps(lossy))
+    assert doc["leads"]["V6"][1000:1050] == [int(lossy.samples[11, 999])] * 50
+    assert doc["lost_samples"]["V6"] == [[1000, 50]]
 
 
 # --- dumps byte for byte against the documented dict, written by the stdlib ----------------
@@ -467,6 +504,7 @@ def reference_dumps(record: Record) -> bytes:
         "timestamp": at.strftime("%Y-%m-%d %H:%M:%S").rjust(19, "0"),
         "sampling_rate": rate,
         "leads": expected_leads(record),
+        "lost_samples": expected_lost(record),
         "acquired_at": at.isoformat(),
         "duration_s": record.n_samples / rate,
         "samples_per_lead": record.n_samples,
@@ -639,7 +677,7 @@ CANONICAL = ecgdata.dumps(
         (b"-20,null,", b"-20,true,"),
         (b"[1,-20,", b"[99999999999999999999,-20,"),  # beyond int64
         (b"[1,-20,", b"[9223372036854775808,-20,"),
-        (b'{"I":[', b'{"\\u0049":['),  # the same name, escaped otherwise
+        (b'"leads":{"I":[', b'"leads":{"\\u0049":['),  # the same name, escaped otherwise
         (b'"II":[', b'"I":['),  # a repeated lead name
         (b'"units":"uV"', b'"units":"mV"'),
         (b'"lead_order":["I","II"]', b'"lead_order":["II","I"]'),
@@ -655,9 +693,44 @@ CANONICAL = ecgdata.dumps(
     ],
 )
 def test_non_canonical_leads_agree_with_the_general_path(old, new):
-    assert CANONICAL.count(old) == 1
-    data = CANONICAL.replace(old, new)
+    doc = CANONICAL if CANONICAL.count(old) else NULLS_FORM
+    assert doc.count(old) == 1
+    data = doc.replace(old, new)
     assert_same_as_general(data, fast=False)
+
+
+# the same document as written before `lost_samples`: `null` where a sample was lost
+NULLS_FORM = CANONICAL.replace(b'"lost_samples":{"I":[[2,1]]},', b"").replace(
+    b'"I":[1,-20,-20,4000]', b'"I":[1,-20,null,4000]')
+
+
+def test_files_written_with_nulls_still_load_with_their_mask():
+    assert NULLS_FORM != CANONICAL and b"null,4000" in NULLS_FORM
+    assert_same_as_general(NULLS_FORM, fast=True)
+    old, new = ecgdata.loads(NULLS_FORM), ecgdata.loads(CANONICAL)
+    assert old == new
+    assert old.missing.tolist() == [[False, False, True, False], [False] * 4]
+    assert ecgdata.dumps(old) == CANONICAL  # and written again in today's form
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "match"),
+    [
+        (b'"lost_samples":{"I":[[2,1]]}', b'"lost_samples":[[2,1]]', "must be an object"),
+        (b'"lost_samples":{"I":[[2,1]]}', b'"lost_samples":{"V9":[[2,1]]}', "'V9'"),
+        (b'"lost_samples":{"I":[[2,1]]}', b'"lost_samples":{"I":[[3,2]]}', "within its 4"),
+        (b'"lost_samples":{"I":[[2,1]]}', b'"lost_samples":{"I":[[-1,1]]}', "run within"),
+        (b'"lost_samples":{"I":[[2,1]]}', b'"lost_samples":{"I":[[2,0]]}', "run within"),
+        (b'"lost_samples":{"I":[[2,1]]}', b'"lost_samples":{"I":[[2.0,1]]}', "run within"),
+        (b'"lost_samples":{"I":[[2,1]]}', b'"lost_samples":{"I":[2,1]}', "run within"),
+    ],
+)
+def test_damaged_lost_samples_are_one_clear_error_on_both_paths(old, new, match):
+    data = CANONICAL.replace(old, new)
+    assert data != CANONICAL
+    for load in (ecgdata.loads, general_loads):
+        with pytest.raises(ValueError, match=match):
+            load(data)
 
 
 def test_other_spellings_outside_the_leads_keep_the_fast_path():

@@ -130,9 +130,10 @@ def test_upload_log_is_a_view_of_delivered_rows(outbox, tmp_path):
     outbox.mark_delivered(item.id, etag='"e1"', final_key=item.key, outcome="created")
     path = outbox.write_upload_log(tmp_path / "reports")
     entries = json.loads(path.read_text())
-    assert [e["s3_key"] for e in entries] == [item.key]
-    assert entries[0]["filename"] == "ECG_Report_20260124_121815.pdf"
-    assert entries[0]["uploaded_at"]
+    assert [e["result"]["key"] for e in entries] == [item.key]
+    assert entries[0]["result"]["status"] == "success"
+    assert entries[0]["metadata"]["filename"] == "ECG_Report_20260124_121815.pdf"
+    assert entries[0]["uploaded_at"] and entries[0]["agent"]["sha256"] == item.sha256
     assert not list((tmp_path / "reports").glob(".*tmp"))
 
 
@@ -240,15 +241,16 @@ def test_compaction_keeps_a_count_per_day_and_the_reports_last_etag(outbox, tmp_
     assert outbox.items()[-1].if_match == '"e"', "an edit still replaces by ETag"
 
 
-def test_the_upload_log_is_a_bounded_window(outbox, tmp_path):
+def test_package_files_age_out_of_the_upload_log_when_it_is_rebuilt(outbox, tmp_path):
     pkg = make_package(tmp_path / "records")
     outbox.add_package(pkg)
     for item in outbox.items():
         outbox.mark_delivered(item.id, etag='"e"', final_key=item.key, outcome="created")
     path = outbox.write_upload_log(tmp_path / "reports")
     assert len(json.loads(path.read_text())) == 4
-    later = time.time() + 8 * 86400  # a week and a day on: nothing recent to show
-    assert json.loads(outbox.write_upload_log(tmp_path / "reports", now=later).read_text()) == []
+    later = time.time() + 8 * 86400  # a week and a day on: no package file is recent
+    outbox.rebuild_upload_log(tmp_path / "reports", [], bucket="b", region="r", now=later)
+    assert json.loads(path.read_text()) == []
 
 
 def test_a_rewrite_after_an_attempt_remembers_what_was_sent(outbox, tmp_path):
