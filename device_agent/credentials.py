@@ -273,6 +273,10 @@ class IotCredentialFetcher:
                               "check the path (Amazon Root CA 1 in PEM) or leave it empty for "
                               "the system store", retryable=True,
                               scope="queue", code="CAFileUnreadable") from exc
+        # TLS 1.2: the provider refuses a certificate inside the handshake, with an alert the
+        # unit can name; under TLS 1.3 it refuses after it, and the alert often arrives as a
+        # bare connection reset (the request already sent). The provider speaks both.
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
         try:
             _load_identity(context, cfg.cert_file, cfg.key_file)
         except (OSError, _EncryptedKey) as exc:
@@ -320,10 +324,10 @@ class IotCredentialFetcher:
         cfg = self.config
         context = self._context()
         try:
-            response = transport.send(
-                "GET", cfg.url, {THING_HEADER: cfg.thing_name, "Accept": "application/json"},
+            response = transport.fetch(
+                cfg.url, {THING_HEADER: cfg.thing_name, "Accept": "application/json"},
                 deadline_s=self.deadline_s, connect_timeout_s=self.connect_timeout_s,
-                ssl_context=context)
+                ssl_context=context, max_bytes=transport.CREDENTIALS_ANSWER_MAX)
         except transport.TLSError as exc:
             if exc.peer_alert:
                 raise self._rejected(f"TLS alert {exc.peer_alert}") from exc
@@ -338,6 +342,13 @@ class IotCredentialFetcher:
                 f"AWS IoT credentials endpoint {cfg.host}: TLS failed ({exc}): check "
                 "AWS_IOT_CREDENTIAL_ENDPOINT and whether a proxy or portal intercepts HTTPS; "
                 "uploads wait meanwhile", retryable=True, scope="queue", code="TLSError") from exc
+        except transport.OversizedAnswer as exc:
+            raise UploadError(
+                f"AWS IoT credentials endpoint {cfg.host} answered with more than "
+                f"{transport.CREDENTIALS_ANSWER_MAX} bytes, far more than credentials take: "
+                "check AWS_IOT_CREDENTIAL_ENDPOINT is the credentials provider endpoint, not a "
+                "portal or proxy; uploads wait meanwhile", retryable=True, scope="queue",
+                code="MalformedCredentials") from exc
         except transport.TransportError as exc:
             code = "Timeout" if isinstance(exc, TimeoutError) else "ConnectionError"
             raise UploadError(
