@@ -36,6 +36,8 @@ THING_HEADER = "x-amzn-iot-thingname"
 # role alias may hand out 15-minute credentials: that would fetch before every request
 ADVISORY_REFRESH_S = 5 * 60
 MANDATORY_REFRESH_S = 2 * 60
+# AWS IoT role aliases issue credentials for at most 12 h; later than this is not theirs
+MAX_LIFETIME_S = 36 * 3600
 
 # HTTP status from the credentials provider -> (code, what to check)
 _REFUSALS: dict[int, tuple[str, str]] = {
@@ -407,11 +409,16 @@ class IotCredentialFetcher:
             raise malformed(f"missing {', '.join(missing)}")
         try:
             expiry = dt.datetime.fromisoformat(creds["expiration"])
-        except ValueError:
-            raise malformed("expiration is not ISO 8601") from None
-        if expiry.tzinfo is None:
-            expiry = expiry.replace(tzinfo=dt.UTC)
+            if expiry.tzinfo is None:
+                expiry = expiry.replace(tzinfo=dt.UTC)
+            expiry = expiry.astimezone(dt.UTC)  # 9999-12-31T23:59:59-05:00 is past year 9999
+        except (ValueError, OverflowError):
+            raise malformed("expiration is not an ISO 8601 time before year 10000") from None
         now = self.clock()
+        if expiry - now > dt.timedelta(seconds=MAX_LIFETIME_S):
+            # botocore would never refresh them: the queue would stall on ExpiredToken
+            raise malformed(f"expiration {expiry:%Y-%m-%d %H:%M} UTC is more than "
+                            f"{MAX_LIFETIME_S // 3600} h away; AWS IoT issues at most 12 h")
         if expiry <= now:
             raise UploadError(
                 f"AWS IoT credentials from {cfg.host} expire at {expiry:%Y-%m-%d %H:%M:%S} UTC, "
@@ -419,7 +426,7 @@ class IotCredentialFetcher:
                 "(timedatectl)", retryable=True, scope="queue", code="RequestTimeTooSkewed")
         return {"access_key": creds["accessKeyId"], "secret_key": creds["secretAccessKey"],
                 "token": creds["sessionToken"],
-                "expiry_time": expiry.astimezone(dt.UTC).isoformat()}
+                "expiry_time": expiry.isoformat()}
 
 
 def _server_message(body: bytes) -> str:
