@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
-from device_agent import transport
 from device_agent.config import Settings
 from device_agent.errors import ConfigError, UploadError
 
 if TYPE_CHECKING:
     import boto3
+
+    from device_agent import transport
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +324,8 @@ class IotCredentialFetcher:
 
     def fetch(self) -> dict[str, str]:
         """Credentials as botocore's refresh metadata (access_key, secret_key, token, expiry)."""
+        from device_agent import transport  # botocore and urllib3: not for `status`
+
         cfg = self.config
         context = self._context()
         try:
