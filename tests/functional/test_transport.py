@@ -486,6 +486,7 @@ def http_server(request) -> Iterator[ThreadingHTTPServer]:
     server.connections = 0  # type: ignore[attr-defined]
     server.requests = []  # type: ignore[attr-defined]
     server.stop = threading.Event()  # type: ignore[attr-defined]
+    server.handle_error = lambda request, address: None  # a client hanging up is no news
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                               name="test-http-server")
     server.thread = thread  # type: ignore[attr-defined]
