@@ -19,7 +19,6 @@ import contextlib
 import functools
 import http.client
 import ipaddress
-import logging
 import socket
 import ssl
 import threading
@@ -46,8 +45,6 @@ from device_agent.deadline import Deadlines
 
 if TYPE_CHECKING:
     from botocore.awsrequest import AWSPreparedRequest, AWSResponse
-
-log = logging.getLogger(__name__)
 
 SMALL_ANSWER_MAX = 64 * 1024  # S3's answer to a PUT, HEAD or DELETE, or an error: a few KB
 LIST_ANSWER_MAX = 4 << 20  # a page of ListObjectsV2 (1000 keys) is a few hundred KB
@@ -97,7 +94,8 @@ _current = threading.local()
 
 
 def current() -> Exchange | None:
-    """The request this thread is making; its sockets obey it."""
+    """The request this thread is making; its sockets obey it. A download's stays current
+    after send() returns, while its caller reads the body, until the thread's next request."""
     return getattr(_current, "exchange", None)
 
 
