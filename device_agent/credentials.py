@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
-from device_agent import transport
 from device_agent.config import Settings
 from device_agent.errors import ConfigError, UploadError
 
 if TYPE_CHECKING:
     import boto3
+
+    from device_agent import transport
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ THING_HEADER = "x-amzn-iot-thingname"
 # role alias may hand out 15-minute credentials: that would fetch before every request
 ADVISORY_REFRESH_S = 5 * 60
 MANDATORY_REFRESH_S = 2 * 60
+# AWS IoT role aliases issue credentials for at most 12 h; later than this is not theirs
+MAX_LIFETIME_S = 36 * 3600
 
 # HTTP status from the credentials provider -> (code, what to check)
 _REFUSALS: dict[int, tuple[str, str]] = {
@@ -273,6 +276,10 @@ class IotCredentialFetcher:
                               "check the path (Amazon Root CA 1 in PEM) or leave it empty for "
                               "the system store", retryable=True,
                               scope="queue", code="CAFileUnreadable") from exc
+        # TLS 1.2: the provider refuses a certificate inside the handshake, with an alert the
+        # unit can name; under TLS 1.3 it refuses after it, and the alert often arrives as a
+        # bare connection reset (the request already sent). The provider speaks both.
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
         try:
             _load_identity(context, cfg.cert_file, cfg.key_file)
         except (OSError, _EncryptedKey) as exc:
@@ -317,13 +324,15 @@ class IotCredentialFetcher:
 
     def fetch(self) -> dict[str, str]:
         """Credentials as botocore's refresh metadata (access_key, secret_key, token, expiry)."""
+        from device_agent import transport  # botocore and urllib3: not for `status`
+
         cfg = self.config
         context = self._context()
         try:
-            response = transport.send(
-                "GET", cfg.url, {THING_HEADER: cfg.thing_name, "Accept": "application/json"},
+            response = transport.fetch(
+                cfg.url, {THING_HEADER: cfg.thing_name, "Accept": "application/json"},
                 deadline_s=self.deadline_s, connect_timeout_s=self.connect_timeout_s,
-                ssl_context=context)
+                ssl_context=context, max_bytes=transport.CREDENTIALS_ANSWER_MAX)
         except transport.TLSError as exc:
             if exc.peer_alert:
                 raise self._rejected(f"TLS alert {exc.peer_alert}") from exc
@@ -338,6 +347,13 @@ class IotCredentialFetcher:
                 f"AWS IoT credentials endpoint {cfg.host}: TLS failed ({exc}): check "
                 "AWS_IOT_CREDENTIAL_ENDPOINT and whether a proxy or portal intercepts HTTPS; "
                 "uploads wait meanwhile", retryable=True, scope="queue", code="TLSError") from exc
+        except transport.OversizedAnswer as exc:
+            raise UploadError(
+                f"AWS IoT credentials endpoint {cfg.host} answered with more than "
+                f"{transport.CREDENTIALS_ANSWER_MAX} bytes, far more than credentials take: "
+                "check AWS_IOT_CREDENTIAL_ENDPOINT is the credentials provider endpoint, not a "
+                "portal or proxy; uploads wait meanwhile", retryable=True, scope="queue",
+                code="MalformedCredentials") from exc
         except transport.TransportError as exc:
             code = "Timeout" if isinstance(exc, TimeoutError) else "ConnectionError"
             raise UploadError(
@@ -396,11 +412,16 @@ class IotCredentialFetcher:
             raise malformed(f"missing {', '.join(missing)}")
         try:
             expiry = dt.datetime.fromisoformat(creds["expiration"])
-        except ValueError:
-            raise malformed("expiration is not ISO 8601") from None
-        if expiry.tzinfo is None:
-            expiry = expiry.replace(tzinfo=dt.UTC)
+            if expiry.tzinfo is None:
+                expiry = expiry.replace(tzinfo=dt.UTC)
+            expiry = expiry.astimezone(dt.UTC)  # 9999-12-31T23:59:59-05:00 is past year 9999
+        except (ValueError, OverflowError):
+            raise malformed("expiration is not an ISO 8601 time before year 10000") from None
         now = self.clock()
+        if expiry - now > dt.timedelta(seconds=MAX_LIFETIME_S):
+            # botocore would never refresh them: the queue would stall on ExpiredToken
+            raise malformed(f"expiration {expiry:%Y-%m-%d %H:%M} UTC is more than "
+                            f"{MAX_LIFETIME_S // 3600} h away; AWS IoT issues at most 12 h")
         if expiry <= now:
             raise UploadError(
                 f"AWS IoT credentials from {cfg.host} expire at {expiry:%Y-%m-%d %H:%M:%S} UTC, "
@@ -408,7 +429,7 @@ class IotCredentialFetcher:
                 "(timedatectl)", retryable=True, scope="queue", code="RequestTimeTooSkewed")
         return {"access_key": creds["accessKeyId"], "secret_key": creds["secretAccessKey"],
                 "token": creds["sessionToken"],
-                "expiry_time": expiry.astimezone(dt.UTC).isoformat()}
+                "expiry_time": expiry.isoformat()}
 
 
 def _server_message(body: bytes) -> str:

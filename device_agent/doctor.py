@@ -28,6 +28,7 @@ from device_agent.credentials import (
     config_from_settings,
     inspect_certificate,
 )
+from device_agent.deadline import Deadlines
 from device_agent.errors import UploadError
 from device_agent.spool import running_pid
 from device_agent.status import STALE_AFTER_S, disk_summary, outbox_summary, read_status_file
@@ -217,8 +218,9 @@ def check_bucket(settings: Settings, client: Any = None) -> list[Check]:
     if not bucket:
         return [Check("s3", False, "AWS_S3_BUCKET is empty: set it in the env file")]
     try:
-        client = client or make_client(settings, attempts=1, read_timeout_s=DOCTOR_TIMEOUT_S,
-                                       connect_timeout_s=DOCTOR_TIMEOUT_S)
+        client = client or make_client(settings, Deadlines.from_settings(
+            settings, attempts=1, read_timeout_s=DOCTOR_TIMEOUT_S,
+            connect_timeout_s=DOCTOR_TIMEOUT_S))
     except UploadError as exc:
         return [Check("credentials", False, str(exc))]
     try:

@@ -20,6 +20,7 @@ from typing import Any
 from device_agent.clock import Clock, clock_from_settings, held_count, undated_count
 from device_agent.config import Settings
 from device_agent.credentials import certificate_der, parse_certificate
+from device_agent.deadline import Deadlines
 from device_agent.errors import UploadError
 from device_agent.fsutil import atomic_write, free_mb
 from device_agent.outbox import DB_NAME, read_only_stats
@@ -181,6 +182,8 @@ def collect_status(settings: Settings, *, clock: Clock | None = None,
         "clock_source": "service" if fresh and doc.get("clock") else "this command",
         "disk": disk_summary(state_dir, settings.disk_reserve_mb),
         "credentials": credentials_summary(settings, doc.get("credentials") if fresh else None),
+        # what the transport and the watchdog allow each request (deadline.py, one formula)
+        "deadlines": Deadlines.from_settings(settings).describe(),
         "device_serial": settings.device_serial,
         "checked_at": iso(now),
     }

@@ -1,49 +1,443 @@
-"""HTTP/1.1 requests bounded by a total deadline, and a botocore sender built on them.
+"""Every request ends: urllib3 (botocore's own) does HTTP; this module adds a deadline and a bound.
 
 botocore's connect_timeout/read_timeout bound each socket operation, not the request: a peer
-that drips one byte every two seconds keeps a put alive for hours while the outbox waits.
-Here every send and recv gets the time left before one deadline as its timeout, so connect,
-the request, the status line, the headers and the whole body finish in time or fail.
+that drips one byte every two seconds keeps a put alive for hours, and one that never stops
+answering fills memory. Here the sockets urllib3 is given spend only the time left before
+the request's deadline on each operation and count the answer's bytes against a bound, so
+name resolution, connect, a proxy's CONNECT, TLS, the request, the status line, the headers
+and the body all finish in time (or the request fails as a timeout) and no answer is read
+past what it can legitimately hold.
 
-`send` is the plain client (the IoT credentials fetch uses it); `install_deadline_sender`
-puts the same client under a boto3 client in place of its urllib3 session.
+`DeadlineSession` is botocore's URLLib3Session (pooling, proxies, 100-continue and early
+answers stay botocore's and urllib3's) on those sockets; `install` puts one under a boto3
+client, made from the client's own Config. `fetch` is one bounded GET (IoT credentials).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
-import io
-import logging
-import select
+import ipaddress
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+from botocore import exceptions as bx
+from botocore.awsrequest import (
+    AWSHTTPConnection,
+    AWSHTTPConnectionPool,
+    AWSHTTPResponse,
+    AWSHTTPSConnection,
+    AWSHTTPSConnectionPool,
+)
+from botocore.httpsession import URLLib3Session
+from urllib3 import Timeout
+from urllib3 import exceptions as ux
+from urllib3.util.connection import allowed_gai_family
+
+from device_agent.deadline import Deadlines
 
 if TYPE_CHECKING:
     from botocore.awsrequest import AWSPreparedRequest, AWSResponse
 
-log = logging.getLogger(__name__)
-
-DEFAULT_BASE_DEADLINE_S = 30.0
-DEFAULT_MIN_RATE_BPS = 16 * 1024  # slowest link we still wait for: 50 MB in ~53 min
-_CHUNK = 64 * 1024
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-Headers = Mapping[str, str] | Iterable[tuple[str, str]]
-Body = bytes | bytearray | memoryview | str | IO[bytes] | Iterable[bytes] | None
+SMALL_ANSWER_MAX = 64 * 1024  # S3's answer to a PUT, HEAD or DELETE, or an error: a few KB
+LIST_ANSWER_MAX = 4 << 20  # a page of ListObjectsV2 (1000 keys) is a few hundred KB
+CREDENTIALS_ANSWER_MAX = 64 * 1024  # the IoT credentials document is about 2 KB
+_MAX_INTERIM = 8  # interim (1xx) answers passed over before the final one
 
 
-# --- errors: all OSError (ConnectionError or TimeoutError), so callers that know only the
-# builtins still treat them as "the network failed, try again later" -------------------------
+# --- one request in flight --------------------------------------------------------------------
+
+class AnswerTooLargeError(OSError):
+    """The answer ran past the bytes it may have (urllib3 reports it as a broken connection)."""
+
+
+class Exchange:
+    """One request: the monotonic time it must end by and the answer bytes it may read."""
+
+    def __init__(self, url: str, deadline_s: float, limit: int) -> None:
+        self.url = url
+        self.started = time.monotonic()
+        self.deadline_s = deadline_s
+        self.limit = limit
+        self.received = 0
+        self.expired = False
+        self.too_large = False
+
+    def left(self) -> float:
+        """Seconds left; TimeoutError (what urllib3 reports as a timeout) once none are."""
+        left = self.started + self.deadline_s - time.monotonic()
+        if left <= 0:
+            self.expired = True
+            raise TimeoutError(f"{self.url}: the {self.deadline_s:.1f} s deadline passed")
+        return left
+
+    def count(self, n: int) -> None:
+        """Note `n` answer bytes; AnswerTooLargeError past the limit."""
+        self.received += n
+        if self.received > self.limit:
+            self.too_large = True
+            raise AnswerTooLargeError(f"{self.url}: the answer ran past {self.limit} bytes")
+
+    def allow(self, deadline_s: float) -> None:
+        """Let the request run `deadline_s` from its start, if that is longer."""
+        self.deadline_s = max(self.deadline_s, deadline_s)
+
+
+_current = threading.local()
+
+
+def current() -> Exchange | None:
+    """The request this thread is making; its sockets obey it. A download's stays current
+    after send() returns, while its caller reads the body, until the thread's next request."""
+    return getattr(_current, "exchange", None)
+
+
+def _enter(exchange: Exchange | None) -> Exchange | None:
+    previous = current()
+    _current.exchange = exchange
+    return previous
+
+
+# --- sockets that obey it ---------------------------------------------------------------------
+
+class _Budgeted:
+    """Each operation gets min(its own timeout, time left); each byte received is counted."""
+
+    _own_timeout: float | None = None
+
+    def settimeout(self, value: float | None) -> None:
+        self._own_timeout = value
+        super().settimeout(value)  # type: ignore[misc]
+
+    def _arm(self) -> Exchange | None:
+        exchange = current()
+        if exchange is not None:
+            left = exchange.left()
+            own = self._own_timeout
+            super().settimeout(left if own is None else min(own, left))  # type: ignore[misc]
+        return exchange
+
+    def _call(self, name: str, *args: Any) -> Any:
+        exchange = self._arm()
+        try:
+            return getattr(super(), name)(*args)
+        except TimeoutError:
+            if exchange is not None:
+                exchange.left()  # marks it expired if the timeout was the deadline's
+            raise
+
+    def recv(self, *args: Any) -> bytes:
+        data: bytes = self._call("recv", *args)
+        if (exchange := current()) is not None:
+            exchange.count(len(data))
+        return data
+
+    def recv_into(self, *args: Any) -> int:
+        n: int = self._call("recv_into", *args)
+        if (exchange := current()) is not None:
+            exchange.count(n)
+        return n
+
+    def send(self, *args: Any) -> int:
+        return int(self._call("send", *args))
+
+    def sendall(self, *args: Any) -> None:
+        self._call("sendall", *args)  # sendall's timeout bounds the whole call (Python >= 3.5)
+
+
+class _DeadlineSocket(_Budgeted, socket.socket):
+    """A TCP socket under the thread's current request."""
+
+
+class _DeadlineSSLSocket(_Budgeted, ssl.SSLSocket):
+    """A TLS socket under the thread's current request; the handshake too."""
+
+    def do_handshake(self, *args: Any) -> None:
+        self._call("do_handshake", *args)
+
+
+def resolve(host: str, port: int, timeout: float | None, *,
+            getaddrinfo: Any = socket.getaddrinfo) -> list[Any]:
+    """getaddrinfo within `timeout`: it has no timeout of its own, so it runs on a daemon
+    thread that may outlive a resolver that never answers (it ends when the resolver does)."""
+    family = allowed_gai_family()
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return list(getaddrinfo(host, port, family, socket.SOCK_STREAM))
+    if timeout is None:
+        return list(getaddrinfo(host, port, family, socket.SOCK_STREAM))
+    outcome: list[Any] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome.append(list(getaddrinfo(host, port, family, socket.SOCK_STREAM)))
+        except BaseException as exc:  # handed to the caller
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=run, name=f"resolve-{host}", daemon=True)
+    thread._allowed_to_leak = True  # type: ignore[attr-defined]  # see tests/conftest.py
+    thread.start()
+    if not done.wait(timeout):
+        raise TimeoutError(f"name resolution of {host} took longer than {timeout:.1f} s")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return list(outcome[0])
+
+
+def _budget(timeout: object) -> float | None:
+    """The connection's connect timeout, or less if the request's deadline is nearer."""
+    own = float(timeout) if isinstance(timeout, int | float) else None
+    exchange = current()
+    if exchange is None:
+        return own
+    left = exchange.left()
+    return left if own is None else min(own, left)
+
+
+def _dial(conn: Any) -> socket.socket:
+    """urllib3's HTTPConnection._new_conn, on a _DeadlineSocket and a bounded resolver."""
+    host, port = conn.host, conn.port
+    try:
+        infos = resolve(host, port, _budget(conn.timeout))
+    except socket.gaierror as exc:
+        raise ux.NameResolutionError(host, conn, exc) from exc
+    except TimeoutError as exc:
+        raise ux.ConnectTimeoutError(conn, f"{exc} (connect timeout={conn.timeout})") from exc
+    error: OSError | None = None
+    for family, kind, proto, _, address in infos:
+        sock = _DeadlineSocket(family, kind, proto)
+        try:
+            for option in conn.socket_options or ():
+                sock.setsockopt(*option)
+            sock.settimeout(_budget(conn.timeout))
+            if conn.source_address:
+                sock.bind(conn.source_address)
+            sock.connect(address)
+            return sock
+        except TimeoutError as exc:
+            sock.close()
+            raise ux.ConnectTimeoutError(
+                conn, f"Connection to {host} timed out. (connect timeout={conn.timeout})"
+            ) from exc
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise ux.NewConnectionError(conn, f"Failed to establish a new connection: {error}")
+
+
+class _Response(AWSHTTPResponse):
+    """botocore's answer object, passing over every interim (1xx) answer: http.client skips
+    only "100 Continue", and a "103" carrying an ETag and a checksum is no proof of a put."""
+
+    def __init__(self, sock: Any, *args: Any, status_tuple: Any = None, **kwargs: Any) -> None:
+        super().__init__(sock, *args, status_tuple=status_tuple, **kwargs)
+
+    def _read_status(self) -> tuple[str, int, str]:
+        for _ in range(_MAX_INTERIM + 1):
+            version, status, reason = super()._read_status()
+            if not 100 <= status < 200:
+                return version, status, reason
+            http.client.parse_headers(self.fp)  # an interim answer's headers mean nothing
+        raise http.client.HTTPException(f"more than {_MAX_INTERIM} interim answers")
+
+
+class _DeadlineConnection:
+    """Mixin for botocore's connections: the deadline's sockets, the interim-proof answer."""
+
+    @property
+    def response_class(self) -> Any:
+        return self.__dict__.get("_response_class") or functools.partial(_Response)
+
+    @response_class.setter
+    def response_class(self, value: Any) -> None:
+        # botocore sets partial(AWSHTTPResponse, status_tuple=...) for an early answer
+        status = getattr(value, "keywords", {}).get("status_tuple")
+        self.__dict__["_response_class"] = functools.partial(_Response, status_tuple=status)
+
+    def _new_conn(self) -> socket.socket:
+        return _dial(self)
+
+
+class _HTTPConnection(_DeadlineConnection, AWSHTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_DeadlineConnection, AWSHTTPSConnection):
+    def connect(self) -> None:
+        if self.ssl_context is not None:
+            self.ssl_context.sslsocket_class = _DeadlineSSLSocket
+        super().connect()
+
+
+class _HTTPPool(AWSHTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(AWSHTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+# --- botocore ---------------------------------------------------------------------------------
+
+class AnswerTooLarge(bx.HTTPClientError):
+    """The endpoint's answer was larger than any answer S3 gives to that request."""
+
+    fmt = ('The answer from "{endpoint_url}" ran past {limit} bytes: it is not S3\'s answer '
+           '(a proxy or portal in the way?)')
+
+
+def request_body_length(request: AWSPreparedRequest) -> int:
+    """Body bytes of a botocore request, from Content-Length or the body itself."""
+    value = request.headers.get("Content-Length")
+    if value is not None:
+        with contextlib.suppress(ValueError):
+            return int(value)
+    body = request.body
+    if isinstance(body, bytes | bytearray):
+        return len(body)
+    seek, tell = getattr(body, "seek", None), getattr(body, "tell", None)
+    if seek is not None and tell is not None:
+        with contextlib.suppress(OSError, ValueError):
+            here = tell()
+            end = seek(0, 2)
+            seek(here)
+            return int(end - here)
+    return 0
+
+
+class DeadlineSession(URLLib3Session):
+    """botocore's urllib3 session whose every request ends by `deadlines.request_s(body)`
+    (a download: of the body its answer announces) and reads a bounded answer."""
+
+    def __init__(self, *, deadlines: Deadlines, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.deadlines = deadlines
+        self.requests = 0
+        # the pool classes live in this dict, which botocore shares with every pool
+        # manager it makes (proxies' too): one place to give them our connections
+        self._pool_classes_by_scheme.update(http=_HTTPPool, https=_HTTPSPool)
+
+    def answer_limit(self, request: AWSPreparedRequest) -> int:
+        """The most answer bytes a request may read: a download's body is read by its
+        caller, who knows what it should hold; other answers are small."""
+        if request.stream_output:
+            return self.deadlines.max_body_bytes + SMALL_ANSWER_MAX
+        return LIST_ANSWER_MAX if request.method == "GET" else SMALL_ANSWER_MAX
+
+    def send(self, request: AWSPreparedRequest) -> AWSResponse:
+        """Send through urllib3 under one deadline; botocore's own errors on failure."""
+        self.requests += 1
+        exchange = Exchange(request.url, self.deadlines.request_s(request_body_length(request)),
+                            self.answer_limit(request))
+        previous = _enter(exchange)
+        try:
+            response = super().send(request)
+            if request.stream_output:
+                announced = _content_length(response.headers.get("content-length"))
+                if announced > exchange.limit:
+                    response.raw.close()
+                    raise AnswerTooLarge(endpoint_url=request.url, limit=exchange.limit)
+                # a download may take as long as the body its answer announces, capped
+                exchange.allow(self.deadlines.request_s(announced))
+                response.raw = _Body(response.raw, exchange)
+                return response  # its body is read later, under this same exchange
+        except bx.HTTPClientError as exc:
+            _enter(previous)
+            raise _explain(exc, exchange) from exc
+        except BaseException:
+            _enter(previous)
+            raise
+        _enter(previous)
+        return response
+
+
+class _Body:
+    """A download's urllib3 body, whose failures under our deadline or bound say so."""
+
+    def __init__(self, raw: Any, exchange: Exchange) -> None:
+        self._raw = raw
+        self._exchange = exchange
+
+    def read(self, *args: Any, **kwargs: Any) -> bytes:
+        try:
+            return bytes(self._raw.read(*args, **kwargs))
+        except (ux.ProtocolError, ux.ReadTimeoutError) as exc:
+            if self._exchange.too_large:
+                raise AnswerTooLarge(endpoint_url=self._exchange.url,
+                                     limit=self._exchange.limit) from exc
+            if self._exchange.expired:
+                raise bx.ReadTimeoutError(endpoint_url=self._exchange.url, error=exc) from exc
+            raise
+
+    def stream(self, amt: int = 1 << 16, **_: Any) -> Any:
+        while data := self.read(amt):
+            yield data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
+def _content_length(value: str | None) -> int:
+    try:
+        return max(int(value or 0), 0)
+    except ValueError:
+        return 0
+
+
+def _explain(exc: bx.HTTPClientError, exchange: Exchange) -> bx.HTTPClientError:
+    """The error to raise when urllib3 met our deadline or bound (it sees a broken link)."""
+    if exchange.too_large:
+        return AnswerTooLarge(endpoint_url=exchange.url, limit=exchange.limit)
+    if isinstance(exc, bx.ConnectTimeoutError | bx.ReadTimeoutError):
+        return exc
+    if exchange.expired:
+        return bx.ReadTimeoutError(endpoint_url=exchange.url)
+    return exc
+
+
+def install(client: Any, deadlines: Deadlines) -> DeadlineSession:
+    """Send a boto3 client's requests through a DeadlineSession made from its own Config.
+
+    botocore's EndpointCreator takes an http_session_cls, but no public path reaches it, so
+    the session is built here with the arguments it would pass and set on the endpoint.
+    Not a `before-send` handler: botocore calls every one of those, so a handler of ours
+    would send even when an in-process stub (moto) answered; the session is called only
+    when none did.
+    """
+    from botocore.utils import get_environ_proxies
+
+    endpoint = client._endpoint
+    config = client.meta.config
+    old = endpoint.http_session
+    session = DeadlineSession(
+        deadlines=deadlines,
+        timeout=(config.connect_timeout, config.read_timeout),
+        proxies=config.proxies or get_environ_proxies(endpoint.host),
+        verify=getattr(old, "_verify", True),
+        max_pool_connections=config.max_pool_connections,
+        socket_options=getattr(old, "_socket_options", None),
+        client_cert=config.client_cert,
+        proxies_config=config.proxies_config,
+    )
+    endpoint.http_session = session
+    old.close()
+    return session
+
+
+# --- one bounded GET, for the IoT credentials -------------------------------------------------
 
 class TransportError(ConnectionError):
-    """A request failed on the network; `phase` says where (connect, tls, send, receive)."""
+    """A request failed on the network; `phase` says where (connect, tls, receive)."""
 
     def __init__(self, message: str, *, url: str, phase: str) -> None:
         super().__init__(message)
@@ -51,24 +445,12 @@ class TransportError(ConnectionError):
         self.phase = phase
 
 
-class ConnectFailed(TransportError):
-    """No connection: refused, unreachable host or network, or the name does not resolve."""
-
-
-class ConnectTimeout(TransportError, TimeoutError):
-    """The TCP connect or the TLS handshake did not finish within the connect timeout."""
-
-
 class DeadlineExceeded(TransportError, TimeoutError):
-    """The request and its whole answer did not finish before the deadline."""
+    """Connect, the request and its whole answer did not finish before the deadline."""
 
 
-class ConnectionClosed(TransportError):
-    """The peer closed or reset the connection before the answer was complete."""
-
-
-class ProtocolError(TransportError):
-    """The peer's answer is not HTTP/1.1 (bad status line, header too long)."""
+class OversizedAnswer(TransportError):
+    """The answer ran past the bytes it may have: not the endpoint we meant to ask."""
 
 
 class TLSError(TransportError):
@@ -80,247 +462,6 @@ class TLSError(TransportError):
         self.peer_alert = peer_alert
         self.verify_message = verify_message
 
-
-def _translate(exc: BaseException, *, url: str, phase: str) -> TransportError:
-    """The one place that maps stdlib socket/ssl/http.client errors to TransportError."""
-    if isinstance(exc, TransportError):
-        return exc
-    where = f"{url} ({phase})"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return TLSError(f"{where}: server certificate not trusted: {exc.verify_message}",
-                        url=url, phase=phase, verify_message=str(exc.verify_message))
-    if isinstance(exc, ssl.SSLZeroReturnError | ssl.SSLEOFError):
-        return ConnectionClosed(f"{where}: TLS connection closed by the peer", url=url,
-                                phase=phase)
-    if isinstance(exc, ssl.SSLError):
-        reason = str(getattr(exc, "reason", None) or exc)
-        alert = reason if "ALERT" in reason.upper() else None
-        what = f"the peer sent TLS alert {alert}" if alert else f"TLS error {reason}"
-        return TLSError(f"{where}: {what}", url=url, phase=phase, peer_alert=alert)
-    if isinstance(exc, TimeoutError):
-        return DeadlineExceeded(f"{where}: deadline passed", url=url, phase=phase)
-    if isinstance(exc, http.client.IncompleteRead):
-        return ConnectionClosed(f"{where}: connection closed after {len(exc.partial)} of "
-                                f"{(exc.expected or 0) + len(exc.partial)} body bytes",
-                                url=url, phase=phase)
-    if isinstance(exc, http.client.RemoteDisconnected | ConnectionError | EOFError):
-        return ConnectionClosed(f"{where}: connection closed by the peer ({exc})", url=url,
-                                phase=phase)
-    if isinstance(exc, http.client.HTTPException):
-        return ProtocolError(f"{where}: not an HTTP/1.1 answer ({type(exc).__name__}: "
-                             f"{str(exc)[:80]})", url=url, phase=phase)
-    if isinstance(exc, OSError):
-        return ConnectionClosed(f"{where}: {exc}", url=url, phase=phase)
-    return ProtocolError(f"{where}: {type(exc).__name__}: {exc}", url=url, phase=phase)
-
-
-# --- a socket whose every operation is bounded by the time left ------------------------------
-
-class _DeadlineSocket:
-    """Wraps a socket so each send/recv times out at one absolute monotonic deadline.
-
-    With `credit_rate` (bytes/s), each byte received moves the deadline 1/rate s later: an
-    answer that keeps arriving at least that fast is never cut off, one that drips is, and
-    a Content-Length the peer made up buys nothing.
-    """
-
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self._sock = sock
-        self.deadline = deadline
-        self.credit_rate: float | None = None
-        # like socket.socket: close() waits for the files made from it (http.client closes
-        # the connection while a will-close answer is still being read through one)
-        self._io_refs = 0
-        self._closed = False
-
-    def _left(self) -> float:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("deadline passed")
-        return left
-
-    def sendall(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            self._sock.settimeout(self._left())
-            sent = self._sock.send(view[:_CHUNK])
-            view = view[sent:]
-
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        self._sock.settimeout(self._left())
-        n = self._sock.recv_into(buffer, nbytes, flags)
-        if self.credit_rate:
-            self.deadline += n / self.credit_rate
-        return n
-
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        self._sock.settimeout(self._left())
-        data = self._sock.recv(bufsize, flags)
-        if self.credit_rate:
-            self.deadline += len(data) / self.credit_rate
-        return data
-
-    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
-        if mode != "rb":
-            raise ValueError(f"mode {mode!r}: only 'rb' is supported")
-        self._io_refs += 1
-        return io.BufferedReader(socket.SocketIO(self, "rb"))  # type: ignore[arg-type]
-
-    def _decref_socketios(self) -> None:
-        """SocketIO calls this on close; the socket lives on unless close() was called."""
-        self._io_refs = max(self._io_refs - 1, 0)
-        if self._closed and self._io_refs == 0:
-            self._really_close()
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def setsockopt(self, *args: Any) -> None:
-        self._sock.setsockopt(*args)
-
-    def readable_or_closed(self) -> bool:
-        """True if an idle connection has data or EOF waiting: the peer gave up on it."""
-        if isinstance(self._sock, ssl.SSLSocket) and self._sock.pending():
-            return True
-        try:
-            ready, _, _ = select.select([self._sock], [], [], 0)
-        except (OSError, ValueError):
-            return True
-        return bool(ready)
-
-    def close(self) -> None:
-        self._closed = True
-        if self._io_refs == 0:
-            self._really_close()
-
-    def _really_close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._sock.close()
-
-    def abort(self) -> None:
-        """Close now, whatever still reads from it (after an error or a timeout)."""
-        self._closed = True
-        self._really_close()
-
-
-class _Connection(http.client.HTTPConnection):
-    """One HTTP(S) connection whose socket obeys the current request's deadline."""
-
-    def __init__(self, scheme: str, host: str, port: int, *, connect_timeout_s: float,
-                 ssl_context: ssl.SSLContext | None, url: str) -> None:
-        super().__init__(host, port, timeout=connect_timeout_s)
-        self.scheme = scheme
-        self.connect_timeout_s = connect_timeout_s
-        self.ssl_context = ssl_context
-        self.deadline = time.monotonic()
-        self.url = url
-        self.blocksize = _CHUNK
-        self.idle_since = time.monotonic()
-
-    def connect(self) -> None:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise DeadlineExceeded(f"{self.url} (connect): deadline passed before connecting",
-                                   url=self.url, phase="connect")
-        timeout = min(self.connect_timeout_s, left)
-        try:
-            raw = socket.create_connection((self.host, self.port), timeout)
-        except TimeoutError as exc:
-            raise ConnectTimeout(f"{self.url} (connect): no connection within {timeout:.1f} s",
-                                 url=self.url, phase="connect") from exc
-        except OSError as exc:
-            raise ConnectFailed(f"{self.url} (connect): {exc}", url=self.url,
-                                phase="connect") from exc
-        try:
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock: socket.socket = raw
-            if self.scheme == "https":
-                context = self.ssl_context or ssl.create_default_context()
-                raw.settimeout(min(self.connect_timeout_s, max(self.deadline - time.monotonic(),
-                                                               0.001)))
-                try:
-                    sock = context.wrap_socket(raw, server_hostname=self.host)
-                except TimeoutError as exc:
-                    raise ConnectTimeout(f"{self.url} (tls): no TLS handshake within "
-                                         f"{timeout:.1f} s", url=self.url, phase="tls") from exc
-                except OSError as exc:
-                    raise _translate(exc, url=self.url, phase="tls") from exc
-        except BaseException:
-            raw.close()
-            raise
-        self.sock = _DeadlineSocket(sock, self.deadline)
-
-    def abort(self) -> None:
-        """Close the socket at once, even while an answer is being read from it."""
-        if isinstance(self.sock, _DeadlineSocket):
-            self.sock.abort()
-        self.close()
-
-    def start(self, deadline: float, credit_rate: float | None = None) -> None:
-        """Arm the connection for one request that must finish by `deadline`."""
-        self.deadline = deadline
-        if isinstance(self.sock, _DeadlineSocket):
-            self.sock.deadline = deadline
-            self.sock.credit_rate = credit_rate
-
-
-# --- a small keep-alive pool -----------------------------------------------------------------
-
-PoolKey = tuple[str, str, int, int]
-
-
-class ConnectionPool:
-    """Idle keep-alive connections per (scheme, host, port, TLS context); thread-safe."""
-
-    def __init__(self, *, max_idle_per_host: int = 4, max_idle_s: float = 30.0) -> None:
-        self.max_idle_per_host = max_idle_per_host
-        self.max_idle_s = max_idle_s
-        self._idle: dict[PoolKey, list[_Connection]] = {}
-        self._lock = threading.Lock()
-        self.opened = 0
-        self.reused = 0
-
-    def take(self, key: PoolKey) -> _Connection | None:
-        """A live idle connection for `key`, or None (stale ones are closed on the way)."""
-        while True:
-            with self._lock:
-                idle = self._idle.get(key)
-                if not idle:
-                    return None
-                conn = idle.pop()
-            sock = conn.sock
-            if (time.monotonic() - conn.idle_since > self.max_idle_s
-                    or not isinstance(sock, _DeadlineSocket) or sock.readable_or_closed()):
-                conn.close()
-                continue
-            with self._lock:
-                self.reused += 1
-            return conn
-
-    def give_back(self, key: PoolKey, conn: _Connection) -> None:
-        """Keep a connection whose last answer was read to the end without error."""
-        conn.idle_since = time.monotonic()
-        with self._lock:
-            idle = self._idle.setdefault(key, [])
-            if len(idle) < self.max_idle_per_host:
-                idle.append(conn)
-                return
-        conn.close()
-
-    def note_opened(self) -> None:
-        with self._lock:
-            self.opened += 1
-
-    def close(self) -> None:
-        """Close every idle connection."""
-        with self._lock:
-            conns = [c for idle in self._idle.values() for c in idle]
-            self._idle.clear()
-        for conn in conns:
-            conn.close()
-
-
-# --- one exchange -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Response:
@@ -337,383 +478,67 @@ class Response:
         return ", ".join(values) if values else None
 
 
-class StreamingResponse:
-    """An answer whose body is read on demand, still under the request's deadline."""
-
-    def __init__(self, conn: _Connection, response: http.client.HTTPResponse, *, url: str,
-                 pool: ConnectionPool | None, key: PoolKey) -> None:
-        self._conn: _Connection | None = conn
-        self._response = response
-        self._pool = pool
-        self._key = key
-        self.url = url
-        self.status = response.status
-        self.reason = response.reason
-        self.headers: tuple[tuple[str, str], ...] = tuple(response.getheaders())
-
-    def header(self, name: str) -> str | None:
-        """The named header (case-insensitive; repeated ones joined by ', '), or None."""
-        values = [v for k, v in self.headers if k.lower() == name.lower()]
-        return ", ".join(values) if values else None
-
-    def read(self, amt: int | None = None) -> bytes:
-        """Up to `amt` body bytes (all that is left if None); b'' at the end."""
-        if self._conn is None:
-            return b""
-        try:
-            data = self._response.read(amt)
-        except Exception as exc:
-            self._discard()
-            raise _translate(exc, url=self.url, phase="receive") from exc
-        except BaseException:
-            self._discard()
-            raise
-        if self._response.isclosed():
-            self._finish()
-        return data
-
-    def stream(self, chunk_size: int = _CHUNK) -> Iterator[bytes]:
-        """The body in chunks, as botocore's AWSResponse.content expects of its raw object."""
-        while True:
-            data = self.read(chunk_size)
-            if not data:
-                return
-            yield data
-
-    def _finish(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        if self._pool is not None and not self._response.will_close:
-            self._pool.give_back(self._key, conn)
-        else:
-            conn.close()
-
-    def _discard(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.abort()  # never reuse a connection after an error or a timeout
-
-    def close(self) -> None:
-        """Give up on the rest of the body; the connection is closed, not reused."""
-        if self._conn is not None and not self._response.isclosed():
-            self._discard()
-        else:
-            self._finish()
-
-    @property
-    def closed(self) -> bool:
-        return self._conn is None
-
-
-def _header_items(headers: Headers) -> list[tuple[str, str]]:
-    items = headers.items() if isinstance(headers, Mapping) else headers
-    out = []
-    for name, value in items:
-        n = name.decode("latin-1") if isinstance(name, bytes) else str(name)
-        v = value.decode("latin-1") if isinstance(value, bytes) else str(value)
-        out.append((n, v))
-    return out
-
-
-def _body_length(body: Body) -> int | None:
-    """Bytes in a body when they can be known without reading it."""
-    if body is None:
-        return 0
-    if isinstance(body, str):
-        return len(body.encode("utf-8"))
-    if isinstance(body, bytes | bytearray | memoryview):
-        return memoryview(body).nbytes
-    seek, tell = getattr(body, "seek", None), getattr(body, "tell", None)
-    if seek is not None and tell is not None:
-        try:
-            here = tell()
-            end = seek(0, io.SEEK_END)
-            seek(here)
-            return int(end - here)
-        except (OSError, ValueError):
-            return None
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        inner = [a for a in getattr(seen, "args", ()) if isinstance(a, BaseException)]
+        seen = inner[0] if inner else (seen.__cause__ or seen.__context__)
     return None
 
 
-def host_header(scheme: str, host: str, port: int) -> str:
-    """The Host header value botocore signs: the port only when it is not the default."""
-    shown = f"[{host}]" if ":" in host else host
-    return shown if _DEFAULT_PORTS.get(scheme) == port else f"{shown}:{port}"
+def _failure(exc: Exception, exchange: Exchange) -> TransportError:
+    """The one place that names a failed fetch: its kind and its phase."""
+    url = exchange.url
+    if exchange.too_large:
+        return OversizedAnswer(f"{url}: the answer ran past {exchange.limit} bytes", url=url,
+                               phase="receive")
+    cause = _ssl_cause(exc)
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return TLSError(f"{url} (tls): server certificate not trusted: {cause.verify_message}",
+                        url=url, phase="tls", verify_message=str(cause.verify_message))
+    if cause is not None and not isinstance(cause, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        reason = str(getattr(cause, "reason", None) or cause)
+        alert = reason if "ALERT" in reason.upper() else None
+        what = f"the peer sent TLS alert {alert}" if alert else f"TLS error {reason}"
+        return TLSError(f"{url} (tls): {what}", url=url, phase="tls", peer_alert=alert)
+    # before the timeouts: urllib3's NewConnectionError (a refusal) is a ConnectTimeoutError
+    if isinstance(exc, ux.NewConnectionError) and not exchange.expired:
+        return TransportError(f"{url} (connect): {exc}", url=url, phase="connect")
+    if exchange.expired or isinstance(exc, ux.TimeoutError | TimeoutError):
+        phase = "connect" if isinstance(exc, ux.ConnectTimeoutError) else "receive"
+        return DeadlineExceeded(f"{url} ({phase}): no complete answer within "
+                                f"{exchange.deadline_s:.1f} s", url=url, phase=phase)
+    return TransportError(f"{url} (receive): {type(exc).__name__}: {exc}", url=url,
+                          phase="receive")
 
 
-def open_stream(method: str, url: str, headers: Headers, body: Body = None, *,
-                deadline_s: float, connect_timeout_s: float,
-                ssl_context: ssl.SSLContext | None = None, pool: ConnectionPool | None = None,
-                response_min_rate_bps: float | None = None) -> StreamingResponse:
-    """Send a request and read its status and headers; the body is read later, same deadline.
-
-    With `response_min_rate_bps`, each byte of the answer moves the deadline 1/rate s later,
-    so a large download that keeps up that rate is not cut off while a dripping one is.
-    """
+def fetch(url: str, headers: Mapping[str, str], *, deadline_s: float, connect_timeout_s: float,
+          ssl_context: ssl.SSLContext | None = None,
+          max_bytes: int = CREDENTIALS_ANSWER_MAX) -> Response:
+    """One GET on a fresh connection that ends by `deadline_s` and reads at most `max_bytes`."""
     parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{url!r} is not an http:// or https:// URL")
-    host = parts.hostname
-    port = parts.port or _DEFAULT_PORTS[scheme]
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    deadline = time.monotonic() + deadline_s
-    context = ssl_context if scheme == "https" else None
-    if scheme == "https" and context is None:
-        context = ssl.create_default_context()
-    key: PoolKey = (scheme, host, port, id(context))
-    items = [(k, v) for k, v in _header_items(headers)
-             # no interim 100 Continue round: the body follows the headers at once
-             if not (k.lower() == "expect" and v.strip().lower() == "100-continue")]
-    names = {k.lower() for k, _ in items}
-    # the caller's "Transfer-Encoding: chunked" asks us to frame the body (botocore's
-    # aws-chunked uploads over HTTPS say so and expect the HTTP framing around theirs)
-    chunked = any(k.lower() == "transfer-encoding" and v.strip().lower() == "chunked"
-                  for k, v in items)
-    if body is not None and "content-length" not in names and "transfer-encoding" not in names:
-        length = _body_length(body)
-        if length is None:
-            chunked = True
-            items.append(("Transfer-Encoding", "chunked"))
-        else:
-            items.append(("Content-Length", str(length)))
-    if isinstance(body, str):
-        body = body.encode("utf-8")
-
-    conn = pool.take(key) if pool is not None else None
-    if conn is None:
-        conn = _Connection(scheme, host, port, connect_timeout_s=connect_timeout_s,
-                           ssl_context=context, url=url)
-        conn.start(deadline)
-        try:
-            conn.connect()
-        except Exception as exc:
-            conn.abort()
-            raise _translate(exc, url=url, phase="connect") from exc
-        except BaseException:
-            conn.abort()
-            raise
-        if pool is not None:
-            pool.note_opened()
-    conn.url = url
-    conn.start(deadline)
-
-    phase = "send"
-    try:
-        conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-        if "host" not in names:
-            conn.putheader("Host", host_header(scheme, host, port))
-        for name, value in items:
-            conn.putheader(name, value)
-        try:
-            conn.endheaders(message_body=body, encode_chunked=chunked)
-        except (ConnectionError, ssl.SSLError):
-            # The peer may have answered early and closed (an error status, a TLS alert):
-            # that answer says more than "broken pipe" does.
-            early = _early_answer(conn, method, url)
-            if early is None:
-                raise
-            response = early
-        else:
-            phase = "receive"
-            if isinstance(conn.sock, _DeadlineSocket):
-                conn.sock.credit_rate = response_min_rate_bps
-            response = conn.getresponse()
-    except Exception as exc:
-        conn.abort()
-        raise _translate(exc, url=url, phase=phase) from exc
-    except BaseException:
-        conn.abort()
-        raise
-    return StreamingResponse(conn, response, url=url, pool=pool, key=key)
-
-
-def _early_answer(conn: _Connection, method: str, url: str) -> http.client.HTTPResponse | None:
-    """An answer the peer sent before it stopped reading our request, if one is there."""
-    sock = conn.sock
-    if not isinstance(sock, _DeadlineSocket):
-        return None
-    response = http.client.HTTPResponse(sock, method=method)  # type: ignore[arg-type]
-    try:
-        response.begin()
-    except ssl.SSLError as exc:
-        raise _translate(exc, url=url, phase="send") from exc
-    except (OSError, http.client.HTTPException):
-        return None
-    response.will_close = True  # the request was not sent whole: never reuse this
-    return response
-
-
-def send(method: str, url: str, headers: Headers, body: Body = None, *, deadline_s: float,
-         connect_timeout_s: float, ssl_context: ssl.SSLContext | None = None,
-         pool: ConnectionPool | None = None,
-         response_min_rate_bps: float | None = None) -> Response:
-    """One HTTP/1.1 exchange that connects, sends and reads the whole answer by `deadline_s`."""
-    stream = open_stream(method, url, headers, body, deadline_s=deadline_s,
-                         connect_timeout_s=connect_timeout_s, ssl_context=ssl_context,
-                         pool=pool, response_min_rate_bps=response_min_rate_bps)
-    try:
-        data = stream.read()
-    finally:
-        stream.close()
-    return Response(stream.status, stream.reason, stream.headers, data)
-
-
-def make_ssl_context(*, ca_file: str | None = None, cert_file: str | None = None,
-                     key_file: str | None = None) -> ssl.SSLContext:
-    """A verifying client TLS context: system store or `ca_file`, optional client cert/key."""
-    context = ssl.create_default_context(cafile=ca_file)
-    if cert_file:
-        context.load_cert_chain(cert_file, key_file)
-    return context
-
-
-# --- botocore -------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DeadlinePolicy:
-    """Deadline for one request: base seconds plus its body size at a minimum rate."""
-
-    base_s: float = DEFAULT_BASE_DEADLINE_S
-    min_rate_bps: float = DEFAULT_MIN_RATE_BPS
-
-    def __call__(self, request: AWSPreparedRequest) -> float:
-        """Seconds allowed for `request` (connect, send and the whole answer)."""
-        return self.base_s + request_body_length(request) / self.min_rate_bps
-
-
-def request_body_length(request: AWSPreparedRequest) -> int:
-    """Body bytes of a botocore request, from Content-Length or the body itself."""
-    value = request.headers.get("Content-Length")
-    if value is not None:
-        with contextlib.suppress(ValueError):
-            return int(value)
-    return _body_length(request.body) or 0
-
-
-class _RawBody:
-    """The raw object AWSResponse reads: stream() and read(), botocore errors on failure."""
-
-    def __init__(self, stream: StreamingResponse, request: AWSPreparedRequest) -> None:
-        self._stream = stream
-        self._request = request
-
-    def read(self, amt: int | None = None) -> bytes:
-        try:
-            return self._stream.read(amt)
-        except TransportError as exc:
-            raise botocore_error(exc, self._request) from exc
-
-    def stream(self, chunk_size: int = _CHUNK, **_: Any) -> Iterator[bytes]:
-        while True:
-            data = self.read(chunk_size)
-            if not data:
-                return
-            yield data
-
-    def close(self) -> None:
-        self._stream.close()
-
-    def release_conn(self) -> None:
-        self._stream.close()
-
-
-def botocore_error(exc: TransportError, request: AWSPreparedRequest) -> Exception:
-    """The botocore HTTPClientError subclass its retry logic and classify_error expect."""
-    from botocore import exceptions as bx
-
-    url = request.url
-    error: Exception
-    if isinstance(exc, ConnectTimeout):
-        error = bx.ConnectTimeoutError(endpoint_url=url, error=exc)
-    elif isinstance(exc, DeadlineExceeded):
-        error = bx.ReadTimeoutError(endpoint_url=url, error=exc)
-    elif isinstance(exc, ConnectFailed):
-        error = bx.EndpointConnectionError(endpoint_url=url, error=exc)
-    elif isinstance(exc, TLSError):
-        error = bx.SSLError(endpoint_url=url, error=exc)
-    elif isinstance(exc, ConnectionClosed):
-        error = bx.ConnectionClosedError(endpoint_url=url, request=request, error=exc)
+    timeout = Timeout(connect=connect_timeout_s, read=deadline_s)
+    pool: Any
+    if parts.scheme == "https":
+        pool = _HTTPSPool(parts.hostname, parts.port or 443, timeout=timeout, maxsize=1,
+                          ssl_context=ssl_context or ssl.create_default_context())
     else:
-        error = bx.HTTPClientError(error=exc)
-    return error
-
-
-class DeadlineSender:
-    """Stands in for botocore's urllib3 session: each request ends by its deadline or fails."""
-
-    def __init__(self, *, deadline_for: Callable[[AWSPreparedRequest], float],
-                 connect_timeout_s: float, ssl_context: ssl.SSLContext | None = None,
-                 response_min_rate_bps: float | None = DEFAULT_MIN_RATE_BPS,
-                 pool: ConnectionPool | None = None) -> None:
-        self.deadline_for = deadline_for
-        self.connect_timeout_s = connect_timeout_s
-        # one context for the sender's life: pooled connections are keyed by it
-        self.ssl_context = ssl_context or ssl.create_default_context()
-        self.response_min_rate_bps = response_min_rate_bps
-        self.pool = pool if pool is not None else ConnectionPool()
-        self.requests = 0
-        self._count_lock = threading.Lock()
-
-    def send(self, request: AWSPreparedRequest) -> AWSResponse:
-        """Send a signed botocore request; raise botocore's own errors on failure."""
-        from botocore.awsrequest import AWSResponse
-        from botocore.compat import HTTPHeaders
-
-        with self._count_lock:
-            self.requests += 1
-        try:
-            stream = open_stream(request.method, request.url, request.headers.items(),
-                                 request.body,
-                                 deadline_s=self.deadline_for(request),
-                                 connect_timeout_s=self.connect_timeout_s,
-                                 ssl_context=self.ssl_context, pool=self.pool,
-                                 response_min_rate_bps=self.response_min_rate_bps)
-        except TransportError as exc:
-            raise botocore_error(exc, request) from exc
-        headers = HTTPHeaders()
-        for name, value in stream.headers:
-            if name in headers:  # repeated header: one value, joined as urllib3 does
-                joined = f"{headers[name]}, {value}"
-                del headers[name]
-                headers[name] = joined
-            else:
-                headers[name] = value
-        response = AWSResponse(request.url, stream.status, headers, _RawBody(stream, request))
-        if not request.stream_output:
-            _ = response.content  # read the whole body now, inside botocore's retry handling
-        return response
-
-    def close(self) -> None:
-        """Close the pooled connections (botocore calls this from client.close())."""
-        self.pool.close()
-
-
-def install_deadline_sender(client: Any, *, connect_timeout_s: float,
-                            deadline_for: Callable[[AWSPreparedRequest], float] | None = None,
-                            ssl_context: ssl.SSLContext | None = None,
-                            response_min_rate_bps: float | None = DEFAULT_MIN_RATE_BPS,
-                            ) -> DeadlineSender | None:
-    """Send a boto3 client's requests through the deadline client; None if a proxy applies.
-
-    The sender replaces the endpoint's HTTP session rather than answering `before-send`:
-    botocore emits before-send to every handler, so a handler of ours would also send (and
-    fail) while moto's in-process mock answers; the session is used only when none did.
-    """
-    from botocore.utils import get_environ_proxies
-
-    endpoint = client._endpoint  # botocore keeps the HTTP session on the endpoint
-    proxies = dict(client.meta.config.proxies or {}) or get_environ_proxies(endpoint.host)
-    if proxies:
-        log.warning("a proxy is configured for %s: its requests keep botocore's per-read "
-                    "timeouts, without a total deadline", endpoint.host)
-        return None
-    sender = DeadlineSender(deadline_for=deadline_for or DeadlinePolicy(),
-                            connect_timeout_s=connect_timeout_s, ssl_context=ssl_context,
-                            response_min_rate_bps=response_min_rate_bps)
-    old = endpoint.http_session
-    endpoint.http_session = sender
-    with contextlib.suppress(Exception):
-        old.close()
-    return sender
+        pool = _HTTPPool(parts.hostname, parts.port or 80, timeout=timeout, maxsize=1)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    exchange = Exchange(url, deadline_s, max_bytes)
+    previous = _enter(exchange)
+    try:
+        answer = pool.urlopen("GET", target, headers=dict(headers), retries=False,
+                              redirect=False, preload_content=False)
+        body = answer.read()
+        return Response(answer.status, answer.reason or "", tuple(answer.headers.items()),
+                        body)
+    except Exception as exc:
+        raise _failure(exc, exchange) from exc
+    finally:
+        _enter(previous)
+        pool.close()

@@ -30,6 +30,7 @@ from device_agent import s3keys, transport
 from device_agent.clock import local_now
 from device_agent.config import Settings
 from device_agent.credentials import IotCredentialFetcher, config_from_settings, iot_session
+from device_agent.deadline import Deadlines
 from device_agent.errors import Scope, UploadError
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ _CODES: dict[str, tuple[bool, Scope, str]] = {
                                 "(no ETag and SHA-256 echo): a captive portal, proxy or wrong "
                                 "AWS_ENDPOINT_URL_S3?"),
     "Timeout": (True, "queue", "timed out talking to S3: check the network"),
+    "AnswerTooLarge": (True, "queue", "the endpoint answered with more than S3 sends (a proxy "
+                                      "or portal in the way, or a wrong AWS_ENDPOINT_URL_S3?)"),
     "ConnectionError": (True, "queue", "cannot reach the S3 endpoint: check the network, DNS "
                                        "and AWS_ENDPOINT_URL_S3"),
     "CertificateRejected": (True, "queue", "the credentials provider refused the unit's "
@@ -107,12 +110,6 @@ _CODES: dict[str, tuple[bool, Scope, str]] = {
 }
 
 
-def deadline_s(settings: Settings, size: int) -> float:
-    """The total time one request of `size` body bytes may take, connect to last byte."""
-    return (settings.s3_connect_timeout_s + settings.s3_read_timeout_s
-            + size / (settings.s3_min_rate_kbps * 1024.0))
-
-
 @dataclass
 class CredentialSource:
     """Where the client's credentials come from, for `status`; never the secrets."""
@@ -125,13 +122,14 @@ class CredentialSource:
                 "expires_at": self.fetcher.last_expiry if self.fetcher else None}
 
 
-def make_session(settings: Settings, *, connect_timeout_s: float, deadline_s: float
+def make_session(settings: Settings, deadlines: Deadlines
                  ) -> tuple[boto3.session.Session, CredentialSource]:
     """A boto3 session: the unit's certificate (AWS IoT), static keys, a profile, or the
     default chain, in that order of what is configured (config.py refuses two at once)."""
     if settings.iot_endpoint:
-        session, fetcher = iot_session(config_from_settings(settings), deadline_s=deadline_s,
-                                       connect_timeout_s=connect_timeout_s)
+        session, fetcher = iot_session(config_from_settings(settings),
+                                       deadline_s=deadlines.request_s(0),
+                                       connect_timeout_s=deadlines.connect_timeout_s)
         return session, CredentialSource(f"AWS IoT certificate (thing {settings.thing_name})",
                                          fetcher)
     if settings.aws_access_key_id:
@@ -146,38 +144,26 @@ def make_session(settings: Settings, *, connect_timeout_s: float, deadline_s: fl
     return boto3.session.Session(), CredentialSource("boto3 default chain")
 
 
-def make_client(settings: Settings, *, attempts: int | None = None,
-                read_timeout_s: float | None = None,
-                connect_timeout_s: float | None = None) -> Any:
+def make_client(settings: Settings, deadlines: Deadlines | None = None) -> Any:
     """The process's one S3 client: explicit timeouts, a total deadline per request."""
-    return make_client_and_source(settings, attempts=attempts, read_timeout_s=read_timeout_s,
-                                  connect_timeout_s=connect_timeout_s)[0]
+    return make_client_and_source(settings, deadlines)[0]
 
 
-def make_client_and_source(settings: Settings, *, attempts: int | None = None,
-                           read_timeout_s: float | None = None,
-                           connect_timeout_s: float | None = None
+def make_client_and_source(settings: Settings, deadlines: Deadlines | None = None
                            ) -> tuple[Any, CredentialSource]:
-    """make_client, and where its credentials come from."""
-    read_timeout = read_timeout_s or settings.s3_read_timeout_s
-    connect_timeout = connect_timeout_s or settings.s3_connect_timeout_s
-    session, source = make_session(settings, connect_timeout_s=connect_timeout,
-                                   deadline_s=connect_timeout + read_timeout)
+    """make_client, and where its credentials come from; `deadlines` default: the settings'."""
+    deadlines = deadlines or Deadlines.from_settings(settings)
+    session, source = make_session(settings, deadlines)
     config = Config(
         # botocore's "max_attempts" counts retries only; S3_MAX_ATTEMPTS means all attempts
-        retries={"mode": "standard",
-                 "total_max_attempts": attempts or settings.s3_max_attempts},
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
+        retries={"mode": "standard", "total_max_attempts": deadlines.attempts},
+        connect_timeout=deadlines.connect_timeout_s,
+        read_timeout=deadlines.read_timeout_s,
         max_pool_connections=10,
     )
     client = session.client("s3", region_name=settings.s3_region or None,
                             endpoint_url=settings.s3_endpoint_url or None, config=config)
-    transport.install_deadline_sender(
-        client, connect_timeout_s=connect_timeout,
-        deadline_for=transport.DeadlinePolicy(
-            base_s=connect_timeout + read_timeout,
-            min_rate_bps=settings.s3_min_rate_kbps * 1024.0))
+    transport.install(client, deadlines)
     return client, source
 
 
@@ -200,6 +186,8 @@ def classify_error(exc: BaseException, *, bucket: str, key: str | None) -> Uploa
         code = "NoCredentials"
     elif isinstance(exc, bx.NoRegionError):
         code = "NoRegion"
+    elif isinstance(exc, transport.AnswerTooLarge):
+        code = "AnswerTooLarge"
     elif isinstance(exc, bx.ConnectTimeoutError | bx.ReadTimeoutError | TimeoutError):
         code = "Timeout"
     elif isinstance(exc, bx.EndpointConnectionError | bx.ConnectionClosedError
@@ -284,8 +272,7 @@ class Uploader:
     def __init__(self, client: Any, *, bucket: str, sse: str = "aes256",
                  kms_key_id: str | None = None, owner: str | None = None,
                  clock: Callable[[], datetime] = local_now,
-                 deadline: Callable[[int], float] | None = None,
-                 attempts: int = 3) -> None:
+                 deadlines: Deadlines | None = None) -> None:
         if sse not in ("aes256", "aws:kms"):
             raise ValueError(f"sse {sse!r} is not aes256 or aws:kms")
         if sse == "aws:kms" and not kms_key_id:
@@ -296,8 +283,7 @@ class Uploader:
         self.kms_key_id = kms_key_id
         self.owner = owner
         self.clock = clock
-        self._deadline = deadline or (lambda size: 60.0 + size / 16384.0)
-        self._attempts = attempts
+        self.deadlines = deadlines or Deadlines()
         self.credentials = CredentialSource("given client")
 
     @classmethod
@@ -307,19 +293,18 @@ class Uploader:
             raise UploadError("AWS_S3_BUCKET is not set: set it in the env file",
                               retryable=True, code="NoBucketConfigured", scope="queue")
         source = CredentialSource("given client")
+        deadlines = Deadlines.from_settings(settings)  # one value: transport and watchdog
         if client is None:
-            client, source = make_client_and_source(settings)
+            client, source = make_client_and_source(settings, deadlines)
         uploader = cls(client, bucket=settings.s3_bucket,
                        sse=settings.s3_sse, kms_key_id=settings.s3_sse_kms_key_id,
-                       owner=settings.thing_name,
-                       deadline=lambda size: deadline_s(settings, size),
-                       attempts=settings.s3_max_attempts)
+                       owner=settings.thing_name, deadlines=deadlines)
         uploader.credentials = source
         return uploader
 
     def max_duration_s(self, size: int) -> float:
         """The longest one put of `size` bytes can legitimately take, retries included."""
-        return self._attempts * (self._deadline(size) + 20.0)  # 20 s: botocore's backoff cap
+        return self.deadlines.put_total_s(size)
 
     def _extra(self) -> dict[str, str]:
         extra = {"ServerSideEncryption": "AES256"}
@@ -370,18 +355,36 @@ class Uploader:
         return Head(key, int(r.get("ContentLength", 0)), r.get("ETag"), sha, source,
                     metadata, r.get("ServerSideEncryption"))
 
-    def download_sha256(self, key: str) -> str | None:
-        """SHA-256 of an object's body, streamed (None if it is gone)."""
+    def download_sha256(self, key: str, size: int) -> str | None:
+        """SHA-256 of an object's body, streamed (None if it is gone); `size` is what its HEAD
+        said it holds: an answer announcing or carrying more is not the object, and is cut."""
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
-            digest = hashlib.sha256()
-            for chunk in iter(lambda: body.read(1 << 20), b""):
-                digest.update(chunk)
+            answer = self.client.get_object(Bucket=self.bucket, Key=key)
+            body = answer["Body"]
+            try:
+                if int(answer.get("ContentLength") or 0) > size:
+                    raise self._not_the_object(key, size)
+                digest = hashlib.sha256()
+                read = 0
+                for chunk in iter(lambda: body.read(1 << 20), b""):
+                    read += len(chunk)
+                    if read > size:
+                        raise self._not_the_object(key, size)
+                    digest.update(chunk)
+            finally:
+                body.close()
+        except UploadError:
+            raise
         except Exception as exc:
             if _is_not_found(exc):
                 return None
             raise classify_error(exc, bucket=self.bucket, key=key) from exc
         return digest.hexdigest()
+
+    def _not_the_object(self, key: str, size: int) -> UploadError:
+        return UploadError(f"s3://{self.bucket}/{key}: the download ran past the {size} bytes "
+                           f"its HEAD reported: {_CODES['AnswerTooLarge'][2]}{_QUEUE_HINT_RETRY}",
+                           retryable=True, code="AnswerTooLarge", scope="queue")
 
     def list_prefix(self, prefix: str) -> dict[str, tuple[str, int]]:
         """key -> (ETag, size) of every object under `prefix` (one LIST, paginated)."""
@@ -402,7 +405,7 @@ class Uploader:
         if head.sha256_source == "checksum":
             return head.sha256
         try:
-            return self.download_sha256(head.key)
+            return self.download_sha256(head.key, head.size)
         except UploadError as exc:
             if exc.code == "AccessDenied":
                 return None

@@ -64,7 +64,7 @@ def _check(uploader: Uploader, item: Expected) -> Finding:
         actual: str | None = head.sha256
         method = "checksum"
     else:
-        actual, method = uploader.download_sha256(key), "get"
+        actual, method = uploader.download_sha256(key, head.size), "get"
         if actual is None:
             return Finding(key, MISSING, size, None, sha, None, "get", item.item_id)
     if head.size != size:

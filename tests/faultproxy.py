@@ -9,6 +9,12 @@ accepts and never answers (not even a TLS handshake); "portal" answers every req
 captive portal's 200 OK HTML page; "http" relays request by request (HTTP/1.1 framing,
 keep-alive) so a trap set with `arm` can act on one request: before it is forwarded, or after
 S3 answered it and before the answer is relayed (the crash campaign kills the agent there).
+"endless" answers 200 and then junk as fast as the client takes it, without end (chunked);
+"huge" the same behind a Content-Length of 3 GB; "conflict" answers a put 200 with its ETag
+and SHA-256 but two different Content-Length headers; "interim" sends an interim "103"
+carrying an ETag and the body's SHA-256, then a captive portal's page as the final answer;
+"pace" relays the answer at `pace_bps`; "tunnel" is an HTTP proxy (CONNECT) to upstream,
+"tunnel-drip" one that hands the upstream's bytes back one per `drip_interval_s`.
 With `server_context` the proxy terminates TLS.
 `counts["client_gone"]` counts connections the client closed while the proxy held them;
 `request_heads` holds the head (request line and headers) of every request relayed.
@@ -16,7 +22,9 @@ With `server_context` the proxy terminates TLS.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import random
 import select
 import socket
@@ -37,7 +45,9 @@ PORTAL_HTML = (b"<!DOCTYPE html><html><head><title>Hospital Guest Wi-Fi</title><
                b"</body></html>")
 _PORTAL = (b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"
            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s")
-MODES = ("pass", "refuse", "slowdown", "reset", "drip", "blackhole", "portal", "http")
+MODES = ("pass", "refuse", "slowdown", "reset", "drip", "blackhole", "portal", "http",
+         "endless", "huge", "conflict", "interim", "pace", "tunnel", "tunnel-drip")
+HUGE_LENGTH = 3 * 10**9
 BEFORE_FORWARD = "before_forward"  # the request reached the proxy; S3 never sees it
 BEFORE_ANSWER = "before_answer"  # S3 answered 2xx (the write happened); the client never hears
 TRAP_POINTS = (BEFORE_FORWARD, BEFORE_ANSWER)
@@ -138,17 +148,19 @@ class FaultProxy:
 
     def __init__(self, upstream_port: int, *, seed: int = 0,
                  server_context: ssl.SSLContext | None = None,
-                 drip_interval_s: float = 0.5) -> None:
+                 drip_interval_s: float = 0.5, pace_bps: int = 16 * 1024) -> None:
         self.upstream = ("127.0.0.1", upstream_port)
         self.mode = "pass"
         self.rng = random.Random(seed)
         self.server_context = server_context
         self.drip_interval_s = drip_interval_s
+        self.pace_bps = pace_bps
         self.request_heads: list[bytes] = []
         self.counts = {"accepted": 0, "refused_periods": 0, "slowdowns": 0, "resets": 0,
                        "lost_answers": 0, "client_gone": 0, "drip_bytes": 0,
                        "drip_answer_bytes": 0, "portals": 0, "tls_failures": 0,
-                       "http_requests": 0, "trapped": 0}
+                       "http_requests": 0, "trapped": 0, "junk_bytes": 0, "tunnels": 0,
+                       "paced_bytes": 0}
         self.trap: Trap | None = None
         self.sprung: list[Sprung] = []
         self._lock = threading.Lock()
@@ -263,6 +275,14 @@ class FaultProxy:
                 self._reset_mid_request(client)
             elif mode == "http":
                 self._exchange(client)
+            elif mode in ("endless", "huge"):
+                self._endless(client, huge=mode == "huge")
+            elif mode in ("conflict", "interim"):
+                self._false_proof(client, interim=mode == "interim")
+            elif mode == "pace":
+                self._pace(client)
+            elif mode in ("tunnel", "tunnel-drip"):
+                self._tunnel(client, drip=mode == "tunnel-drip")
             else:
                 self._relay(client)
         except OSError:
@@ -281,7 +301,7 @@ class FaultProxy:
             data += chunk
         return data
 
-    def _read_request(self, client: socket.socket) -> None:
+    def _read_request(self, client: socket.socket) -> bytes:
         """Read a whole request (head and Content-Length body) so closing sends no RST."""
         data = self._read_head(client)
         head, _, body = data.partition(b"\r\n\r\n")
@@ -295,6 +315,97 @@ class FaultProxy:
             if not chunk:
                 break
             body += chunk
+        return body
+
+    def _endless(self, client: socket.socket, *, huge: bool) -> None:
+        """Answer 200, then junk as fast as the client reads it, until it hangs up."""
+        self._read_request(client)
+        framing = b"Content-Length: %d" % HUGE_LENGTH if huge else b"Transfer-Encoding: chunked"
+        client.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n%s\r\n\r\n"
+                       % framing)
+        junk = b"x" * 65536
+        piece = junk if huge else b"%x\r\n%s\r\n" % (len(junk), junk)
+        while not self._stop.is_set():
+            try:
+                client.sendall(piece)
+            except OSError:
+                self.counts["client_gone"] += 1
+                return
+            self.counts["junk_bytes"] += len(piece)
+
+    def _false_proof(self, client: socket.socket, *, interim: bool) -> None:
+        """Answer a request with what looks like S3's proof of a put, but is not a delivery."""
+        body = self._read_request(client)
+        sha = base64.b64encode(hashlib.sha256(body).digest())
+        proof = b'ETag: "%s"\r\nx-amz-checksum-sha256: %s\r\n' % (
+            hashlib.md5(body).hexdigest().encode(), sha)
+        if interim:
+            client.sendall(b"HTTP/1.1 103 Early Hints\r\n%s\r\n" % proof)
+            client.sendall(_PORTAL % (len(PORTAL_HTML), PORTAL_HTML))
+        else:
+            client.sendall(b"HTTP/1.1 200 OK\r\n%sContent-Length: 0\r\nContent-Length: 5\r\n"
+                           b"Connection: close\r\n\r\nhello" % proof)
+        client.close()
+
+    def _pace(self, client: socket.socket) -> None:
+        """Relay one request; hand its answer back at `pace_bps`, in tenths of a second."""
+        upstream = socket.create_connection(self.upstream, timeout=5)
+        try:
+            reader = _Reader(client, self._stop)
+            request = reader.message(response_to=None)
+            if request is None:
+                return
+            upstream.sendall(request.raw)
+            answer = _Reader(upstream, self._stop).message(response_to=request.method)
+            if answer is None:
+                return
+            data, step = answer.raw, max(1, self.pace_bps // 10)
+            while data and not self._stop.wait(0.1):
+                client.sendall(data[:step])
+                self.counts["paced_bytes"] += min(step, len(data))
+                data = data[step:]
+        finally:
+            upstream.close()
+            with contextlib.suppress(OSError):
+                client.close()
+
+    def _tunnel(self, client: socket.socket, *, drip: bool) -> None:
+        """An HTTP proxy's CONNECT to upstream (whatever host was asked for), then relay."""
+        head = self._read_head(client)
+        if not head.startswith(b"CONNECT "):
+            client.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+            return
+        upstream = socket.create_connection(self.upstream, timeout=5)
+        self.counts["tunnels"] += 1
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        pending = b""
+        next_drip = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                try:
+                    ready, _, _ = select.select([client, upstream], [], [], 0.05)
+                except (ValueError, OSError):
+                    return
+                for sock in ready:
+                    data = _recv(sock)
+                    if not data:
+                        if sock is client:
+                            self.counts["client_gone"] += 1
+                        return
+                    if sock is client:
+                        upstream.sendall(data)
+                    else:
+                        pending += data
+                if pending and (not drip or time.monotonic() >= next_drip):
+                    n = 1 if drip else len(pending)
+                    client.sendall(pending[:n])
+                    pending = pending[n:]
+                    self.counts["drip_bytes"] += n if drip else 0
+                    next_drip = time.monotonic() + self.drip_interval_s
+        finally:
+            upstream.close()
+            with contextlib.suppress(OSError):
+                client.close()
 
     def _hold(self, client: socket.socket) -> None:
         """Accept, read and discard, never answer; count the client giving up."""

@@ -195,6 +195,9 @@ def setup_logging(level: str) -> None:
     root.setLevel(level.upper())
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "werkzeug"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # a failed credentials fetch reaches the drainer as one classified UploadError, which it
+    # logs once; botocore's own warning would add a traceback per request in flight
+    logging.getLogger("botocore.credentials").setLevel(logging.ERROR)
 
 
 class Interrupt:

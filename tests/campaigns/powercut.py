@@ -421,7 +421,8 @@ class _Parser:
         request.head += string_arg(c.args[1])[: int(c.result.split()[0])]
         while request.head.startswith(b"HTTP/1.1 1") and b"\r\n\r\n" in request.head:
             request.head = request.head.split(b"\r\n\r\n", 1)[1]  # 100 Continue
-        if b"\r\n" not in request.head:
+        # botocore reads "100 Continue" a byte at a time: an interim answer is not the answer
+        if b"\r\n" not in request.head or request.head.startswith(b"HTTP/1.1 1"):
             return
         status = int(request.head.split(b" ", 2)[1])
         request.answered = True

@@ -18,6 +18,7 @@ from botocore import exceptions as bx
 from botocore.config import Config
 
 from device_agent import transport
+from device_agent.deadline import Deadlines
 from tests.faultproxy import BEFORE_ANSWER, BEFORE_FORWARD, FaultProxy
 
 pytestmark = pytest.mark.functional
@@ -28,7 +29,7 @@ def _s3(endpoint: str) -> Any:
                     connect_timeout=2, read_timeout=5)
     client = boto3.session.Session().client("s3", endpoint_url=endpoint,
                                             region_name="us-east-1", config=config)
-    transport.install_deadline_sender(client, connect_timeout_s=2)
+    transport.install(client, Deadlines(connect_timeout_s=2, read_timeout_s=5))
     return client
 
 

@@ -45,7 +45,7 @@ class ProviderState:
     """What the test provider does and what it issued."""
 
     lifetime_s: float = credentials.ADVISORY_REFRESH_S + 2.0
-    mode: str = "ok"  # ok | malformed | stale | error
+    mode: str = "ok"  # ok | malformed | stale | error | far (expires 9999-12-31, UTC-5)
     issued: list[tuple[str, str, str]] = field(default_factory=list)  # akid, secret, token
     refusals: list[int] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -93,6 +93,8 @@ class _Provider(BaseHTTPRequestHandler):
             secret, token = secrets.token_urlsafe(30), f"IoTToken{n}-{secrets.token_urlsafe(60)}"
             state.issued.append((akid, secret, token))
         expiration = (now + dt.timedelta(seconds=lifetime)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        if state.mode == "far":
+            expiration = "9999-12-31T23:59:59-05:00"  # past year 9999 in UTC
         self._json(200, {"credentials": {"accessKeyId": akid, "secretAccessKey": secret,
                                          "sessionToken": token, "expiration": expiration}})
 
@@ -292,6 +294,34 @@ def test_malformed_and_stale_answers(pki, provider, s3_endpoint, s3_bucket):
     state.mode = "stale"
     session, _fetcher = iot_session(_config(url, pki), deadline_s=5, connect_timeout_s=2)
     assert _put_fails(session, s3_endpoint, s3_bucket).code == "RequestTimeTooSkewed"
+
+
+def test_an_expiration_past_year_9999_pauses_the_queue_with_one_line(
+        tmp_path, pki, provider, s3_endpoint, s3_bucket, monkeypatch, capsys):
+    from device_agent.commands import main
+    from device_agent.outbox import Outbox
+    from tests.helpers import make_package
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    url, state = provider
+    state.mode = "far"
+    fetcher = credentials.IotCredentialFetcher(_config(url, pki), deadline_s=5,
+                                               connect_timeout_s=2)
+    with pytest.raises(UploadError) as info:
+        fetcher.fetch()
+    assert (info.value.code, info.value.scope) == ("MalformedCredentials", "queue")
+    assert "before year 10000" in str(info.value)
+
+    make_package(tmp_path / "state" / "records", "20260124_121815", seed=1)
+    assert main([*_agent_flags(tmp_path, url, pki, s3_endpoint, s3_bucket),
+                 "sync", "--once"]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "OverflowError" not in err
+    assert err.count("before year 10000") == 1, err  # one line, not one per item
+    with Outbox(tmp_path / "state" / "outbox.sqlite3") as box:
+        stats = box.stats()
+    assert (stats.pending, stats.failed) == (4, 0)
 
 
 def test_secrets_never_reach_the_log_and_key_mode_is_warned_once(

@@ -115,7 +115,8 @@ def test_spool_threads_claim_each_request_once(tmp_path: Path):
 # --- status ---------------------------------------------------------------------------------
 
 STATUS_KEYS = {"service", "port", "last_capture", "held", "undated", "outbox", "last_sync",
-               "clock", "clock_source", "disk", "credentials", "device_serial", "checked_at"}
+               "clock", "clock_source", "disk", "credentials", "device_serial", "checked_at",
+               "deadlines"}
 
 
 def test_status_json_when_stopped(tmp_path: Path, capsys):

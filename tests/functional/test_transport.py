@@ -1,14 +1,21 @@
-"""The deadline-bounded HTTP client, alone and under boto3, against real servers on 127.0.0.1.
+"""Every request ends: the deadline session under boto3 (and the bounded fetch), against real
+servers on 127.0.0.1.
 
-S3 parity runs against moto's HTTP server; the faults (a dripping answer, a captive portal, a
-server that never answers, a refused port) come from tests/faultproxy.py in front of it; the
-HTTP details (chunked bodies, keep-alive, SNI) from a small http.server on a thread.
+S3 parity runs against moto's HTTP server; the faults (a dripping, endless or huge answer, a
+captive portal, conflicting lengths, an interim answer, a server that never answers, a
+refused port, a dripping proxy) come from tests/faultproxy.py in front of it; the HTTP
+details (chunked answers, SNI) from a small http.server on a thread. The endless, huge and
+dripping answers run in a child process that reports its peak RSS (transport_probe.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
+import json
+import os
+import ssl
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +28,8 @@ from botocore import exceptions as bx
 from botocore.config import Config
 
 from device_agent import transport
+from device_agent.deadline import Deadlines
+from device_agent.errors import UploadError
 from device_agent.uploader import Uploader, classify_error
 from tests.conftest import wait_until
 from tests.faultproxy import PORTAL_HTML, FaultProxy
@@ -29,12 +38,12 @@ from tests.pki import TestCA
 pytestmark = pytest.mark.functional
 
 
-def _s3(endpoint: str, *, attempts: int = 1, read_timeout: float = 5.0):
+def _s3(endpoint: str, *, attempts: int = 1, read_timeout: float = 5.0, **client_args):
     """A boto3 S3 client of its own session (so moto's import order does not matter)."""
     config = Config(retries={"mode": "standard", "total_max_attempts": attempts},
                     connect_timeout=2, read_timeout=read_timeout)
     return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                                          config=config)
+                                          config=config, **client_args)
 
 
 def _port(url: str) -> int:
@@ -73,22 +82,27 @@ def _exercise(client, bucket: str, prefix: str) -> dict:
     return seen
 
 
-def test_s3_calls_through_the_sender_match_botocores_own(s3_endpoint, s3_bucket):
-    plain = _s3(s3_endpoint)
-    bounded = _s3(s3_endpoint)
-    sender = transport.install_deadline_sender(bounded, connect_timeout_s=2)
-    assert sender is not None
+def _bounded(endpoint: str, *, attempts: int = 1, read_timeout: float = 5.0,
+             deadline_s: float = 30.0, **client_args):
+    """A client of _s3's whose requests get `deadline_s` (plus their body at 16 KiB/s)."""
+    client = _s3(endpoint, attempts=attempts, read_timeout=read_timeout, **client_args)
+    session = transport.install(client, Deadlines(connect_timeout_s=min(1.0, deadline_s / 2),
+                                                  read_timeout_s=deadline_s - min(1.0,
+                                                                                  deadline_s / 2)))
+    return client, session
 
+
+def test_s3_calls_through_the_session_match_botocores_own(s3_endpoint, s3_bucket):
+    plain = _s3(s3_endpoint)
+    bounded, session = _bounded(s3_endpoint)
     expected = _exercise(plain, s3_bucket, "plain")
     assert _exercise(bounded, s3_bucket, "bounded") == expected
     assert expected["missing"] == 404 and expected["after_delete"] == ["large.pdf"]
-    assert sender.requests == 10  # every call above went through the deadline client
+    assert session.requests == 10  # every call above went through the deadline session
 
 
-def test_uploader_conditional_puts_work_through_the_sender(s3_endpoint, s3_bucket):
-    client = _s3(s3_endpoint)
-    sender = transport.install_deadline_sender(client, connect_timeout_s=2)
-    assert sender is not None
+def test_uploader_conditional_puts_work_through_the_session(s3_endpoint, s3_bucket):
+    client, _ = _bounded(s3_endpoint)
     uploader = Uploader(client, bucket=s3_bucket)
     body = b"%PDF-1.4 synthetic report"
     sha = hashlib.sha256(body).hexdigest()
@@ -107,40 +121,41 @@ def test_moto_in_process_mock_keeps_answering(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     with mock_aws():
         client = boto3.session.Session().client("s3", region_name="us-east-1")
-        sender = transport.install_deadline_sender(client, connect_timeout_s=1)
-        assert sender is not None
+        session = transport.install(client, Deadlines())
         client.create_bucket(Bucket="mocked")
         client.put_object(Bucket="mocked", Key="k", Body=b"v")
         assert client.get_object(Bucket="mocked", Key="k")["Body"].read() == b"v"
-    assert sender.requests == 0  # moto answered before botocore reached its HTTP session
+    assert session.requests == 0  # moto answered before botocore reached its HTTP session
+
+
+def test_config_read_timeout_and_pool_size_still_apply(s3_endpoint, s3_bucket):
+    with FaultProxy(_port(s3_endpoint)) as proxy:
+        proxy.set_mode("blackhole")
+        client = boto3.session.Session().client(
+            "s3", endpoint_url=proxy.url, region_name="us-east-1",
+            config=Config(retries={"mode": "standard", "total_max_attempts": 1},
+                          connect_timeout=1, read_timeout=0.5, max_pool_connections=3))
+        session = transport.install(client, Deadlines(connect_timeout_s=1, read_timeout_s=60))
+        with pytest.raises(bx.ReadTimeoutError) as info:
+            client.put_object(Bucket=s3_bucket, Key="cfg/a.json", Body=b"{}")
+        wait_until(lambda: proxy.counts["client_gone"] >= 1, what="the client to hang up")
+    # the 0.5 s per-read timeout fired, long before the 61 s deadline
+    assert "read timeout=0.5" in str(info.value.kwargs["error"])
+    assert session._manager.connection_pool_kw["maxsize"] == 3
 
 
 def test_s3_over_https_with_a_ca_file(tmp_path, s3_endpoint, s3_bucket):
     ca = TestCA(tmp_path / "pki")
     server = ca.issue("s3.local", server=True)
     with FaultProxy(_port(s3_endpoint), server_context=ca.server_context(server)) as front:
-        trusted = _s3(front.url)
-        transport.install_deadline_sender(
-            trusted, connect_timeout_s=2,
-            ssl_context=transport.make_ssl_context(ca_file=str(ca.cert_file)))
+        trusted, _ = _bounded(front.url, verify=str(ca.cert_file))
         trusted.put_object(Bucket=s3_bucket, Key="tls/a", Body=b"over tls")
         assert trusted.get_object(Bucket=s3_bucket, Key="tls/a")["Body"].read() == b"over tls"
 
-        untrusted = _s3(front.url)  # system store: the test CA is unknown
-        transport.install_deadline_sender(untrusted, connect_timeout_s=2)
+        untrusted, _ = _bounded(front.url)  # system store: the test CA is unknown
         with pytest.raises(bx.SSLError) as info:
             untrusted.put_object(Bucket=s3_bucket, Key="tls/b", Body=b"x")
-        # botocore's own SSLError, as urllib3 gives today (classify_error calls it permanent)
-        assert "server certificate not trusted" in str(info.value)
-
-
-def test_deadline_policy_allows_the_body_at_the_minimum_rate():
-    from botocore.awsrequest import AWSRequest
-
-    policy = transport.DeadlinePolicy(base_s=30, min_rate_bps=16 * 1024)
-    big = AWSRequest("PUT", "http://127.0.0.1:9/b/k", data=b"x" * (16 * 1024 * 10)).prepare()
-    small = AWSRequest("GET", "http://127.0.0.1:9/b/k").prepare()
-    assert (policy(big), policy(small)) == (40.0, 30.0)
+        assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
 
 
 # --- faults -----------------------------------------------------------------------------------
@@ -148,9 +163,7 @@ def test_deadline_policy_allows_the_body_at_the_minimum_rate():
 def test_dripping_answer_is_cut_at_the_deadline(s3_endpoint, s3_bucket):
     with FaultProxy(_port(s3_endpoint), drip_interval_s=0.5) as proxy:
         proxy.set_mode("drip")
-        client = _s3(proxy.url, read_timeout=10)
-        transport.install_deadline_sender(client, connect_timeout_s=2,
-                                          deadline_for=lambda request: 2.0)
+        client, _ = _bounded(proxy.url, read_timeout=10, deadline_s=2.0)
         with pytest.raises(bx.ReadTimeoutError) as info:
             client.put_object(Bucket=s3_bucket, Key="drip/a.json", Body=b"{}")
         wait_until(lambda: proxy.counts["client_gone"] >= 1, what="the client to hang up")
@@ -158,8 +171,10 @@ def test_dripping_answer_is_cut_at_the_deadline(s3_endpoint, s3_bucket):
         assert 0 < proxy.counts["drip_bytes"] < proxy.counts["drip_answer_bytes"]
     error = classify_error(info.value, bucket=s3_bucket, key="drip/a.json")
     assert (error.retryable, error.code) == (True, "Timeout")
-    # the write happened: a later attempt meets it as "already delivered" (412 + SHA-256)
-    assert _s3(s3_endpoint).head_object(Bucket=s3_bucket, Key="drip/a.json")["ContentLength"]
+    # botocore sends the body after S3's "100 Continue", which was dripped too (25 bytes at
+    # 2 bytes/s): the deadline passed before it, so nothing was written
+    with pytest.raises(bx.ClientError):
+        _s3(s3_endpoint).head_object(Bucket=s3_bucket, Key="drip/a.json")
 
 
 def test_per_read_timeouts_alone_let_a_drip_run_on(s3_endpoint, s3_bucket):
@@ -187,14 +202,11 @@ def test_per_read_timeouts_alone_let_a_drip_run_on(s3_endpoint, s3_bucket):
 def test_retry_after_a_timeout_opens_a_new_connection(s3_endpoint, s3_bucket):
     with FaultProxy(_port(s3_endpoint), drip_interval_s=0.5) as proxy:
         proxy.set_mode("drip")
-        client = _s3(proxy.url, attempts=2)
-        sender = transport.install_deadline_sender(client, connect_timeout_s=2,
-                                                   deadline_for=lambda request: 1.0)
-        assert sender is not None
+        client, _ = _bounded(proxy.url, attempts=2, deadline_s=1.0)
         with pytest.raises(bx.ReadTimeoutError):
             client.put_object(Bucket=s3_bucket, Key="drip/c.json", Body=b"{}")
         wait_until(lambda: proxy.counts["client_gone"] >= 2, what="both attempts to hang up")
-        assert proxy.counts["accepted"] == 2 and sender.pool.reused == 0
+        assert proxy.counts["accepted"] == 2  # the timed-out connection was not reused
         proxy.set_mode("pass")
         client.put_object(Bucket=s3_bucket, Key="drip/d.json", Body=b"{}")
         assert proxy.counts["accepted"] == 3
@@ -203,8 +215,7 @@ def test_retry_after_a_timeout_opens_a_new_connection(s3_endpoint, s3_bucket):
 def test_captive_portal_page_reaches_botocore_intact(s3_endpoint, s3_bucket):
     with FaultProxy(_port(s3_endpoint)) as proxy:
         proxy.set_mode("portal")
-        client = _s3(proxy.url)
-        transport.install_deadline_sender(client, connect_timeout_s=2)
+        client, _ = _bounded(proxy.url)
         answers: list[dict] = []
 
         def capture(response_dict: dict, **_: object) -> None:
@@ -225,9 +236,7 @@ def test_captive_portal_page_reaches_botocore_intact(s3_endpoint, s3_bucket):
 def test_server_that_never_answers(s3_endpoint, s3_bucket, tmp_path):
     with FaultProxy(_port(s3_endpoint)) as proxy:
         proxy.set_mode("blackhole")
-        client = _s3(proxy.url)
-        transport.install_deadline_sender(client, connect_timeout_s=1,
-                                          deadline_for=lambda request: 1.5)
+        client, _ = _bounded(proxy.url, deadline_s=1.5)
         with pytest.raises(bx.ReadTimeoutError):
             client.put_object(Bucket=s3_bucket, Key="hole/a.json", Body=b"{}")
         wait_until(lambda: proxy.counts["client_gone"] >= 1, what="the client to hang up")
@@ -236,11 +245,8 @@ def test_server_that_never_answers(s3_endpoint, s3_bucket, tmp_path):
     context = ca.server_context(ca.issue("s3.local", server=True))
     with FaultProxy(_port(s3_endpoint), server_context=context) as proxy:
         proxy.set_mode("blackhole")  # accepts TCP, never starts TLS
-        client = _s3(proxy.url)
-        transport.install_deadline_sender(
-            client, connect_timeout_s=1,
-            ssl_context=transport.make_ssl_context(ca_file=str(ca.cert_file)))
-        with pytest.raises(bx.ConnectTimeoutError) as info:
+        client, _ = _bounded(proxy.url, deadline_s=1.5, verify=str(ca.cert_file))
+        with pytest.raises((bx.ConnectTimeoutError, bx.ReadTimeoutError)) as info:
             client.put_object(Bucket=s3_bucket, Key="hole/b.json", Body=b"{}")
         wait_until(lambda: proxy.counts["client_gone"] >= 1, what="the client to hang up")
     assert classify_error(info.value, bucket=s3_bucket, key="hole/b.json").code == "Timeout"
@@ -249,22 +255,151 @@ def test_server_that_never_answers(s3_endpoint, s3_bucket, tmp_path):
 def test_refused_port(s3_endpoint, s3_bucket):
     with FaultProxy(_port(s3_endpoint)) as proxy:
         proxy.set_mode("refuse")
-        client = _s3(proxy.url)
-        transport.install_deadline_sender(client, connect_timeout_s=1)
+        client, _ = _bounded(proxy.url)
         with pytest.raises(bx.EndpointConnectionError) as info:
             client.put_object(Bucket=s3_bucket, Key="refused/a.json", Body=b"{}")
     error = classify_error(info.value, bucket=s3_bucket, key="refused/a.json")
     assert (error.retryable, error.code) == (True, "ConnectionError")
 
 
-def test_install_declines_when_a_proxy_applies(s3_env, monkeypatch):
-    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    monkeypatch.delenv("no_proxy", raising=False)
-    client = _s3("http://s3.example.invalid:9000")  # never contacted
-    before = client._endpoint.http_session
-    assert transport.install_deadline_sender(client, connect_timeout_s=1) is None
-    assert client._endpoint.http_session is before
+def test_the_deadline_holds_through_an_https_proxy(tmp_path, s3_endpoint, s3_bucket,
+                                                   monkeypatch):
+    ca = TestCA(tmp_path / "pki")
+    context = ca.server_context(ca.issue("s3.local", server=True))
+    for key in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    with FaultProxy(_port(s3_endpoint), server_context=context) as tls, \
+            FaultProxy(tls.port, drip_interval_s=0.05) as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.port}")
+        proxy.set_mode("tunnel")
+        client, _ = _bounded(tls.url, deadline_s=2.0, verify=str(ca.cert_file))
+        client.put_object(Bucket=s3_bucket, Key="proxy/a.json", Body=b"{}")
+        assert proxy.counts["tunnels"] == 1  # the request went through the proxy
+        proxy.set_mode("tunnel-drip")  # the TLS handshake and all after it, 20 bytes/s
+        with pytest.raises((bx.ReadTimeoutError, bx.ConnectTimeoutError)):
+            client.put_object(Bucket=s3_bucket, Key="proxy/b.json", Body=b"{}")
+        wait_until(lambda: proxy.counts["client_gone"] >= 1, what="the client to hang up")
+        # the handshake alone would take over a minute at that rate: the deadline cut it
+        assert 0 < proxy.counts["drip_bytes"] < 2.0 / 0.05 + 20
+
+
+def test_name_resolution_is_bounded():
+    release = threading.Event()
+
+    def never_answers(*args: object) -> list:
+        release.wait(30)
+        return []
+
+    try:
+        with pytest.raises(TimeoutError, match=r"name resolution of s3\.example\.test"):
+            transport.resolve("s3.example.test", 443, 0.2, getaddrinfo=never_answers)
+    finally:
+        release.set()
+
+
+def test_two_different_content_lengths_are_not_a_delivery(s3_endpoint, s3_bucket):
+    with FaultProxy(_port(s3_endpoint)) as proxy:
+        proxy.set_mode("conflict")
+        client, _ = _bounded(proxy.url)
+        uploader = Uploader(client, bucket=s3_bucket)
+        body = b"%PDF conflict"
+        with pytest.raises(UploadError) as info:
+            uploader.put_new("ecg-reports/c.pdf", body, sha256=hashlib.sha256(body).hexdigest(),
+                             metadata={}, content_type="application/pdf")
+    assert info.value.retryable and info.value.scope == "queue"
+    assert "multiple unmatching values" in str(info.value.__cause__)
+
+
+def test_an_interim_answer_with_an_etag_is_not_the_final_one(s3_endpoint, s3_bucket):
+    with FaultProxy(_port(s3_endpoint)) as proxy:
+        proxy.set_mode("interim")
+        client, _ = _bounded(proxy.url)
+        answers: list[int] = []
+        client.meta.events.register("before-parse.s3.PutObject",
+                                    lambda response_dict, **_: answers.append(
+                                        response_dict["status_code"]))
+        uploader = Uploader(client, bucket=s3_bucket)
+        body = b"%PDF interim"
+        with pytest.raises(UploadError) as info:
+            uploader.put_new("ecg-reports/i.pdf", body, sha256=hashlib.sha256(body).hexdigest(),
+                             metadata={}, content_type="application/pdf")
+    assert answers == [200]  # the portal's page, not the "103" with its ETag and SHA-256
+    assert info.value.code == "Unproven"
+
+
+def test_a_download_may_take_as_long_as_its_body_at_the_minimum_rate(s3_endpoint, s3_bucket):
+    body = bytes(range(256)) * 192  # 48 KiB, paced at 16 KiB/s: about 3 s
+    _s3(s3_endpoint).put_object(Bucket=s3_bucket, Key="paced/a.bin", Body=body)
+    with FaultProxy(_port(s3_endpoint), pace_bps=16 * 1024) as proxy:
+        proxy.set_mode("pace")
+        for rate, completes in ((1 << 20, False), (8 * 1024, True)):
+            client = _s3(proxy.url)
+            # 1.5 s for a request; the 48 KiB body adds 0.05 s at 1 MiB/s, 6 s at 8 KiB/s
+            transport.install(client, Deadlines(connect_timeout_s=0.5, read_timeout_s=1.0,
+                                                min_rate_bps=rate))
+            if completes:
+                got = client.get_object(Bucket=s3_bucket, Key="paced/a.bin")["Body"].read()
+                assert got == body
+            else:
+                with pytest.raises(bx.ReadTimeoutError):
+                    client.get_object(Bucket=s3_bucket, Key="paced/a.bin")["Body"].read()
+
+
+# --- the answers that must end: endless, huge, dripping; in a child process -------------------
+
+def _probe(case: str, url: str, *extra: str) -> dict:
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    for key in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
+        env.pop(key, None)
+    done = subprocess.run([sys.executable, "-m", "tests.functional.transport_probe", case, url,
+                           *extra], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=Path(__file__).resolve().parents[2], check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# a loaded 2-core machine runs several suites at once: "ends" is checked against the deadline
+# with room to spare; what the issue measured was 90 s for a 10 s deadline
+_SLACK_S = 5.0
+_RSS_MB = 150
+
+
+@pytest.mark.parametrize("mode, case, outcome, code", [
+    ("endless", "put", "AnswerTooLarge", None),
+    ("huge", "put", "AnswerTooLarge", None),
+    ("endless", "get", "AnswerTooLarge", None),
+    ("huge", "get", "AnswerTooLarge", None),
+    ("endless", "verify-get", "UploadError", "AnswerTooLarge"),
+    ("drip", "put", "ReadTimeoutError", None),
+    ("drip", "get", "ReadTimeoutError", None),
+])
+def test_every_answer_ends_within_its_deadline_and_memory(s3_endpoint, mode, case, outcome,
+                                                         code):
+    with FaultProxy(_port(s3_endpoint), drip_interval_s=0.2) as proxy:
+        proxy.set_mode(mode)
+        result = _probe(case, proxy.url)
+        wait_until(lambda: proxy.counts["client_gone"] >= 1,
+                   what="the client to hang up")
+    assert (result["outcome"], result["code"]) == (outcome, code), result
+    assert result["elapsed_s"] <= result["cap_s"] + 1 + _SLACK_S, result
+    assert result["peak_rss_mb"] < _RSS_MB, result
+    # what was sent is bounded by the answer's limit (8 MiB + 64 KiB for a download) plus
+    # what the kernel's socket buffers hold; the issue saw 399-589 MB and 3 GB
+    assert proxy.counts["junk_bytes"] < (9 << 20) + (32 << 20), proxy.counts
+
+
+def test_a_huge_credentials_answer_ends_bounded(tmp_path):
+    ca = TestCA(tmp_path / "pki")
+    device = ca.issue("SN-PROBE")
+    context = ca.server_context(ca.issue("iot.local", server=True))
+    with FaultProxy(1, server_context=context) as provider:
+        provider.set_mode("huge")  # 200 OK, Content-Length 3 GB, junk at full speed
+        result = _probe("credentials", provider.url, str(ca.cert_file), str(device.cert_file),
+                        str(device.key_file))
+        wait_until(lambda: provider.counts["client_gone"] >= 1, what="the client to hang up")
+    assert (result["outcome"], result["code"]) == ("UploadError", "MalformedCredentials"), result
+    assert result["peak_rss_mb"] < _RSS_MB, result
+    assert result["elapsed_s"] <= result["deadline_s"] + 1 + _SLACK_S, result
+    assert provider.counts["junk_bytes"] < 32 << 20
 
 
 # --- HTTP details on a small local server -----------------------------------------------------
@@ -299,6 +434,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
+
+    def do_HEAD(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def do_PUT(self) -> None:
         body = self._body()
@@ -346,6 +486,7 @@ def http_server(request) -> Iterator[ThreadingHTTPServer]:
     server.connections = 0  # type: ignore[attr-defined]
     server.requests = []  # type: ignore[attr-defined]
     server.stop = threading.Event()  # type: ignore[attr-defined]
+    server.handle_error = lambda request, address: None  # a client hanging up is no news
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                               name="test-http-server")
     server.thread = thread  # type: ignore[attr-defined]
@@ -361,68 +502,29 @@ def _start(server: ThreadingHTTPServer) -> str:
     return f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def test_chunked_answer_and_streamed_request_bodies(http_server):
+def test_chunked_answer_and_a_made_up_length(http_server):
     url = _start(http_server)
-    got = transport.send("GET", f"{url}/chunked", {}, deadline_s=5, connect_timeout_s=2)
+    got = transport.fetch(f"{url}/chunked", {}, deadline_s=5, connect_timeout_s=2,
+                          max_bytes=1 << 20)
     assert got.status == 200 and got.body == b"first,second," + b"x" * 70000
     assert got.header("transfer-encoding") == "chunked"
-
-    class Unseekable(io.RawIOBase):
-        def __init__(self, data: bytes) -> None:
-            self._data = io.BytesIO(data)
-
-        def readable(self) -> bool:
-            return True
-
-        def read(self, size: int = -1) -> bytes:
-            return self._data.read(size)
-
-    payload = bytes(range(256)) * 600
-    for body in (iter([payload[:1000], payload[1000:]]), Unseekable(payload),
-                 io.BytesIO(payload), payload):
-        answer = transport.send("PUT", f"{url}/echo", {"Expect": "100-continue"}, body,
-                                deadline_s=5, connect_timeout_s=2)
-        assert answer.body == hashlib.sha256(payload).hexdigest().encode()
-    framing = [(h.get("Transfer-Encoding"), h.get("Content-Length"), h.get("Expect"))
-               for h, _ in http_server.requests]
-    assert framing == [("chunked", None, None), ("chunked", None, None),
-                       (None, str(len(payload)), None), (None, str(len(payload)), None)]
-
-
-def test_keep_alive_reuse_and_no_reuse_after_close_or_timeout(http_server):
-    url = _start(http_server)
-    pool = transport.ConnectionPool()
-    try:
-        for _ in range(3):
-            r = transport.send("GET", f"{url}/", {}, deadline_s=5, connect_timeout_s=2,
-                               pool=pool)
-            assert r.body == b"hello"
-        assert (pool.opened, pool.reused, http_server.connections) == (1, 2, 1)
-        transport.send("GET", f"{url}/close", {}, deadline_s=5, connect_timeout_s=2, pool=pool)
-        transport.send("GET", f"{url}/", {}, deadline_s=5, connect_timeout_s=2, pool=pool)
-        assert (pool.opened, http_server.connections) == (2, 2)
-        with pytest.raises(transport.DeadlineExceeded):
-            transport.send("GET", f"{url}/slow", {}, deadline_s=0.5, connect_timeout_s=2,
-                           pool=pool)
-        transport.send("GET", f"{url}/", {}, deadline_s=5, connect_timeout_s=2, pool=pool)
-        assert pool.opened == 3  # the timed-out connection was not given back
-    finally:
-        pool.close()
-
-
-def test_answer_bytes_arriving_at_the_minimum_rate_extend_the_deadline(http_server):
-    url = _start(http_server)
-    with pytest.raises(transport.DeadlineExceeded) as info:
-        transport.send("GET", f"{url}/slow", {}, deadline_s=0.8, connect_timeout_s=2)
+    with pytest.raises(transport.DeadlineExceeded) as info:  # 64000 bytes over 1.6 s
+        transport.fetch(f"{url}/slow", {}, deadline_s=0.8, connect_timeout_s=2)
     assert info.value.phase == "receive"
-    # each 8000-byte piece earns 0.5 s at 16000 B/s: the same paced answer now completes
-    got = transport.send("GET", f"{url}/slow", {}, deadline_s=0.8, connect_timeout_s=2,
-                         response_min_rate_bps=16000)
-    assert got.body == b"s" * 64000
-    # a drip behind a made-up Content-Length earns nothing
+    # a drip behind a made-up Content-Length of 1 GB buys no time
     with pytest.raises(transport.DeadlineExceeded):
-        transport.send("GET", f"{url}/lying", {}, deadline_s=0.8, connect_timeout_s=2,
-                       response_min_rate_bps=16000)
+        transport.fetch(f"{url}/lying", {}, deadline_s=0.8, connect_timeout_s=2,
+                        max_bytes=10**9)
+    with pytest.raises(transport.OversizedAnswer):
+        transport.fetch(f"{url}/chunked", {}, deadline_s=5, connect_timeout_s=2,
+                        max_bytes=1000)
+
+
+def test_keep_alive_connections_are_reused(http_server, s3_env):
+    client, session = _bounded(_start(http_server))  # answers every HEAD 200, keep-alive
+    for _ in range(3):
+        client.head_bucket(Bucket="kept")
+    assert (session.requests, http_server.connections) == (3, 1)
 
 
 def test_https_verifies_the_server_and_sends_sni(http_server, tmp_path: Path):
@@ -432,11 +534,11 @@ def test_https_verifies_the_server_and_sends_sni(http_server, tmp_path: Path):
     context.sni_callback = lambda sock, name, ctx: names.append(name)
     http_server.socket = context.wrap_socket(http_server.socket, server_side=True)
     port = _start(http_server).rsplit(":", 1)[1]
-    trusted = transport.make_ssl_context(ca_file=str(ca.cert_file))
-    got = transport.send("GET", f"https://localhost:{port}/", {}, deadline_s=5,
-                         connect_timeout_s=2, ssl_context=trusted)
+    trusted = ssl.create_default_context(cafile=str(ca.cert_file))
+    got = transport.fetch(f"https://localhost:{port}/", {}, deadline_s=5,
+                          connect_timeout_s=2, ssl_context=trusted)
     assert got.body == b"hello" and names == ["localhost"]
     with pytest.raises(transport.TLSError) as info:
-        transport.send("GET", f"https://localhost:{port}/", {}, deadline_s=5,
-                       connect_timeout_s=2)  # system store only
+        transport.fetch(f"https://localhost:{port}/", {}, deadline_s=5,
+                        connect_timeout_s=2)  # system store only
     assert info.value.verify_message and info.value.phase == "tls"

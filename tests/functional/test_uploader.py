@@ -403,10 +403,33 @@ def test_make_client_uses_standard_retries_and_timeouts(tmp_path):
     config = make_client(settings).meta.config
     assert config.retries == {"mode": "standard", "total_max_attempts": 7}
     assert config.connect_timeout == 2 and config.read_timeout == 5
-    from device_agent.transport import DeadlineSender
+    from device_agent.transport import DeadlineSession
 
-    sender = make_client(settings)._endpoint.http_session
-    assert isinstance(sender, DeadlineSender), "every request has a total deadline"
+    session = make_client(settings)._endpoint.http_session
+    assert isinstance(session, DeadlineSession), "every request has a total deadline"
+
+
+def test_one_deadline_value_for_the_transport_and_the_watchdog(tmp_path):
+    import threading
+    import types
+
+    settings = _settings(tmp_path, "http://127.0.0.1:9", AWS_S3_BUCKET="b",
+                         S3_MIN_RATE_KBPS="4", S3_MAX_ATTEMPTS="2")
+    uploader = Uploader.from_settings(settings)
+    session = uploader.client._endpoint.http_session
+    assert session.deadlines is uploader.deadlines  # computed once, shared
+    mib = 1 << 20
+    assert uploader.deadlines.request_s(mib) == 2 + 5 + 256  # 1 MiB at 4 KiB/s
+    assert uploader.max_duration_s(mib) == 2 * (7 + 256 + 20)
+    # a download's deadline follows the same rate (the answer's announced length) and cap
+    assert uploader.deadlines.request_s(10**12) == uploader.deadlines.cap_s
+    drainer = Drainer(Outbox(tmp_path / "o.sqlite3"), uploader, clock=Clock(check="floor"),
+                      stop=threading.Event(), executor=SynchronousExecutor())
+    try:
+        item = types.SimpleNamespace(size=mib)
+        assert drainer._limit(item) == uploader.max_duration_s(mib) + 30  # the watchdog's
+    finally:
+        drainer.close()
 
 
 def test_boto3_and_numpy_are_not_imported_by_the_light_modules():

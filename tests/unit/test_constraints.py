@@ -37,3 +37,19 @@ def test_installed_version_is_the_constrained_one(name: str) -> None:
         f"{name} {installed} is installed but constraints.txt pins {wanted}: "
         "reinstall with 'make clean test', or record a tested upgrade with 'make constraints'"
     )
+
+
+@pytest.mark.parametrize("name", ("boto3", "botocore", "urllib3"))
+def test_pyproject_bounds_what_was_tested(name: str) -> None:
+    """The HTTP stack has an upper bound in pyproject, and the pinned version is inside it."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pyproject = CONSTRAINTS.parent / "pyproject.toml"
+    deps = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["dependencies"]
+    (requirement,) = [Requirement(d) for d in deps if Requirement(d).name == name]
+    assert any(spec.operator == "<" for spec in requirement.specifier), (
+        f"pyproject.toml: {requirement} has no upper bound")
+    assert requirement.specifier.contains(_pins()[name]), (
+        f"constraints.txt pins {name} {_pins()[name]}, outside pyproject's {requirement}")
