@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,7 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from device_agent import __version__, dicom, ecgdata, report
-from device_agent.clock import Clock, HoldTicket, held_dir, hold, ready
+from device_agent.clock import (
+    Clock,
+    HoldTicket,
+    held_dir,
+    hold,
+    name_held,
+    ready,
+    release_folder,
+    sweep_released,
+)
 from device_agent.config import Settings
 from device_agent.disk import ensure_free_space
 from device_agent.errors import SerialLinkError
@@ -246,17 +254,22 @@ def hold_record(settings: Settings, record: Record, patient: Mapping[str, Any] |
     }, ticket)
 
 
-def release_held(settings: Settings, *, outbox: Outbox, clock: Clock) -> list[CaptureOutcome]:
+def release_held(settings: Settings, *, outbox: Outbox, clock: Clock,
+                 checkpoint: Callable[[str], None] = lambda name: None
+                 ) -> list[CaptureOutcome]:
     """Name, package and decide held records once the clock is known; returns them.
 
-    Idempotent across crashes: build_package reuses the folder of the same record id and
-    add_package ignores a package it already has; the held copy goes only after both.
-    Records held in an earlier boot can never be dated from the monotonic clock: they move to
-    STATE_DIR/undated/ for a person to decide, and are never named from a guess.
+    Idempotent across crashes: the name (time and record id) is made durable in the held
+    folder before any file is written under it, and a retry reuses it, whatever the clock
+    reads by then; build_package reuses the folder of the same record id and add_package
+    ignores a package it already has; the held copy goes only after both.
+    Records held in an earlier boot and never named can never be dated from the monotonic
+    clock: they move to STATE_DIR/undated/ for a person to decide, never named from a guess.
     """
     folder_root = held_dir(settings.state_dir)
     if not folder_root.is_dir():
         return []
+    sweep_released(folder_root)
     stampable, orphaned = ready(folder_root, clock)
     for folder in orphaned:
         undated = Path(settings.state_dir) / "undated" / folder.name
@@ -270,13 +283,18 @@ def release_held(settings: Settings, *, outbox: Outbox, clock: Clock) -> list[Ca
     released = []
     for folder, when in stampable:
         record = ecgdata.loads((folder / "ecg_data.json").read_bytes(), source=str(folder))
-        record = dataclasses.replace(record, acquired_at=when.astimezone())
+        name = name_held(folder, when, record.record_id or str(uuid.uuid4()))
+        checkpoint("held.named")
+        record = dataclasses.replace(record, acquired_at=name.acquired_at,
+                                     record_id=name.record_id)
         patient = json.loads((folder / "patient.json").read_bytes())
         request = json.loads((folder / "request.json").read_bytes())
         outcome = package_and_decide(record, patient, settings, outbox,
                                      out_root=Path(request["out_root"]),
-                                     withheld=bool(request["no_upload"]))
-        shutil.rmtree(folder)
+                                     withheld=bool(request["no_upload"]),
+                                     checkpoint=checkpoint)
+        checkpoint("held.packaged")
+        release_folder(folder)
         log.info("held capture named %s now that the clock is synchronised",
                  outcome.info.stamp if outcome.info else "?")
         released.append(outcome)
