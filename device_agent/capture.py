@@ -365,7 +365,8 @@ def find_capture(settings: Settings, outbox: Outbox, record_id: str) -> KeptCapt
             continue
         for folder in sorted(root.iterdir()):
             if _held_record_id(folder) == record_id:
-                return KeptCapture(record_id, None, state, folder)
+                return KeptCapture(record_id, None, state, folder,
+                                   WITHHELD if _held_withheld(folder) else None)
     return None
 
 
@@ -376,6 +377,13 @@ def _held_record_id(folder: Path) -> str | None:
         return None
     rid = doc.get("record_id") if isinstance(doc, dict) else None
     return str(rid) if rid else None
+
+
+def _held_withheld(folder: Path) -> bool:
+    try:
+        return bool(json.loads((folder / "request.json").read_bytes()).get("no_upload"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 _KEPT_AS = {
@@ -393,6 +401,9 @@ def kept_answer(kept: KeptCapture) -> dict[str, Any]:
     It names the record (id and stamp), never the patient: the answer is printed and logged.
     """
     named = f"record {kept.record_id}" + (f" ({kept.stamp})" if kept.stamp else "")
+    kept_as = _KEPT_AS.get(kept.state, kept.state)
+    if kept.state == "held" and kept.reason == WITHHELD:
+        kept_as = "held until the clock is synchronised, then named and kept, not uploaded"
     base = {"record_id": kept.record_id, "stamp": kept.stamp, "folder": str(kept.folder),
             "recovered": True, "state": kept.state, "held": kept.state == "held",
             "queued": kept.state in (QUEUED, DELIVERED), "delivered": kept.state == DELIVERED,
@@ -404,4 +415,4 @@ def kept_answer(kept: KeptCapture) -> dict[str, Any]:
             f"({kept.reason or 'quality'}), never uploaded: check the cable and capture again")}
     return {**base, "ok": True, "exit_code": 0, "warnings": [
         f"the service restarted during this capture, but the capture was kept as {named}, "
-        f"{_KEPT_AS.get(kept.state, kept.state)}: do not capture this patient again"]}
+        f"{kept_as}: do not capture this patient again"]}

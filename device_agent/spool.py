@@ -211,7 +211,7 @@ class Spool:
                 if kept is not None:
                     try:
                         answer = kept(record_id_for(path.stem))
-                    except (OSError, ValueError) as exc:
+                    except Exception as exc:  # a failed look-up must not stop the start
                         log.error("cannot tell whether capture request %s was kept: %s",
                                   path.stem, exc)
                         answer = {"ok": False, "exit_code": 1, "error": (

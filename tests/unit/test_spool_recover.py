@@ -157,3 +157,27 @@ def test_a_rejected_capture_names_its_record_and_says_capture_again(unit):
     assert answer["ok"] is False and answer["exit_code"] == 1
     assert answer["record_id"] == rid and answer["stamp"] == outcome.info.stamp
     assert "rejected (lead II flat)" in answer["error"] and "capture again" in answer["error"]
+
+
+def test_a_failed_look_up_does_not_stop_the_start_and_says_check_first(unit):
+    settings, _outbox = unit
+    spool, request, _rid = _claimed(settings)
+
+    def broken(rid: str):
+        raise RuntimeError("database disk image is malformed")
+
+    assert Spool(settings.state_dir).recover(broken) == 1
+    answer = spool.wait(request, timeout_s=1)
+    assert answer["ok"] is False and "cannot tell whether it was kept" in answer["error"]
+    assert "queue list" in answer["error"]
+
+
+def test_a_held_withheld_record_is_not_promised_an_upload(unit):
+    settings, outbox = unit
+    spool, request, rid = _claimed(settings)
+    hold_record(settings, _record(settings, rid), PATIENT,
+                HoldTicket(time.monotonic(), boot_id(), 3600.0),
+                out_root=Path(settings.state_dir) / "records", withheld=True)
+    answer = _recover(settings, outbox, spool, request)
+    assert answer["ok"] and answer["held"] and not answer["queued"]
+    assert "not uploaded" in answer["warnings"][0] and "queued" not in answer["warnings"][0]
