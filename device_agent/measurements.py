@@ -103,8 +103,12 @@ class Measurements:
         return self.reasons.get(name)
 
 
-def measure_record(record: Record, *, mains_hz: float = 50.0) -> Measurements:
-    """Measure one 12-lead record; every value None that fails its own quality check."""
+def measure_record(record: Record, *, mains_hz: float = 50.0,
+                   conf: delineate.Conf = delineate.DEFAULT_CONF) -> Measurements:
+    """Measure one 12-lead record; every value None that fails its own quality check.
+
+    `conf` holds the delineator's thresholds (delineate.Conf; the fold runs vary them).
+    """
     values: dict[str, float | None] = dict.fromkeys(MEASUREMENT_NAMES)
     reasons: dict[str, str] = {}
 
@@ -124,7 +128,7 @@ def measure_record(record: Record, *, mains_hz: float = 50.0) -> Measurements:
         return _result(values, reasons, 0)
     values["heart_rate_bpm"] = round(float(beats.heart_rate_bpm or 0.0), 1)
     values["rr_ms"] = round(float(beats.rr_mean_ms or 0.0))
-    d = delineate.delineate(leads, fs, beats.beats, mains_hz=mains_hz, live=live)
+    d = delineate.delineate(leads, fs, beats.beats, mains_hz=mains_hz, live=live, conf=conf)
     n = len(d.beats)
     rest = MEASUREMENT_NAMES[2:]
     if d.paced_beats >= max(MIN_PACED_BEATS, PACED_FRACTION * d.detections):
