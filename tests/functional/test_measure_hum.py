@@ -4,8 +4,9 @@ Every fourth shipped LUDB record (25 of them; tests/data/ludb, ODC-By 1.0) as th
 builds it (III, aVR, aVL, aVF derived), with hum at 200, 600 and 1500 uV on the eight
 measured leads plus a third of that at the first harmonic, and ECG_MAINS_HZ set to the hum's
 frequency. Heart rate stays within 3 bpm of the cardiologists' (regular rhythms) and of the
-hum-free measurement, and PR, QRS and QT against the cardiologists keep the accuracy
-table's limits (bench/accuracy.py's AIMS), with as many records measured as without hum.
+hum-free measurement, PR, QRS and QT within 4 ms of it, and against the cardiologists
+within the accuracy table's limits (bench/folds.py's LIMITS: the aims where met, else the
+figures reached), with as many records measured as without hum.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ LUDB = REPO / "tests" / "data" / "ludb"
 LEVELS_UV = (200.0, 600.0, 1500.0)
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", REPO / "bench" / "accuracy.py")
+def _folds():
+    spec = importlib.util.spec_from_file_location("bench_folds", REPO / "bench" / "folds.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -52,27 +53,29 @@ def cases():
 
 @pytest.mark.parametrize("hz", [50.0, 60.0])
 def test_hum_at_the_mains_setting_keeps_rate_and_intervals(cases, hz):
-    aims = _bench().AIMS
+    limits = _folds().LIMITS  # what the accuracy table asserts (aims, or the figures reached)
     clean = {rid: measure_record(rec, mains_hz=hz) for rid, rec, _ in cases}
     for uv in LEVELS_UV:
-        diffs: dict[str, list[float]] = {name: [] for name in aims}
-        counts = dict.fromkeys(aims, 0)
+        diffs: dict[str, list[float]] = {name: [] for name in limits}
+        counts = dict.fromkeys(limits, 0)
         for rid, rec, ref in cases:
             got = measure_record(with_mains(rec, hz, uv), mains_hz=hz)
             base = clean[rid]
             assert got.heart_rate_bpm is not None, (rid, uv, got.reasons)
             assert abs(got.heart_rate_bpm - (base.heart_rate_bpm or 0)) <= 3.0, (rid, uv)
             assert "mains hum" not in " ".join(got.reasons.values()), (rid, uv, got.reasons)
-            for name in aims:
+            for name in limits:
                 counts[name] += base.value(name) is not None
                 value, want = got.value(name), getattr(ref, name)
+                if value is not None and base.value(name) is not None:
+                    assert abs(value - (base.value(name) or 0)) <= 4.0, (rid, uv, name)
                 if value is not None and want is not None:
                     diffs[name].append(value - want)
-        for name, (aim_mean, aim_sd) in aims.items():
+        for name, (limit_mean, limit_sd) in limits.items():
             d = np.array(diffs[name])
             assert len(d) >= counts[name] - 1, (hz, uv, name, len(d), counts[name])
-            assert abs(d.mean()) <= aim_mean and d.std() <= aim_sd, (hz, uv, name, d.mean(),
-                                                                     d.std())
+            assert abs(d.mean()) <= limit_mean and d.std() <= limit_sd, (hz, uv, name,
+                                                                         d.mean(), d.std())
 
 
 def test_hum_keeps_heart_rate_within_3_bpm_of_the_cardiologists(cases):
