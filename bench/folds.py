@@ -1,7 +1,8 @@
 """Out-of-fold accuracy on the shipped LUDB records: tune on four folds, score the fifth.
 
-Run as `.venv/bin/python bench/folds.py`; tests/functional/test_measure_accuracy.py loads
-this file and asserts on the same numbers (`run_folds`, `fold_rows`).
+Run as `.venv/bin/python bench/folds.py [--sensitivity]`;
+tests/functional/test_measure_accuracy.py loads this file and asserts on the same numbers
+(`run_folds`, `fold_rows`, `sensitivity`).
 
 Why: the delineator's thresholds and calibration (delineate.Conf) were tuned on the same
 100 records bench/accuracy.py scores it on, so that table is in-sample. Here each record
@@ -275,6 +276,28 @@ def fold_rows(run: FoldRun, inside: list) -> list[dict]:
     return rows
 
 
+# In-sample sensitivity of the unmet SDs to thresholds beyond the grid (README, Limits of
+# the table): `bench/folds.py --sensitivity`.
+SENSITIVITY: tuple[dict[str, float], ...] = (
+    {"qrs_edge": 0.003}, {"qrs_edge": 0.005}, {"qrs_edge": 0.02}, {"qrs_core": 0.2},
+    {"qrs_core": 0.4}, {"low_pass_hz": 40.0}, {"t_smooth_s": 0.012}, {"t_smooth_s": 0.016},
+    {"t_end_search_s": 0.4},
+)
+
+
+def sensitivity(cases: list[Case], measure: Measurer | None = None
+                ) -> list[tuple[dict[str, float], dict[str, float]]]:
+    """(changes, {interval: SD ms}) for each SENSITIVITY variant, on every record."""
+    measure = Measurer(cases) if measure is None else measure
+    ids = [c.record_id for c in cases]
+    rows = []
+    for changes in SENSITIVITY:
+        got = measure(DEFAULT_CONF.replace(**changes), ids)
+        rows.append((changes, {name: float(_errors(cases, got, name).std())
+                               for _, name in INTERVALS}))
+    return rows
+
+
 COLUMNS = ("quantity", "in_sample", "out_of_fold", "aim", "met")
 HEADINGS = ("quantity", "in-sample (mean +/- SD, measured / with a reference)",
             "out-of-fold (5 folds)", "aim (out of fold)", "met")
@@ -291,6 +314,10 @@ def table_lines(run: FoldRun, inside: list) -> list[str]:
 def main() -> int:
     cases = load_cases()
     measure = Measurer(cases)
+    if "--sensitivity" in sys.argv[1:]:
+        for changes, sds in sensitivity(cases, measure):
+            print(changes, ", ".join(f"{name} SD {sd:.1f}" for name, sd in sds.items()))
+        return 0
     inside = in_sample(cases, measure)
     run = run_folds(cases, measure)
     print(f"LUDB shipped records ({len(cases)}), {FOLDS} folds (record i in fold i % "

@@ -244,6 +244,16 @@ def test_tuning_sees_only_its_training_records(folds, fold_run):
     assert isinstance(conf, folds.Conf)
 
 
+@pytest.mark.slow
+def test_no_threshold_beyond_the_grid_closes_the_qrs_or_qt_gap(folds, fold_run):
+    """README: QRS SDs 10.2-10.7 (11.0 at 40 Hz), QT 25.3-26.3 for the T variants."""
+    cases, measure, _ = fold_run
+    for changes, sds in folds.sensitivity(cases, measure):
+        assert sds["qrs_ms"] > folds.AIMS["qrs_ms"][1], (changes, sds)
+        if any(k.startswith("t_") for k in changes):
+            assert sds["qt_ms"] > 25.0, (changes, sds)
+
+
 def test_readme_table_is_the_out_of_fold_run(folds, fold_run, results):
     _, measure, run = fold_run
     inside = folds.in_sample(fold_run[0], measure)
