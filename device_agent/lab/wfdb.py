@@ -1,8 +1,10 @@
-"""Read and write WFDB records (format 16) with numpy alone: the simulator's and the tests'
-source, and an export format for research tools.
+"""Read and write WFDB records with numpy alone: the simulator's and the tests' source, an
+input `measure` accepts, and an export format for research tools.
 
-A sample stored as -32768 is WFDB's invalid value: it reads as NaN, and a Record built
-from it marks the sample lost. The writer stores a Record exactly: 1 ADC unit per uV
+The reader follows header(5) (see read_record: formats 16, 61, 80, 160, 212, 24, 32,
+samples per frame, skew, byte offset); the writer writes format 16. A sample stored as the
+format's invalid value (-32768 in format 16) reads as NaN, and a Record built from it
+marks the sample lost. The writer stores a Record exactly: 1 ADC unit per uV
 (gain 1000/mV) and a per-lead baseline that centres the lead when its received samples
 would not otherwise fit -32767..32767; only a lead spanning more than 65534 uV is stored in
 coarser whole-uV steps (the gain says which).
