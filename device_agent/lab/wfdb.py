@@ -147,7 +147,7 @@ def read_record(path: Path | str) -> WfdbRecord:
 
     The header is read as header(5) defines it: the record line's frequency (counter
     frequency and base counter ignored; 250 Hz when absent) and sample count (from the data
-    file when absent), and per signal the format field `format[xspf][:skew][+offset]`:
+    file when absent or 0), and per signal the format field `format[xspf][:skew][+offset]`:
     formats 16, 61, 80, 160, 212, 24 and 32; samples per frame (a signal with k samples in
     each frame is read at k times the frame rate when every signal has k, else averaged over
     each frame as wfdb-python's smooth_frames does); skew (the signal's sample i is frame
@@ -158,8 +158,7 @@ def read_record(path: Path | str) -> WfdbRecord:
     hea = _header_path(path)
     lines = hea.read_text(encoding="utf-8").splitlines()
     comments = tuple(line.lstrip("# ").strip() for line in lines if line.startswith("#"))
-    body = [line.split("#")[0].split() for line in lines
-            if line.strip() and not line.lstrip().startswith("#")]
+    body = [line.split() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not body or len(body[0]) < 2:
         raise ValueError(f"{hea}: no record line (name and number of signals)")
     head = body[0]
@@ -172,7 +171,7 @@ def read_record(path: Path | str) -> WfdbRecord:
         if not freq:
             raise ValueError(f"{hea}: cannot read the sampling frequency {head[2]!r}")
         fs = float(freq["fs"])
-    n_frames = int(head[3]) if len(head) > 3 else None
+    n_frames = int(head[3]) if len(head) > 3 and int(head[3]) > 0 else None  # 0: unknown
     if len(body) < 1 + n_sig:
         raise ValueError(f"{hea}: {n_sig} signals declared, {len(body) - 1} specified")
     specs = [parse_signal_spec(hea, i, fields) for i, fields in enumerate(body[1 : 1 + n_sig])]

@@ -265,6 +265,13 @@ def test_byte_offset_belongs_to_the_file_and_sample_count_may_be_left_out(tmp_pa
     assert rec.lead_names == ("signal 0", "signal 1")
 
 
+def test_a_sample_count_of_zero_is_read_from_the_file_with_the_skew_taken_off(tmp_path):
+    data = np.array([[1, 2], [3, 4], [5, 6]], dtype="<i2").tobytes()
+    rec = _write(tmp_path, "r 2 100 0\nr.dat 16 1/uV 16 0 0 0 0 a\nr.dat 16:1 1/uV 16 0 0 0 0 b\n",
+                 data)
+    np.testing.assert_array_equal(rec.signals_uv, [[1, 3], [4, 6]])
+
+
 def test_counter_frequency_and_multiword_descriptions(tmp_path):
     rec = _write(tmp_path, "r 2 360/360(0) 1 10:00:00\nr.dat 212+0 200 11 1024 0 0 0 ECG lead II\n"
                            "r.dat 212 200 11 1024 0 0 0 V5\n",
