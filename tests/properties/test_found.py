@@ -63,3 +63,21 @@ def test_a_lone_user_called_users_is_not_taken_for_the_wrapper(s3_endpoint):
         unit.users_file.write_text(json.dumps({"users": {"a": {"full_name": "Synthetic"}}}))
         unit.run("sync", "--once")
         assert len(unit.objects()) == 2, "the wrapped dict form still reads as users"
+
+
+def test_a_report_with_a_modification_time_in_the_future_is_delivered(s3_endpoint):
+    """A report whose mtime is ahead of the clock (an RTC set wrong when it was written, a
+    copy that kept its times) was taken as "still being written" on every look: never
+    uploaded, without a line."""
+    import os
+    import time
+
+    with Unit(s3_endpoint) as unit:
+        unit.reports.mkdir()
+        path = unit.reports / "ECG_Report_20260124_121815.pdf"
+        path.write_bytes(b"%PDF-1.4 synthetic")
+        ahead = time.time() + 86400
+        os.utime(path, (ahead, ahead))
+        run = unit.run("sync", "--once")
+        assert_clean(run, codes={0})
+        assert list(unit.objects()) == ["ecg-reports/2026/01/24/ECG_Report_20260124_121815.pdf"]
