@@ -127,7 +127,8 @@ def read_users(path: Path | str, *, max_bytes: int = 4 << 20,
 
 def _is_users(value: Any) -> bool:
     """Whether the value of a lone `users` key is the users themselves (a list of entries,
-    or a dict of user entries), not one user's own fields (`{"users": {"password": ...}}`)."""
+    or a dict of user entries; `{}` is no users), not one user's own fields
+    (`{"users": {"password": ...}}`)."""
     if isinstance(value, list):
         return True
     return isinstance(value, dict) and all(isinstance(v, dict) for v in value.values())
