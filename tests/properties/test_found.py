@@ -4,10 +4,12 @@ through the real `sync --once` against moto's HTTP server."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from tests.properties.harness import Unit, assert_clean
+from tests.properties.harness import Run, Unit, assert_clean
 
 pytestmark = pytest.mark.functional
 
@@ -81,3 +83,27 @@ def test_a_report_with_a_modification_time_in_the_future_is_delivered(s3_endpoin
         run = unit.run("sync", "--once")
         assert_clean(run, codes={0})
         assert list(unit.objects()) == ["ecg-reports/2026/01/24/ECG_Report_20260124_121815.pdf"]
+
+
+@pytest.mark.parametrize("age", ["²", "⑤", "45²"])
+def test_an_age_of_digits_int_cannot_read_is_refused_in_one_line(tmp_path, age):
+    """`"²".isdigit()` is true but `int("²")` raises: the patient gate let a ValueError
+    out ("unexpected error", exit 1) instead of its one line and exit 2."""
+    from device_agent.errors import PatientDetailsError
+    from device_agent.patient import validate_patient
+
+    with pytest.raises(PatientDetailsError, match="'age' must be a whole number 0-150"):
+        validate_patient({"first_name": "Synthetic", "age": age})
+    assert validate_patient({"age": "١٥٠"}) == {"age": "١٥٠"}, "decimal digits of a script"
+    patient = tmp_path / "patient.json"
+    patient.write_text(json.dumps({"age": age}))
+    argv = ["--set", f"STATE_DIR={tmp_path / 'state'}", "--set", "CLOUD_UPLOAD_ENABLED=false",
+            "capture", "--direct", "--port", "loop://", "--seconds", "1",
+            "--patient", str(patient)]
+    proc = subprocess.run([sys.executable, "-m", "device_agent", *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    run = Run(argv, proc.returncode, proc.stdout, proc.stderr)
+    assert_clean(run, codes={2})
+    assert len(run.err_lines()) == 1 and "'age'" in run.err, run
+    assert not (tmp_path / "state" / "records").exists() or not list(
+        (tmp_path / "state" / "records").iterdir())
