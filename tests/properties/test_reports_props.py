@@ -117,7 +117,7 @@ def _write(folder: str, raw: str | bytes, body: bytes, mtime: datetime) -> str |
 
 def test_every_report_lands_once_under_its_own_date_and_its_name_is_shown_nowhere(
         size, s3_endpoint):
-    @examples(size, 8)
+    @examples(size, 6)
     @given(report_folders())
     def check(files: list[tuple[str | bytes, bool, datetime]]) -> None:
         with Unit(s3_endpoint) as unit:
