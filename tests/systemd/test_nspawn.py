@@ -1,0 +1,216 @@
+"""The unit under a real systemd (PID 1 in a systemd-nspawn container), driven from the host.
+
+One machine per run, the tests in file order: install and configure, start (READY=1),
+capture through the spool, the sandbox as the running service sees it, the watchdog
+(SIGSTOP, and a sync wedged in an upload), stop, the journal. Issue 27.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from tests.conftest import wait_until
+from tests.faultproxy import FaultProxy
+from tests.systemd.machine import Machine
+
+pytestmark = [pytest.mark.nspawn, pytest.mark.functional]
+
+UNIT = "device-agent"
+OPERATOR = "fieldeng"
+STATE = "/var/lib/device-agent/state"
+REPORTS = "/var/lib/device-agent/reports"
+ENV_FILE = "/etc/device-agent/device-agent.env"
+BOARD_LINK = "/run/ecg-board/tty"
+CAPTURE_S = 10
+SIM_SPEED = 5
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_endpoint: str) -> str:
+    """A versioned bucket: an object stored twice shows as two versions."""
+    client = _s3(s3_endpoint)
+    name = "tier-ecg-bucket"
+    client.create_bucket(Bucket=name)
+    client.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+    return name
+
+
+def _s3(endpoint: str) -> Any:
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def _versions(endpoint: str, bucket: str) -> dict[str, int]:
+    """Key -> how many versions of it the bucket holds."""
+    counts: dict[str, int] = {}
+    pages = _s3(endpoint).get_paginator("list_object_versions").paginate(Bucket=bucket)
+    for page in pages:
+        for v in page.get("Versions", []):
+            counts[v["Key"]] = counts.get(v["Key"], 0) + 1
+    return counts
+
+
+def _manifests(endpoint: str, bucket: str) -> dict[str, dict[str, Any]]:
+    client = _s3(endpoint)
+    found = {}
+    for key in _versions(endpoint, bucket):
+        if Path(key).name.startswith("manifest_"):
+            body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            found[key] = json.loads(body)
+    return found
+
+
+def _wrapper(m: Machine, *args: str, check: bool = True, timeout: float = 120) -> Any:
+    """`sudo device-agent ARGS` as the field engineer (README: field commands)."""
+    return m.run("sudo", "-n", "device-agent", *args, user=OPERATOR, check=check,
+                 timeout=timeout)
+
+
+def _main_pid(m: Machine) -> int:
+    return int(m.show(UNIT, "MainPID")["MainPID"])
+
+
+def _host_pid(m: Machine, inner_pid: int) -> int:
+    """The host's pid of the machine's process `inner_pid` (NSpid's last field)."""
+    ns = os.readlink(f"/proc/{m.leader}/ns/pid")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.readlink(entry / "ns/pid") != ns:
+                continue
+            for line in (entry / "status").read_text().splitlines():
+                if line.startswith("NSpid:") and int(line.split()[-1]) == inner_pid:
+                    return int(entry.name)
+        except (OSError, ValueError):
+            continue
+    raise AssertionError(f"no host process for pid {inner_pid} in the machine")
+
+
+# --- 1. install, configure, start ------------------------------------------------------------
+
+def test_install_as_the_readme_says(machine: Machine):
+    """install.sh made the user, the venv with the pinned versions, the unit, the wrapper."""
+    log = machine.install_log  # type: ignore[attr-defined]
+    assert "install: done" in log, log
+    user = machine.run("id", "device-agent").stdout
+    assert "dialout" in user, user
+    assert machine.show(UNIT, "UnitFileState")["UnitFileState"] == "enabled"
+    frozen = machine.run("/opt/device-agent/venv/bin/python", "-m", "pip", "freeze").stdout
+    pins = dict(line.split("==") for line in
+                machine.path("/opt/device-agent/src/constraints.txt").read_text().splitlines()
+                if "==" in line)
+    installed = dict(line.split("==") for line in frozen.splitlines() if "==" in line)
+    for name in ("boto3", "botocore", "urllib3", "numpy", "reportlab", "pydicom", "pyserial"):
+        assert installed.get(name) == pins[name], (name, installed.get(name), pins[name])
+
+
+def test_configure_as_an_operator(machine: Machine, endpoint: FaultProxy, bucket: str):
+    """The operator's edits: settings, static keys in the credentials folder, a sudo user;
+    a board (the simulator, run as the service user so the service may open its pty)."""
+    env = machine.path(ENV_FILE)
+    text = env.read_text()
+    for key, value in {"DEVICE_SERIAL": "TIER-0001", "AWS_S3_BUCKET": bucket,
+                       "AWS_S3_REGION": "us-east-1", "ECG_SERIAL_PORT": BOARD_LINK,
+                       "SYNC_INTERVAL_S": "1"}.items():
+        text = "\n".join(f"{key}={value}" if line.startswith(f"{key}=") else line
+                         for line in text.splitlines()) + "\n"
+    # This kernel reports no NTP sync; the tier's unit trusts its clock past the floor.
+    text += (f"AWS_ENDPOINT_URL_S3={endpoint.url}\nCLOCK_CHECK=floor\n"
+             # short deadlines, so a wedged upload is past its limit within a minute
+             "S3_CONNECT_TIMEOUT_S=1\nS3_READ_TIMEOUT_S=2\nS3_MAX_ATTEMPTS=1\n"
+             "S3_MIN_RATE_KBPS=1000\nREPORT_MAX_MB=1\n")
+    env.write_text(text)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        machine.path(f"/etc/device-agent/credentials/{name}").write_text("testing")
+    machine.run("useradd", "-m", "-G", "sudo", "-s", "/bin/sh", OPERATOR)
+    machine.path(f"/etc/sudoers.d/{OPERATOR}").write_text(f"{OPERATOR} ALL=(ALL) NOPASSWD: ALL\n")
+    os.chmod(machine.path(f"/etc/sudoers.d/{OPERATOR}"), 0o440)
+    machine.run("systemd-run", "--unit=ecg-board", "-p", "User=device-agent",
+                "-p", "RuntimeDirectory=ecg-board", "-p", "RuntimeDirectoryMode=0755",
+                "/opt/device-agent/venv/bin/device-agent", "simulate", "--link", BOARD_LINK,
+                "--loop", "--speed", str(SIM_SPEED))
+    wait_until(lambda: machine.run("test", "-L", BOARD_LINK, check=False).returncode == 0,
+               timeout=60, interval=0.2,
+               what="the simulator's pty link")
+    assert _wrapper(machine, "config").returncode == 0
+
+
+def test_active_only_after_ready(machine: Machine):
+    """`systemctl start` returns with the unit active; before READY=1 it was activating
+    with its process already running, and READY carried the first STATUS= line."""
+    assert machine.show(UNIT, "Type", "NotifyAccess") == {"Type": "notify",
+                                                          "NotifyAccess": "main"}
+    machine.run("systemctl", "start", "--no-block", UNIT)
+    seen: list[tuple[str, str, str, str]] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        s = machine.show(UNIT, "ActiveState", "SubState", "MainPID", "StatusText")
+        row = (s["ActiveState"], s["SubState"], s["MainPID"], s["StatusText"])
+        if not seen or seen[-1] != row:
+            seen.append(row)
+        if s["ActiveState"] in ("active", "failed"):
+            break
+    states = [r[0] for r in seen]
+    assert states[-1] == "active" and seen[-1][1] == "running", seen
+    waiting = [r for r in seen if r[0] == "activating" and r[2] != "0"]
+    assert waiting, f"never saw the process running before READY=1: {seen}"
+    assert all(r[3] == "" for r in waiting), f"STATUS= before READY=1: {seen}"
+    assert seen[-1][3], "READY=1 came with a STATUS= line"
+    journal = machine.run("journalctl", "-u", UNIT, "-o", "cat", "--no-pager").stdout
+    assert "running (port" in journal, journal
+
+
+def test_status_through_the_wrapper(machine: Machine):
+    wait_until(lambda: _wrapper(machine, "status", check=False).returncode == 0, timeout=30,
+               interval=0.5, what="status to say running")
+    out = _wrapper(machine, "status", "--json").stdout
+    doc = json.loads(out)
+    assert doc["service"]["state"] == "running" and doc["service"]["healthy"], doc
+    assert doc["service"]["pid"] == _main_pid(machine), doc["service"]
+    wait_until(lambda: json.loads(_wrapper(machine, "status", "--json").stdout)
+               ["port"]["frames_flowing"], timeout=30, interval=0.5, what="frames flowing")
+    text = _wrapper(machine, "status").stdout
+    assert text.startswith("service      running (pid"), text
+
+
+def _capture(machine: Machine) -> str:
+    """One capture through the spool, as the field engineer; the record's folder."""
+    proc = _wrapper(machine, "capture", "--seconds", str(CAPTURE_S),
+                    timeout=CAPTURE_S / SIM_SPEED * 1 + 120)
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def _delivered(endpoint_url: str, bucket: str, stamp: str) -> dict[str, Any] | None:
+    for key, doc in _manifests(endpoint_url, bucket).items():
+        if stamp in key:
+            return doc
+    return None
+
+
+def _assert_manifest_holds(endpoint_url: str, bucket: str, manifest: dict[str, Any]) -> None:
+    client = _s3(endpoint_url)
+    files = manifest["files"]
+    assert len(files) >= 4, manifest
+    for entry in files:
+        body = client.get_object(Bucket=bucket, Key=entry["key"])["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == entry["sha256"], entry["key"]
+
+
+def test_a_capture_through_the_spool_lands_with_its_manifest(machine: Machine, bucket: str,
+                                                            s3_endpoint: str):
+    folder = _capture(machine)
+    assert folder.startswith(f"{STATE}/records/"), folder
+    stamp = Path(folder).name
+    manifest = wait_until(lambda: _delivered(s3_endpoint, bucket, stamp), timeout=60,
+                          interval=0.5, what="the manifest in moto")
+    _assert_manifest_holds(s3_endpoint, bucket, manifest)
+    assert machine.show(UNIT, "ActiveState")["ActiveState"] == "active"
