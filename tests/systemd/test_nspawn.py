@@ -127,7 +127,9 @@ def test_configure_as_an_operator(machine: Machine, endpoint: FaultProxy, bucket
     text += (f"AWS_ENDPOINT_URL_S3={endpoint.url}\nCLOCK_CHECK=floor\n"
              # short deadlines, so a wedged upload is past its limit within a minute
              "S3_CONNECT_TIMEOUT_S=1\nS3_READ_TIMEOUT_S=2\nS3_MAX_ATTEMPTS=1\n"
-             "S3_MIN_RATE_KBPS=1000\nREPORT_MAX_MB=1\n")
+             "S3_MIN_RATE_KBPS=1000\nREPORT_MAX_MB=1\n"
+             # and a paused queue retries within seconds once the endpoint answers again
+             "RETRY_MAX_BACKOFF_S=5\n")
     env.write_text(text)
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         machine.path(f"/etc/device-agent/credentials/{name}").write_text("testing")
@@ -214,3 +216,107 @@ def test_a_capture_through_the_spool_lands_with_its_manifest(machine: Machine, b
                           interval=0.5, what="the manifest in moto")
     _assert_manifest_holds(s3_endpoint, bucket, manifest)
     assert machine.show(UNIT, "ActiveState")["ActiveState"] == "active"
+
+
+# --- 4. the sandbox, from inside the running service -----------------------------------------
+
+PROBE = r"""
+import json, os, sys
+out = {"uid": os.getuid(), "gid": os.getgid(), "writable": [], "denied": {}, "read": {}}
+for d in sys.argv[1].split(":"):
+    path = os.path.join(d, ".sandbox-probe-%d" % os.getpid())
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as exc:
+        out["denied"][d] = exc.strerror
+    else:
+        os.unlink(path)
+        out["writable"].append(d)
+for f in sys.argv[2].split(":"):
+    try:
+        with open(f, "rb") as fh:
+            out["read"][f] = len(fh.read())
+    except OSError as exc:
+        out["read"][f] = exc.strerror
+print(json.dumps(out))
+"""
+CANDIDATES = ("/", "/etc", "/etc/device-agent", "/home", f"/home/{OPERATOR}", "/root", "/usr",
+              "/usr/local/bin", "/opt/device-agent", "/opt/device-agent/venv/bin", "/var",
+              "/var/lib", "/var/log", "/var/cache", "/srv", "/mnt", "/run", "/run/ecg-board",
+              "/run/lock", "/var/lib/device-agent", STATE, REPORTS, "/tmp", "/var/tmp", "/dev/shm",
+              "/dev/mqueue")
+CRED = "/run/credentials/device-agent.service/AWS_SECRET_ACCESS_KEY"
+ROOT_CRED = "/etc/device-agent/credentials/AWS_SECRET_ACCESS_KEY"
+
+
+def _probe(m: Machine, *, uid: int, gid: int, files: tuple[str, ...]) -> dict[str, Any]:
+    """The probe run in the running service's own namespaces (mount, IPC, ...) and root, as
+    `uid`:`gid`: what that process would see, not what a fresh `systemd-run` would."""
+    pid = _main_pid(m)
+    proc = m.run("nsenter", "-t", str(pid), "-m", "-i", "-u", "-r", "-w",
+                 f"--setuid={uid}", f"--setgid={gid}",
+                 "/opt/device-agent/venv/bin/python", "-I", "-c", PROBE,
+                 ":".join(CANDIDATES), ":".join(files))
+    return dict(json.loads(proc.stdout))
+
+
+def _ids(m: Machine, name: str) -> tuple[int, int]:
+    return (int(m.run("id", "-u", name).stdout), int(m.run("id", "-g", name).stdout))
+
+
+def test_the_service_runs_as_its_user_without_privileges(machine: Machine):
+    status = Path(f"/proc/{_host_pid(machine, _main_pid(machine))}/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines())
+    uid, gid = _ids(machine, "device-agent")
+    dialout = int(machine.run("getent", "group", "dialout").stdout.split(":")[2])
+    assert fields["Uid"].split() == [str(uid)] * 4, fields["Uid"]
+    assert fields["Gid"].split() == [str(gid)] * 4, fields["Gid"]
+    assert str(dialout) in fields["Groups"].split(), fields["Groups"]
+    assert int(fields["CapEff"], 16) == 0 and int(fields["CapBnd"], 16) == 0
+    assert fields["NoNewPrivs"].strip() == "1" and fields["Seccomp"].strip() == "2"
+
+
+def test_the_service_writes_only_its_state_and_reports(machine: Machine):
+    uid, gid = _ids(machine, "device-agent")
+    seen = _probe(machine, uid=uid, gid=gid, files=(CRED, ROOT_CRED, ENV_FILE))
+    assert (seen["uid"], seen["gid"]) == (uid, gid)
+    for path in ("/etc", "/etc/device-agent", "/home", "/usr", "/usr/local/bin",
+                 "/opt/device-agent", "/root", "/var/log"):
+        assert path in seen["denied"], f"the service can write {path}: {seen}"
+    # Nothing shared with other programs: not /run (ProtectSystem=strict leaves it writable;
+    # here the simulator's /run/ecg-board belongs to the service user), not the
+    # world-writable /run/lock, /dev/shm or /dev/mqueue.
+    assert sorted(seen["writable"]) == sorted(["/var/lib/device-agent", STATE, REPORTS,
+                                               "/tmp", "/var/tmp"]), json.dumps(seen)
+    # its /tmp and /var/tmp are its own (PrivateTmp=): what it writes there nobody else sees
+    private = machine.run("nsenter", "-t", str(_main_pid(machine)), "-m", "--",
+                          "sh", "-c", "echo x > /tmp/private-probe && ls /tmp").stdout
+    assert "private-probe" in private
+    assert machine.run("test", "-e", "/tmp/private-probe", check=False).returncode == 1
+    # its credential is readable by it; the root-only originals and the settings as expected
+    assert seen["read"][CRED] == len("testing"), seen["read"]
+    assert seen["read"][ROOT_CRED] == "Permission denied", seen["read"]
+    assert isinstance(seen["read"][ENV_FILE], int), seen["read"]
+
+
+def test_the_credential_is_not_readable_by_another_user(machine: Machine):
+    nobody = _ids(machine, "nobody")
+    seen = _probe(machine, uid=nobody[0], gid=nobody[1], files=(CRED,))
+    assert seen["read"][CRED] == "Permission denied", seen["read"]
+    # nor from the machine's own namespace, as the field engineer without sudo
+    op = machine.run("cat", CRED, user=OPERATOR, check=False)
+    assert op.returncode != 0 and "Permission denied" in op.stderr, op
+
+
+def test_doctor_through_the_wrapper_agrees(machine: Machine):
+    proc = _wrapper(machine, "doctor", check=False)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    state = next(line for line in lines if line.split()[1:2] == ["state"])
+    assert state.startswith("ok") and STATE in state and "writable by device-agent" in state
+    reports = next(line for line in lines if line.split()[1:2] == ["reports"])
+    assert reports.startswith("ok") and REPORTS in reports
+    clock = next(line for line in lines if line.split()[1:2] == ["clock"])
+    assert clock.startswith("ok") and "as the service sees it" in clock, clock
+    port = next(line for line in lines if line.split()[1:2] == ["port"])
+    assert port.startswith("ok"), port
