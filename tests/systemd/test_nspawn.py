@@ -320,3 +320,60 @@ def test_doctor_through_the_wrapper_agrees(machine: Machine):
     assert clock.startswith("ok") and "as the service sees it" in clock, clock
     port = next(line for line in lines if line.split()[1:2] == ["port"])
     assert port.startswith("ok"), port
+
+
+# --- 3. the watchdog ---------------------------------------------------------------------------
+
+def _restarted(m: Machine, restarts: int, pid: int) -> bool:
+    s = m.show(UNIT, "NRestarts", "MainPID", "ActiveState", "SubState")
+    return (int(s["NRestarts"]) > restarts and s["MainPID"] not in ("0", str(pid))
+            and (s["ActiveState"], s["SubState"]) == ("active", "running"))
+
+
+def _assert_each_once(endpoint_url: str, bucket: str, stamps: list[str]) -> None:
+    """Every object in the bucket belongs to a manifest, each stored exactly once, and the
+    manifests of `stamps` are there with files matching them."""
+    versions = _versions(endpoint_url, bucket)
+    twice = {k: n for k, n in versions.items() if n != 1}
+    assert not twice, f"stored more than once: {twice}"
+    manifests = _manifests(endpoint_url, bucket)
+    listed = set(manifests)
+    for doc in manifests.values():
+        listed |= {f["key"] for f in doc["files"]}
+        _assert_manifest_holds(endpoint_url, bucket, doc)
+    assert set(versions) == listed, set(versions) ^ listed
+    for stamp in stamps:
+        assert any(stamp in key for key in manifests), f"{stamp} not delivered"
+
+
+def _outbox(m: Machine) -> dict[str, Any]:
+    return dict(json.loads(_wrapper(m, "status", "--json", check=False).stdout)["outbox"])
+
+
+def test_sigstop_makes_systemd_kill_and_restart_it(machine: Machine, endpoint: FaultProxy,
+                                                   bucket: str, s3_endpoint: str):
+    """Frozen with an upload in flight at an endpoint that never answers: the watchdog fires,
+    systemd kills and restarts it; then the capture is delivered once and nothing is lost."""
+    endpoint.set_mode("blackhole")
+    stamp = Path(_capture(machine)).name
+    accepted = endpoint.counts["accepted"]
+    wait_until(lambda: endpoint.counts["accepted"] > accepted, timeout=30,
+               what="a put held by the endpoint")
+    before = machine.show(UNIT, "NRestarts", "MainPID")
+    restarts, pid = int(before["NRestarts"]), int(before["MainPID"])
+    frozen_at = time.monotonic()
+    machine.run("systemctl", "kill", "--kill-who=main", "--signal=SIGSTOP", UNIT)
+    wait_until(lambda: _restarted(machine, restarts, pid), timeout=180, interval=0.5,
+               what="systemd to restart the frozen service")
+    took = time.monotonic() - frozen_at
+    from tests.systemd.conftest import TIMINGS
+    TIMINGS["SIGSTOP to restarted"] = took
+    assert int(machine.show(UNIT, "NRestarts")["NRestarts"]) == restarts + 1
+    journal = machine.run("journalctl", "-u", UNIT, "-o", "cat", "--no-pager").stdout
+    assert "Watchdog timeout" in journal, journal[-2000:]
+    endpoint.set_mode("pass")
+    wait_until(lambda: _delivered(s3_endpoint, bucket, stamp), timeout=90, interval=0.5,
+               what="the frozen capture delivered after the restart")
+    wait_until(lambda: _outbox(machine).get("pending") == 0, timeout=60, interval=0.5,
+               what="an empty outbox")
+    _assert_each_once(s3_endpoint, bucket, [stamp])
