@@ -7,9 +7,11 @@ capture through the spool, the sandbox as the running service sees it, the watch
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -374,6 +376,116 @@ def test_sigstop_makes_systemd_kill_and_restart_it(machine: Machine, endpoint: F
     endpoint.set_mode("pass")
     wait_until(lambda: _delivered(s3_endpoint, bucket, stamp), timeout=90, interval=0.5,
                what="the frozen capture delivered after the restart")
+    wait_until(lambda: _outbox(machine).get("pending") == 0, timeout=60, interval=0.5,
+               what="an empty outbox")
+    _assert_each_once(s3_endpoint, bucket, [stamp])
+
+
+PTRACE_DETACH, PTRACE_SEIZE, PTRACE_INTERRUPT = 17, 0x4206, 0x4207
+WALL = 0x40000000
+SYS_POLL, SYS_PPOLL = 7, 271  # x86_64: where a socket read with a timeout waits
+
+
+class ThreadFreezer(threading.Thread):
+    """Stops single threads of another process (ptrace SEIZE + INTERRUPT; its other threads
+    run on) until they exit or `release` is set; reaps them, as their tracer must."""
+
+    def __init__(self, tids: list[int]) -> None:
+        super().__init__(name="thread-freezer", daemon=True)
+        self.tids = list(tids)
+        self.frozen = threading.Event()
+        self.release = threading.Event()
+        self.error: str | None = None
+        self.exited: list[int] = []
+
+    def run(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+        live = []
+        for tid in self.tids:
+            if libc.ptrace(PTRACE_SEIZE, tid, None, None) != 0 or \
+                    libc.ptrace(PTRACE_INTERRUPT, tid, None, None) != 0:
+                self.error = f"ptrace {tid}: {os.strerror(ctypes.get_errno())}"
+                break
+            live.append(tid)
+        self.frozen.set()
+        while live:
+            for tid in list(live):
+                try:
+                    got, status = os.waitpid(tid, os.WNOHANG | WALL)
+                except ChildProcessError:
+                    live.remove(tid)
+                    continue
+                if got == tid and (os.WIFEXITED(status) or os.WIFSIGNALED(status)):
+                    live.remove(tid)
+                    self.exited.append(tid)
+            if self.release.is_set():
+                for tid in live:
+                    libc.ptrace(PTRACE_DETACH, tid, None, None)
+                return
+            time.sleep(0.05)
+
+
+def _threads_waiting_on(pid: int, port: int) -> list[int]:
+    """Threads of `pid` waiting in poll() on a TCP connection to 127.0.0.1:`port`."""
+    inodes = set()
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].split(":")[1], 16) == port:
+            inodes.add(fields[9])
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            call = (task / "syscall").read_text().split()
+            if int(call[0]) not in (SYS_POLL, SYS_PPOLL):
+                continue
+            with open(f"/proc/{pid}/mem", "rb") as mem:
+                mem.seek(int(call[1], 16))
+                fd = int.from_bytes(mem.read(4), "little", signed=True)
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except (OSError, ValueError, IndexError):
+            continue
+        if link.startswith("socket:[") and link[8:-1] in inodes:
+            found.append(int(task.name))
+    return found
+
+
+def test_a_wedged_upload_stops_the_pings(machine: Machine, endpoint: FaultProxy, bucket: str,
+                                         s3_endpoint: str):
+    """The uploader thread blocked for good inside its put (its deadline can never fire):
+    the still-running supervising thread sees the upload past its limit, says WEDGED, stops
+    feeding the watchdog, and systemd restarts the service; the capture goes once after."""
+    endpoint.set_mode("blackhole")
+    stamp = Path(_capture(machine)).name
+    before = machine.show(UNIT, "NRestarts", "MainPID")
+    restarts, pid = int(before["NRestarts"]), int(before["MainPID"])
+    host_pid = _host_pid(machine, pid)
+    tids = wait_until(lambda: _threads_waiting_on(host_pid, endpoint.port), timeout=30,
+                      interval=0.01, what="the uploader waiting on the endpoint")
+    assert host_pid not in tids, "the supervising thread itself must not upload"
+    freezer = ThreadFreezer(tids)
+    freezer.start()
+    try:
+        assert freezer.frozen.wait(10) and freezer.error is None, freezer.error
+        started = time.monotonic()
+        wait_until(lambda: json.loads(_wrapper(machine, "status", "--json", check=False).stdout)
+                   ["service"]["state"] == "wedged", timeout=150, interval=1.0,
+                   what="status to say WEDGED")
+        from tests.systemd.conftest import TIMINGS
+        TIMINGS["frozen upload to WEDGED"] = time.monotonic() - started
+        wait_until(lambda: _restarted(machine, restarts, pid), timeout=120, interval=0.5,
+                   what="systemd to restart the wedged service")
+        TIMINGS["frozen upload to restarted"] = time.monotonic() - started
+    finally:
+        freezer.release.set()
+        freezer.join(timeout=30)
+    assert int(machine.show(UNIT, "NRestarts")["NRestarts"]) == restarts + 1
+    journal = machine.run("journalctl", "-u", UNIT, "-o", "cat", "--no-pager").stdout
+    assert "no longer feeding the watchdog" in journal, journal[-3000:]
+    assert journal.count("Watchdog timeout") == 2, journal[-3000:]
+    endpoint.set_mode("pass")
+    wait_until(lambda: _delivered(s3_endpoint, bucket, stamp), timeout=90, interval=0.5,
+               what="the wedged capture delivered after the restart")
     wait_until(lambda: _outbox(machine).get("pending") == 0, timeout=60, interval=0.5,
                what="an empty outbox")
     _assert_each_once(s3_endpoint, bucket, [stamp])
