@@ -489,3 +489,79 @@ def test_a_wedged_upload_stops_the_pings(machine: Machine, endpoint: FaultProxy,
     wait_until(lambda: _outbox(machine).get("pending") == 0, timeout=60, interval=0.5,
                what="an empty outbox")
     _assert_each_once(s3_endpoint, bucket, [stamp])
+
+
+# --- the clock: held without NTP evidence, named once the check passes -----------------------
+
+def _set_setting(m: Machine, key: str, value: str) -> None:
+    env = m.path(ENV_FILE)
+    lines = [line for line in env.read_text().splitlines() if not line.startswith(f"{key}=")]
+    env.write_text("\n".join([*lines, f"{key}={value}"]) + "\n")
+
+
+def test_a_held_capture_is_named_once_the_clock_check_passes(machine: Machine, bucket: str,
+                                                             s3_endpoint: str):
+    """This kernel reports no NTP sync: under CLOCK_CHECK=ntp a capture is held (not named,
+    not sent); once the check passes (CLOCK_CHECK=floor, a restart: same boot) it is named,
+    queued and delivered once."""
+    _set_setting(machine, "CLOCK_CHECK", "ntp")
+    machine.run("systemctl", "restart", UNIT)
+    doc = json.loads(_wrapper(machine, "status", "--json", check=False).stdout)
+    assert doc["clock"]["synced"] is False, doc["clock"]
+    known = set(_manifests(s3_endpoint, bucket))
+    proc = _wrapper(machine, "capture", "--seconds", str(CAPTURE_S), check=False,
+                    timeout=CAPTURE_S / SIM_SPEED + 120)
+    assert "held" in proc.stderr, proc.stdout + proc.stderr
+    assert json.loads(_wrapper(machine, "status", "--json", check=False).stdout)["held"] == 1
+    _set_setting(machine, "CLOCK_CHECK", "floor")
+    machine.run("systemctl", "restart", UNIT)
+    new = wait_until(lambda: set(_manifests(s3_endpoint, bucket)) - known, timeout=90,
+                     interval=0.5, what="the held capture named and delivered")
+    assert len(new) == 1, new
+    assert json.loads(_wrapper(machine, "status", "--json", check=False).stdout)["held"] == 0
+    _assert_each_once(s3_endpoint, bucket, [])
+
+
+# --- 5. stop, and the journal over the whole run ---------------------------------------------
+
+def test_stop_within_timeout_with_the_outbox_intact(machine: Machine, endpoint: FaultProxy,
+                                                    bucket: str, s3_endpoint: str):
+    """Stopped with a capture queued and its put held by the endpoint: the stop ends by
+    itself within TimeoutStopSec (no SIGKILL), the outbox is intact and keeps the capture,
+    which the next start delivers once."""
+    import sqlite3
+
+    endpoint.set_mode("blackhole")
+    stamp = Path(_capture(machine)).name
+    accepted = endpoint.counts["accepted"]
+    wait_until(lambda: endpoint.counts["accepted"] > accepted, timeout=30,
+               what="a put held by the endpoint")
+    limit_s = int(machine.show(UNIT, "TimeoutStopUSec")["TimeoutStopUSec"].rstrip("s"))
+    started = time.monotonic()
+    machine.run("systemctl", "stop", UNIT, timeout=limit_s + 60)
+    took = time.monotonic() - started
+    from tests.systemd.conftest import TIMINGS
+    TIMINGS["systemctl stop"] = took
+    after = machine.show(UNIT, "ActiveState", "Result", "ExecMainCode", "ExecMainStatus")
+    assert after == {"ActiveState": "inactive", "Result": "success", "ExecMainCode": "1",
+                     "ExecMainStatus": "0"}, after
+    assert took < limit_s, f"stop took {took:.1f} s, TimeoutStopSec is {limit_s} s"
+    db = machine.path(f"{STATE}/outbox.sqlite3")
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert _outbox(machine)["pending"] >= 5, _outbox(machine)
+    endpoint.set_mode("pass")
+    machine.run("systemctl", "start", UNIT)
+    wait_until(lambda: _delivered(s3_endpoint, bucket, stamp), timeout=90, interval=0.5,
+               what="the capture queued at the stop delivered after the start")
+    wait_until(lambda: _outbox(machine).get("pending") == 0, timeout=60, interval=0.5,
+               what="an empty outbox")
+    _assert_each_once(s3_endpoint, bucket, [stamp])
+    machine.run("systemctl", "stop", UNIT, timeout=limit_s + 60)
+
+
+def test_the_journal_holds_no_traceback(machine: Machine):
+    journal = machine.run("journalctl", "-u", UNIT, "-o", "cat", "--no-pager").stdout
+    assert "device-agent" in journal and "running (port" in journal
+    assert "Traceback" not in journal, journal
+    assert "timed out" not in journal, journal  # no start or stop ran into its timeout
