@@ -410,7 +410,10 @@ class FaultProxy:
     def _hold(self, client: socket.socket) -> None:
         """Accept, read and discard, never answer; count the client giving up."""
         while not self._stop.is_set():
-            ready, _, _ = select.select([client], [], [], 0.1)
+            try:
+                ready, _, _ = select.select([client], [], [], 0.1)
+            except (ValueError, OSError):
+                return  # set_mode dropped the connection under us
             if not ready:
                 continue
             try:
