@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.faultproxy import FaultProxy
-from tests.systemd.machine import Machine, build_root, missing
+from tests.systemd.machine import Machine, build_root
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache"
@@ -23,17 +23,6 @@ CACHE = REPO / ".cache"
 CHECKOUT = ("pyproject.toml", "README.md", "constraints.txt", "Makefile", "device_agent",
             "systemd", "docs")
 TIMINGS: dict[str, float] = {}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    lacking = missing()
-    if lacking is None:
-        return
-    skip = pytest.mark.skip(reason=f"nspawn tier needs {lacking} (apt-get install "
-                                   "systemd-container mmdebstrap; run as root)")
-    for item in items:
-        if "nspawn" in item.keywords:
-            item.add_marker(skip)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]

@@ -30,7 +30,8 @@ VARIANT = "apt"
 # (useradd in install.sh), util-linux's nsenter/runuser come with the essential set.
 PACKAGES = ("systemd", "dbus", "python3", "python3-venv", "sudo", "passwd")
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-TOOLS = ("systemd-nspawn", "mmdebstrap", "nsenter")
+TOOLS = {"systemd-nspawn": "systemd-container", "mmdebstrap": "mmdebstrap",
+         "nsenter": "util-linux"}  # tool -> its Debian package
 
 
 def missing() -> str | None:
@@ -38,8 +39,8 @@ def missing() -> str | None:
     lacking = []
     if os.geteuid() != 0:
         lacking.append("root")
-    lacking += [f"{tool} ({'systemd-container' if tool == 'systemd-nspawn' else tool})"
-                for tool in TOOLS if shutil.which(tool) is None]
+    lacking += [f"{tool} ({package})" for tool, package in TOOLS.items()
+                if shutil.which(tool) is None]
     if not (Path("/sys/fs/cgroup/unified/cgroup.procs").exists()
             or Path("/sys/fs/cgroup/cgroup.procs").exists()):
         lacking.append("a cgroup2 hierarchy")

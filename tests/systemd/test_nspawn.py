@@ -21,7 +21,11 @@ import pytest
 
 from tests.conftest import wait_until
 from tests.faultproxy import FaultProxy
-from tests.systemd.machine import Machine
+from tests.systemd.machine import Machine, missing
+
+if (LACKING := missing()) is not None:
+    pytest.skip(f"nspawn tier needs {LACKING} (apt-get install systemd-container mmdebstrap; "
+                "run as root)", allow_module_level=True)
 
 pytestmark = [pytest.mark.nspawn, pytest.mark.functional]
 
