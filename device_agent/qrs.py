@@ -13,6 +13,7 @@ per candidate peak (tens per record). Any sampling rate works: every window is i
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -238,7 +239,33 @@ def _decide(integrated: np.ndarray, slope_env: np.ndarray, peaks: np.ndarray,
         else:
             npk = 0.125 * h + 0.875 * npk
             noise.append(int(p))
-    return sorted(beats)
+    return _search_back_all(sorted(beats), noise, integrated, fs,
+                            0.5 * (npk + 0.25 * (spk - npk)))
+
+
+def _search_back_all(beats: list[int], noise: list[int], integrated: np.ndarray,
+                     fs: float, least: float) -> list[int]:
+    """Searchback once more over the whole record, against the median interval.
+
+    The running searchback needs an average interval, so a beat missed before the second
+    one was found (a beat cut by the record's start makes the first threshold high) stays
+    missed, and its doubled interval would lower the rate. Each gap longer than
+    SEARCHBACK_RR median intervals takes its highest candidate above `least` that is
+    clear of both beats' refractory periods, as the running searchback does (no T-wave
+    test: a gap that long holds a missed beat, and the highest candidate in it is the beat).
+    """
+    if len(beats) < MIN_BEATS or not noise:
+        return beats
+    median = float(np.median(np.diff(beats)))
+    found = list(beats)
+    for a, b in itertools.pairwise(beats):
+        if b - a <= SEARCHBACK_RR * median:
+            continue
+        missed = [q for q in noise if a + REFRACTORY_S * fs < q < b - REFRACTORY_S * fs
+                  and integrated[q] > least]
+        if missed:
+            found.append(max(missed, key=lambda i: float(integrated[i])))
+    return sorted(found)
 
 
 def _contrast(integrated: np.ndarray, beats: np.ndarray, width: int) -> float:
