@@ -22,6 +22,7 @@ import importlib
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +32,7 @@ from typing import Any
 
 from device_agent import __version__
 from device_agent.errors import AgentError, ConfigError
+from device_agent.fsutil import storage_condition, storage_message
 
 log = logging.getLogger("device_agent")
 
@@ -265,12 +267,14 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    state_dir: Path | None = None
     try:
         from device_agent.config import load_settings
 
         env_file = args.env_file if args.env_file is not None else DEFAULT_ENV_FILE
         settings = load_settings(env_file=env_file, env_file_required=args.env_file is not None,
                                  environ=os.environ, overrides=_overrides(args))
+        state_dir = settings.state_dir
         setup_logging(settings.log_level)
         return int(_resolve(args.command)(settings, args) or 0)
     except KeyboardInterrupt:
@@ -281,7 +285,15 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except AgentError as exc:
         _report(args, exc, str(exc))
         return exc.exit_code
-    except OSError as exc:
+    except (OSError, sqlite3.Error) as exc:
+        condition = None if state_dir is None else storage_condition(exc, state_dir)
+        if condition is not None:  # STATE_DIR's disk is full or read-only: an external part
+            _report(args, exc, storage_message(condition, state_dir or ""))
+            return 3
+        if isinstance(exc, sqlite3.Error):
+            _report(args, exc, f"outbox under STATE_DIR {state_dir}: {exc} (run with --debug "
+                               "for the traceback)")
+            return 1
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             _report(args, exc, f"disk full: {exc.filename or ''} ({exc.strerror}); nothing "
                                "already stored was lost: free space on the SD card, or lower "
