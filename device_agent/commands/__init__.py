@@ -203,25 +203,43 @@ def setup_logging(level: str) -> None:
 
 
 class Interrupt:
-    """Signals only set `stop` (and remember which came); restored on exit."""
+    """Signals only set `stop` (and remember which came); restored on exit.
 
-    def __init__(self, *signals: int) -> None:
+    With `grace_s` (one-shot commands), work that does not heed `stop` within that time
+    (a LIST or a put blocked in a read on the main thread, under a read timeout of minutes)
+    is cut: SIGALRM then raises KeyboardInterrupt there, which ends the command with 130 as
+    a crash would end it, and everything it promises survives a crash anywhere.
+    """
+
+    def __init__(self, *signals: int, grace_s: float | None = None) -> None:
         self.stop = threading.Event()
         self.signum: int | None = None
         self._signals = signals or (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        self._grace_s = grace_s
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
+        first = self.signum is None
         self.signum = signum
         self.stop.set()
+        if first and self._grace_s is not None and signal.SIGALRM in self._previous:
+            signal.setitimer(signal.ITIMER_REAL, self._grace_s)
+
+    @staticmethod
+    def _cut(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
 
     def __enter__(self) -> Interrupt:
         if threading.current_thread() is threading.main_thread():
             for sig in self._signals:
                 self._previous[sig] = signal.signal(sig, self._handler)
+            if self._grace_s is not None:
+                self._previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._cut)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if signal.SIGALRM in self._previous:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 

@@ -9,30 +9,19 @@ refused the credentials (uploads paused, retried later); 4 when another process 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from device_agent.commands import EXIT_INTERRUPTED, Interrupt, echo
 from device_agent.config import Settings
 
+if TYPE_CHECKING:
+    from device_agent.sync import PassResult
+
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    from device_agent.clock import clock_from_settings
-    from device_agent.drain import Drainer
-    from device_agent.outbox import Outbox
-    from device_agent.sync import SyncLoop
-    from device_agent.uploader import Uploader
-
-    clock = clock_from_settings(settings)
-    with Interrupt() as interrupt, Outbox.open(settings) as outbox:
-        uploader = Uploader.from_settings(settings) if settings.cloud_upload_enabled else None
-        drainer = Drainer(outbox, uploader, clock=clock, stop=interrupt.stop,
-                          backoff_cap_s=settings.retry_max_backoff_s,
-                          report_max_bytes=settings.report_max_bytes)
-        loop = SyncLoop(settings, outbox=outbox, drainer=drainer, stop=interrupt.stop,
-                        clock=clock)
-        try:
-            result = loop.run_once(wait=bool(args.wait))
-        finally:
-            loop.close()
+    # a put in flight gets the drainer's grace; a blocked read on this thread is cut after 1 s
+    with Interrupt(grace_s=1.0) as interrupt:
+        result = _pass(settings, args, interrupt)
     if interrupt.interrupted:
         echo(f"sync: interrupted; {result.summary()}", err=True)
         return EXIT_INTERRUPTED
@@ -44,3 +33,24 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     if result.failed or result.errors:
         return 1
     return 0
+
+
+def _pass(settings: Settings, args: argparse.Namespace, interrupt: Interrupt) -> PassResult:
+    from device_agent.clock import clock_from_settings
+    from device_agent.drain import Drainer
+    from device_agent.outbox import Outbox
+    from device_agent.sync import SyncLoop
+    from device_agent.uploader import Uploader
+
+    clock = clock_from_settings(settings)
+    with Outbox.open(settings) as outbox:
+        uploader = Uploader.from_settings(settings) if settings.cloud_upload_enabled else None
+        drainer = Drainer(outbox, uploader, clock=clock, stop=interrupt.stop,
+                          backoff_cap_s=settings.retry_max_backoff_s,
+                          report_max_bytes=settings.report_max_bytes)
+        loop = SyncLoop(settings, outbox=outbox, drainer=drainer, stop=interrupt.stop,
+                        clock=clock)
+        try:
+            return loop.run_once(wait=bool(args.wait))
+        finally:
+            loop.close()

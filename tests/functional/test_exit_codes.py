@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 import pytest
 
 from device_agent.commands import main
+from device_agent.config import load_settings
+from device_agent.outbox import Outbox
 from device_agent.sync import drain_lock
 from tests.conftest import wait_until
 from tests.faultproxy import FaultProxy
@@ -96,6 +98,42 @@ def test_sync_interrupted_while_waiting_for_the_lock_is_130(tmp_path):
         lock.release()
     assert proc.returncode == 130, err
     assert "interrupted" in err
+
+
+@pytest.mark.parametrize("hangs", ["bucket listing", "put"])
+def test_sync_interrupted_mid_request_is_130_without_waiting_out_the_read(
+        tmp_path, s3_endpoint, s3_bucket, hangs):
+    """Ctrl-C while a request hangs on an endpoint that accepted and never answers (the
+    first start's LIST on this thread, or a put on the drainer's): the command abandons it
+    (S3 puts are atomic) and exits 130, long before its 120 s read timeout."""
+    with FaultProxy(urlparse(s3_endpoint).port) as proxy:
+        flags = _s3(tmp_path, proxy.url, s3_bucket, S3_READ_TIMEOUT_S="120")
+        if hangs == "put":  # the first start's LIST is done: the next request is a put
+            assert main([*flags, "sync", "--once"]) == 0
+        make_package(tmp_path / "state" / "records", "20260124_121815", seed=1)
+        proxy.set_mode("blackhole")
+        accepted = proxy.counts["accepted"]
+        proc = subprocess.Popen([sys.executable, "-m", "device_agent", *flags, "sync", "--once"],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            wait_until(lambda: proxy.counts["accepted"] > accepted or proc.poll() is not None,
+                       timeout=60, what=f"a {hangs} in flight")
+            assert proc.poll() is None, proc.communicate()
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)  # well under the read timeout
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 130, (out, err)
+    assert "interrupted" in err and "Traceback" not in err, err
+    with Outbox.open(load_settings(env_file=None, environ={}, overrides=_overrides(flags))) as box:
+        assert box.stats().pending == 4 and box.stats().failed == 0, "nothing given up"
+
+
+def _overrides(flags: list[str]) -> dict[str, str]:
+    return dict(f.split("=", 1) for f in flags if f != "--set")
 
 
 def _waiting(pid: int) -> bool:
