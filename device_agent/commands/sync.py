@@ -2,8 +2,9 @@
 
 Exit 0 when the pass met no problem; 1 when an item failed for good or an input was skipped
 (a broken users.json, a report that cannot be uploaded); 3 when S3 could not be reached or
-refused the credentials (uploads paused, retried later); 4 when another process drains;
-130 when interrupted.
+refused the credentials (uploads paused, retried later); 4 while another process's pass
+holds the outbox lock (the service holds it only during its passes: between them this runs
+a pass of its own); 130 when interrupted.
 """
 
 from __future__ import annotations

@@ -136,6 +136,62 @@ def _overrides(flags: list[str]) -> dict[str, str]:
     return dict(f.split("=", 1) for f in flags if f != "--set")
 
 
+def _service(flags: list[str], cwd: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "device_agent", *flags, "run"], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "NOTIFY_SOCKET": ""})
+
+
+def _stop(service: subprocess.Popen[bytes]) -> None:
+    if service.poll() is None:
+        service.send_signal(signal.SIGTERM)
+        try:
+            service.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            service.kill()
+            service.wait(timeout=30)
+
+
+def test_sync_once_beside_the_running_service_is_busy_only_mid_pass(
+        tmp_path, s3_endpoint, s3_bucket, capsys):
+    """docs/operations.md §5: with `run` up, `sync --once` answers busy (4) while one of the
+    service's passes holds the outbox (here it hangs on an endpoint that never answers), and
+    between its passes runs a pass of its own (exit 0, it delivers)."""
+    from device_agent.status import read_status_file
+
+    state = tmp_path / "state"
+    make_package(state / "records", "20260124_121815", seed=1)
+    with FaultProxy(urlparse(s3_endpoint).port) as proxy:
+        flags = _s3(tmp_path, proxy.url, s3_bucket, SYNC_INTERVAL_S="3600",
+                    S3_READ_TIMEOUT_S="120")
+        proxy.set_mode("blackhole")
+        service = _service(flags, tmp_path)
+        try:  # mid-pass: the service's first pass waits on the endpoint, under the lock
+            wait_until(lambda: proxy.counts["accepted"] >= 1 or service.poll() is not None,
+                       timeout=60, what="the service's pass to reach the endpoint")
+            assert service.poll() is None
+            capsys.readouterr()
+            assert main([*flags, "sync", "--once"]) == 4
+            assert "outbox.lock" in _one_line(capsys)
+        finally:
+            _stop(service)
+
+        proxy.set_mode("pass")
+        service = _service(flags, tmp_path)
+        try:  # between passes: the service's next one is an hour away
+            wait_until(lambda: (read_status_file(state) or {}).get("last_sync") is not None
+                       or service.poll() is not None, timeout=60,
+                       what="the service's first pass")
+            assert service.poll() is None
+            make_package(state / "records", "20260124_121816", seed=2)
+            capsys.readouterr()
+            assert main([*flags, "sync", "--once"]) == 0
+            assert "delivered 4" in capsys.readouterr().out
+            assert service.poll() is None, "the service runs on"
+        finally:
+            _stop(service)
+
+
 def _waiting(pid: int) -> bool:
     """The process has the outbox open (it got past start-up and waits for the lock)."""
     try:
