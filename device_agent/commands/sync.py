@@ -31,7 +31,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
                                          if result.errors else ""))
     if result.paused or result.retrying:
         return 3
-    if result.failed or result.errors:
+    if result.failed or result.errors or result.skipped:  # README: an input was skipped
         return 1
     return 0
 

@@ -166,10 +166,8 @@ def test_every_user_reaches_s3_once_dated_by_the_user_and_named_nowhere(size, s3
             refs = {m.group(1) for line in lines
                     if (m := re.search(r"users\.json: (user#[0-9a-f]{12}|entry \d+) ", line))}
             assert len(lines) == len(refs) == len(refused) + len(junk), passes
-            # README: 1 when an input was skipped; sync exits 0 then (props-findings.md):
-            # only "nothing refused, nothing failed" -> 0 is held here
-            if not refused and not junk:
-                assert passes[0].rc == 0, passes[0]
+            # README: 0 when nothing was refused, 1 when an input was skipped
+            assert passes[0].rc == (1 if refused or junk else 0), passes[0]
 
             identities = [v for u in users for k, v in u.items()
                           if k in ("username", "full_name", "phone", "email")]
