@@ -84,6 +84,21 @@ def test_sync_0_delivered_1_broken_users_file_3_unreachable_4_busy(
         lock.release()
 
 
+def test_sync_with_an_aws_profile_that_does_not_exist_is_a_configuration_error(
+        tmp_path, monkeypatch, capsys):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "aws-config").write_text("[profile other]\nregion = us-east-1\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
+    flags = _flags(tmp_path, CLOUD_UPLOAD_ENABLED="true", AWS_S3_BUCKET="bucket-x",
+                   AWS_S3_REGION="us-east-1", AWS_PROFILE="Qzxyz",
+                   AWS_ENDPOINT_URL_S3="http://127.0.0.1:9")
+    assert main([*flags, "sync", "--once"]) == 2
+    line = _one_line(capsys)
+    assert "AWS_PROFILE=Qzxyz" in line and "unexpected" not in line, line
+
+
 def test_sync_interrupted_while_waiting_for_the_lock_is_130(tmp_path):
     lock = drain_lock(tmp_path / "state")
     assert lock.acquire()
