@@ -123,9 +123,14 @@ def test_every_user_reaches_s3_once_dated_by_the_user_and_named_nowhere(size, s3
             shutil.rmtree(unit.state)  # a reflashed card: the outbox is lost
             passes.append(unit.run("sync", "--once"))
             status = unit.run("status")
+            # every delivered signup's key, as a person sees it (props-findings.md C)
+            listing = [unit.run("queue", "list", "--all"),
+                       unit.run("queue", "list", "--all", "--json")]
             for run in passes:
                 assert_clean(run, codes={0, 1})
             assert_clean(status)
+            for run in listing:
+                assert_clean(run, codes={0})
             objects = unit.objects()
             assert objects == first, "a lost outbox sent nobody again"
             assert_keys_in_layout(objects)
