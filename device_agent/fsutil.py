@@ -217,6 +217,47 @@ def is_disk_full(exc: BaseException) -> bool:
     return "disk is full" in str(exc) or "No space left" in str(exc)
 
 
+def storage_condition(exc: BaseException, folder: Path | str) -> str | None:
+    """"full" or "read-only" when `exc` (an OSError or an SQLite error) came from the
+    storage under `folder` rather than from one file, else None.
+
+    SQLite often says only "disk I/O error" when its journal cannot grow or be written; the
+    file system under `folder` (or the nearest part of it that exists) then says which.
+    """
+    if is_disk_full(exc):
+        return "full"
+    if isinstance(exc, OSError) and exc.errno == errno.EROFS:
+        return "read-only"
+    name = str(getattr(exc, "sqlite_errorname", "") or "")
+    if name.startswith("SQLITE_READONLY") or "readonly database" in str(exc):
+        return "read-only"
+    if not (name.startswith(("SQLITE_IOERR", "SQLITE_CANTOPEN"))
+            or (isinstance(exc, OSError) and exc.errno in (errno.EIO, errno.EACCES))):
+        return None
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        fs = os.statvfs(probe)
+    except OSError:
+        return None
+    if fs.f_flag & os.ST_RDONLY:
+        return "read-only"
+    if fs.f_bavail == 0 or (fs.f_favail == 0 and fs.f_files > 0):
+        return "full"
+    return None
+
+
+def storage_message(condition: str, folder: Path | str) -> str:
+    """The one line a full or read-only STATE_DIR gets, for a command and for the log."""
+    if condition == "full":
+        return (f"disk full under STATE_DIR {folder}; nothing stored was lost: free space on "
+                "the SD card, or lower RETENTION_DAYS")
+    return (f"STATE_DIR {folder} is on a read-only file system; nothing stored was lost: "
+            "remount it read-write (a card the kernel remounted read-only may be "
+            "failing: see dmesg)")
+
+
 class FileLock:
     """An exclusive flock on one file; the kernel drops it when the process dies.
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import stat
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from device_agent import s3keys
-from device_agent.fsutil import FileTooLarge, NotRegularFile, hash_regular
+from device_agent.fsutil import FileTooLarge, NotRegularFile, hash_regular, storage_condition
 from device_agent.outbox import Outbox
 from device_agent.protocols import FindResult
 
@@ -81,6 +82,9 @@ class ReportsFinder:
                 try:
                     problem = self._look(path, kind, now, result)
                 except Exception as exc:  # one entry's trouble never stops the others
+                    if isinstance(exc, sqlite3.Error) or storage_condition(
+                            exc, self.outbox.db_path.parent) is not None:
+                        raise  # the outbox or its disk, not this entry: the pass says it once
                     log.exception("report %s: unexpected error", s3keys.display_name(name))
                     problem = f"unexpected {type(exc).__name__}"
                 if problem:

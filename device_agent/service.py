@@ -37,13 +37,14 @@ from device_agent.clock import Clock, held_count
 from device_agent.config import Settings
 from device_agent.drain import Drainer
 from device_agent.errors import AgentError
+from device_agent.fsutil import storage_condition, storage_message
 from device_agent.notify import Notifier
 from device_agent.outbox import Outbox
 from device_agent.patient import validate_patient
 from device_agent.port import SerialReader
 from device_agent.spool import Request, Spool, record_id_for
 from device_agent.status import write_status_file
-from device_agent.sync import PassResult, SyncLoop
+from device_agent.sync import ConditionLog, PassResult, SyncLoop
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class Service:
         self.state_dir = Path(settings.state_dir)
         self.reader = reader
         self.sync_loop = sync_loop
+        self.conditions: ConditionLog = getattr(sync_loop, "conditions", None) or ConditionLog()
         self.outbox = outbox
         self.capture = capture
         self.notifier = notifier
@@ -137,7 +139,14 @@ class Service:
         try:
             write_status_file(self.state_dir, doc)
         except OSError as exc:  # a full disk must not stop captures or uploads
-            log.warning("cannot write %s/status.json: %s", self.state_dir, exc)
+            condition = storage_condition(exc, self.state_dir)
+            if condition is None:
+                key = message = f"cannot write {self.state_dir}/status.json: {exc.strerror or exc}"
+            else:  # the same line the sync loop logs for it: one line per condition
+                key, message = f"storage {condition}", storage_message(condition, self.state_dir)
+            self.conditions.update("status", {key: message})
+        else:
+            self.conditions.update("status", {})
         if ready:
             self.notifier.ready(line)
         elif notify:

@@ -136,6 +136,25 @@ def service_state(pid: int | None, doc: dict[str, Any], now: float) -> tuple[str
     return str(doc.get("phase", "running")), True
 
 
+def unavailable(s: dict[str, Any]) -> list[str]:
+    """The external parts a healthy service lacks (status exits 3 for any): uploads paused
+    (wrong credentials, endpoint or bucket down), the board absent or not connected, the
+    clock not synchronised, free disk under DISK_RESERVE_MB (captures are refused)."""
+    if not s["service"]["healthy"]:
+        return []  # the service itself is the problem (exit 1)
+    parts = []
+    box, port = s["outbox"], s["port"]
+    if box.get("pause_reason"):
+        parts.append("uploads paused")
+    if port["present"] is False or port["connected"] is False:
+        parts.append("board absent")
+    if s["clock"]["synced"] is False:
+        parts.append("clock not synchronised")
+    if not s["disk"]["ok"]:
+        parts.append("disk under DISK_RESERVE_MB")
+    return parts
+
+
 def collect_status(settings: Settings, *, clock: Clock | None = None,
                    now: float | None = None) -> dict[str, Any]:
     """Everything `status` shows, as one JSON-ready dict."""

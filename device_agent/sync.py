@@ -31,7 +31,7 @@ from device_agent.config import Settings
 from device_agent.disk import prune, remove_incomplete
 from device_agent.drain import Drainer
 from device_agent.errors import AgentError, OutboxBusy
-from device_agent.fsutil import FileLock, is_disk_full
+from device_agent.fsutil import FileLock, storage_condition, storage_message
 from device_agent.legacy import Takeover
 from device_agent.outbox import UPLOAD_LOG_NAME, Outbox, retention_cutoff
 from device_agent.package import reconcile_folders
@@ -77,6 +77,38 @@ class PassResult:
         return text
 
 
+class ConditionLog:
+    """Each condition (a full disk, a failing step) is logged once when it starts and once
+    when it ends, not once per pass: the sync loop and the status writer share one.
+
+    An owner (a part of the service) says which conditions it meets now with `update`; a
+    condition is active while any owner meets it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owners: dict[str, dict[str, str]] = {}  # owner -> {key: message}
+
+    def _active(self) -> dict[str, str]:
+        active: dict[str, str] = {}
+        for current in self._owners.values():
+            for key, message in current.items():
+                active.setdefault(key, message)
+        return active
+
+    def update(self, owner: str, current: dict[str, str]) -> None:
+        with self._lock:
+            before = self._active()
+            self._owners[owner] = dict(current)
+            after = self._active()
+        for key, message in after.items():
+            if key not in before:
+                log.error("%s", message)
+        for key, message in before.items():
+            if key not in after:
+                log.info("no longer: %s", message)
+
+
 class SyncLoop:
     """Finders, one drainer and housekeeping; `run_once()` for one pass, `run()` for the loop."""
 
@@ -97,6 +129,7 @@ class SyncLoop:
         self._taken_over = False  # reports and signups wait for the first takeover look
         self._last_housekeeping = -HOUSEKEEPING_EVERY_S
         self._step: tuple[str, float] | None = None
+        self.conditions = ConditionLog()  # a full disk is logged once, not once per pass
         self.last_pass_at: float | None = None  # monotonic, when a pass last completed
 
     def close(self) -> None:
@@ -158,6 +191,7 @@ class SyncLoop:
                 ("scan reports", self._scan_reports), ("read users", self._scan_users),
                 ("drain", self._drain), ("housekeeping", self._housekeeping),
             ]
+            conditions: dict[str, str] = {}
             for name, step in steps:
                 if self.stop.is_set():
                     break
@@ -165,22 +199,28 @@ class SyncLoop:
                 try:
                     step(result)
                 except (OSError, sqlite3.Error, AgentError, ValueError) as exc:
-                    message = self._describe(name, exc)
-                    log.error("%s", message)
+                    key, message = self._describe(name, exc)
+                    conditions.setdefault(key, message)
                     result.errors.append(message)
                 finally:
                     self._step = None
+            if not self.stop.is_set():  # an interrupted pass says nothing about what ended
+                self.conditions.update("sync", conditions)
             result.pending = self.outbox.stats().pending
             self.last_pass_at = time.monotonic()
             return result
         finally:
             self.lock.release()
 
-    def _describe(self, step: str, exc: BaseException) -> str:
-        if is_disk_full(exc):
-            return (f"{step}: disk full under {self.settings.state_dir}; nothing stored was "
-                    "lost, it is retried next pass: free space on the SD card")
-        return f"{step}: {exc}"
+    def _describe(self, step: str, exc: BaseException) -> tuple[str, str]:
+        """The condition's key (one for a full or read-only STATE_DIR, whichever step met
+        it) and the step's one line."""
+        condition = storage_condition(exc, self.settings.state_dir)
+        if condition is None:
+            message = f"{step}: {exc}"
+            return message, message
+        line = storage_message(condition, self.settings.state_dir)
+        return f"storage {condition}", f"{step}: {line}; it is retried next pass"
 
     # --- the steps ------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from device_agent.clock import local_now
 from device_agent.config import Settings
 from device_agent.credentials import IotCredentialFetcher, config_from_settings, iot_session
 from device_agent.deadline import Deadlines
-from device_agent.errors import Scope, UploadError
+from device_agent.errors import ConfigError, Scope, UploadError
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,14 @@ def make_session(settings: Settings, deadlines: Deadlines
             aws_session_token=settings.aws_session_token,
         ), CredentialSource("static keys (AWS_ACCESS_KEY_ID)")
     if settings.aws_profile:
-        return (boto3.session.Session(profile_name=settings.aws_profile),
-                CredentialSource(f"profile {settings.aws_profile}"))
+        try:
+            session = boto3.session.Session(profile_name=settings.aws_profile)
+        except bx.ProfileNotFound:
+            raise ConfigError(f"AWS_PROFILE={settings.aws_profile}: no such profile in this "
+                              "user's AWS config or credentials file (AWS_CONFIG_FILE, "
+                              "AWS_SHARED_CREDENTIALS_FILE, ~/.aws): add it there, or set "
+                              "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY instead") from None
+        return session, CredentialSource(f"profile {settings.aws_profile}")
     return boto3.session.Session(), CredentialSource("boto3 default chain")
 
 

@@ -22,6 +22,7 @@ import importlib
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +32,7 @@ from typing import Any
 
 from device_agent import __version__
 from device_agent.errors import AgentError, ConfigError
+from device_agent.fsutil import storage_condition, storage_message
 
 log = logging.getLogger("device_agent")
 
@@ -201,25 +203,43 @@ def setup_logging(level: str) -> None:
 
 
 class Interrupt:
-    """Signals only set `stop` (and remember which came); restored on exit."""
+    """Signals only set `stop` (and remember which came); restored on exit.
 
-    def __init__(self, *signals: int) -> None:
+    With `grace_s` (one-shot commands), work that does not heed `stop` within that time
+    (a LIST or a put blocked in a read on the main thread, under a read timeout of minutes)
+    is cut: SIGALRM then raises KeyboardInterrupt there, which ends the command with 130 as
+    a crash would end it, and everything it promises survives a crash anywhere.
+    """
+
+    def __init__(self, *signals: int, grace_s: float | None = None) -> None:
         self.stop = threading.Event()
         self.signum: int | None = None
         self._signals = signals or (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        self._grace_s = grace_s
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
+        first = self.signum is None
         self.signum = signum
         self.stop.set()
+        if first and self._grace_s is not None and signal.SIGALRM in self._previous:
+            signal.setitimer(signal.ITIMER_REAL, self._grace_s)
+
+    @staticmethod
+    def _cut(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
 
     def __enter__(self) -> Interrupt:
         if threading.current_thread() is threading.main_thread():
             for sig in self._signals:
                 self._previous[sig] = signal.signal(sig, self._handler)
+            if self._grace_s is not None:
+                self._previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._cut)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if signal.SIGALRM in self._previous:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -265,12 +285,14 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    state_dir: Path | None = None
     try:
         from device_agent.config import load_settings
 
         env_file = args.env_file if args.env_file is not None else DEFAULT_ENV_FILE
         settings = load_settings(env_file=env_file, env_file_required=args.env_file is not None,
                                  environ=os.environ, overrides=_overrides(args))
+        state_dir = settings.state_dir
         setup_logging(settings.log_level)
         return int(_resolve(args.command)(settings, args) or 0)
     except KeyboardInterrupt:
@@ -281,7 +303,15 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except AgentError as exc:
         _report(args, exc, str(exc))
         return exc.exit_code
-    except OSError as exc:
+    except (OSError, sqlite3.Error) as exc:
+        condition = None if state_dir is None else storage_condition(exc, state_dir)
+        if condition is not None:  # STATE_DIR's disk is full or read-only: an external part
+            _report(args, exc, storage_message(condition, state_dir or ""))
+            return 3
+        if isinstance(exc, sqlite3.Error):
+            _report(args, exc, f"outbox under STATE_DIR {state_dir}: {exc} (run with --debug "
+                               "for the traceback)")
+            return 1
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             _report(args, exc, f"disk full: {exc.filename or ''} ({exc.strerror}); nothing "
                                "already stored was lost: free space on the SD card, or lower "

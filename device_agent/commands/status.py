@@ -1,8 +1,10 @@
 """`device-agent status [--json]` and `device-agent queue list|retry|add`.
 
-status exits 0 when the service runs and is healthy, 1 when it is stopped, hung or wedged
-(the first line says which, and why). Both import nothing heavy: status answers in a second
-on a slow board.
+status exits 1 when the service is stopped, hung or wedged (the first line says which, and
+why); 3 when it runs but an external part is unavailable (status.unavailable: uploads
+paused, board absent, clock not synchronised, disk under the reserve; the last line names
+them); 0 when it runs and has every part it needs. Both import nothing heavy: status
+answers in a second on a slow board.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 from device_agent.commands import echo
 from device_agent.config import Settings
-from device_agent.status import collect_status, iso
+from device_agent.status import collect_status, iso, unavailable
 
 
 def _age(seconds: float | None) -> str:
@@ -95,12 +97,17 @@ def render_status(s: dict[str, Any]) -> list[str]:
 
 def status(settings: Settings, args: argparse.Namespace) -> int:
     s = collect_status(settings)
+    lacking = unavailable(s)
     if args.json:
         echo(json.dumps(s, indent=2, sort_keys=True))
     else:
         for line in render_status(s):
             echo(line)
-    return 0 if s["service"]["healthy"] else 1
+        if lacking:
+            echo(f"unavailable  {', '.join(lacking).upper()} (exit 3: see the lines above)")
+    if not s["service"]["healthy"]:
+        return 1
+    return 3 if lacking else 0
 
 
 def queue(settings: Settings, args: argparse.Namespace) -> int:

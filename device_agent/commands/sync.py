@@ -2,37 +2,27 @@
 
 Exit 0 when the pass met no problem; 1 when an item failed for good or an input was skipped
 (a broken users.json, a report that cannot be uploaded); 3 when S3 could not be reached or
-refused the credentials (uploads paused, retried later); 4 when another process drains;
-130 when interrupted.
+refused the credentials (uploads paused, retried later); 4 while another process's pass
+holds the outbox lock (the service holds it only during its passes: between them this runs
+a pass of its own); 130 when interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from device_agent.commands import EXIT_INTERRUPTED, Interrupt, echo
 from device_agent.config import Settings
 
+if TYPE_CHECKING:
+    from device_agent.sync import PassResult
+
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    from device_agent.clock import clock_from_settings
-    from device_agent.drain import Drainer
-    from device_agent.outbox import Outbox
-    from device_agent.sync import SyncLoop
-    from device_agent.uploader import Uploader
-
-    clock = clock_from_settings(settings)
-    with Interrupt() as interrupt, Outbox.open(settings) as outbox:
-        uploader = Uploader.from_settings(settings) if settings.cloud_upload_enabled else None
-        drainer = Drainer(outbox, uploader, clock=clock, stop=interrupt.stop,
-                          backoff_cap_s=settings.retry_max_backoff_s,
-                          report_max_bytes=settings.report_max_bytes)
-        loop = SyncLoop(settings, outbox=outbox, drainer=drainer, stop=interrupt.stop,
-                        clock=clock)
-        try:
-            result = loop.run_once(wait=bool(args.wait))
-        finally:
-            loop.close()
+    # a put in flight gets the drainer's grace; a blocked read on this thread is cut after 1 s
+    with Interrupt(grace_s=1.0) as interrupt:
+        result = _pass(settings, args, interrupt)
     if interrupt.interrupted:
         echo(f"sync: interrupted; {result.summary()}", err=True)
         return EXIT_INTERRUPTED
@@ -41,6 +31,27 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
                                          if result.errors else ""))
     if result.paused or result.retrying:
         return 3
-    if result.failed or result.errors:
+    if result.failed or result.errors or result.skipped:  # README: an input was skipped
         return 1
     return 0
+
+
+def _pass(settings: Settings, args: argparse.Namespace, interrupt: Interrupt) -> PassResult:
+    from device_agent.clock import clock_from_settings
+    from device_agent.drain import Drainer
+    from device_agent.outbox import Outbox
+    from device_agent.sync import SyncLoop
+    from device_agent.uploader import Uploader
+
+    clock = clock_from_settings(settings)
+    with Outbox.open(settings) as outbox:
+        uploader = Uploader.from_settings(settings) if settings.cloud_upload_enabled else None
+        drainer = Drainer(outbox, uploader, clock=clock, stop=interrupt.stop,
+                          backoff_cap_s=settings.retry_max_backoff_s,
+                          report_max_bytes=settings.report_max_bytes)
+        loop = SyncLoop(settings, outbox=outbox, drainer=drainer, stop=interrupt.stop,
+                        clock=clock)
+        try:
+            return loop.run_once(wait=bool(args.wait))
+        finally:
+            loop.close()

@@ -142,3 +142,120 @@ def test_service_survives_a_full_disk_and_loses_nothing(tiny_fs, tmp_path):
         assert (Path(settings.reports_dir) / "upload_log.json").exists()
     finally:
         env.close()
+
+
+def _fill(folder: Path) -> Path:
+    """Fill the file system under `folder` to its last byte; the filler's path."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for _ in range(100_000):
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+def _cli_flags(mnt: Path) -> list[str]:
+    values = {"STATE_DIR": mnt / "state", "REPORTS_DIR": mnt / "reports",
+              "USERS_FILE": mnt / "users.json", "CLOUD_UPLOAD_ENABLED": "false",
+              "DISK_RESERVE_MB": "0", "CLOCK_CHECK": "floor",
+              "ECG_SERIAL_PORT": mnt / "ttyNONE"}
+    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "unexpected" not in err and "OperationalError" not in err, err
+    return err
+
+
+@pytest.mark.functional
+def test_commands_on_a_full_disk_say_so_in_one_line_with_exit_3(tiny_fs, capsys):
+    from device_agent.commands import main
+
+    flags = _cli_flags(tiny_fs)
+    assert main([*flags, "sync", "--once"]) == 0  # the outbox exists, then the disk fills
+    make_package(tiny_fs / "state" / "records", "20260124_121815", seed=1)
+    capsys.readouterr()
+    _fill(tiny_fs)
+    for command in (["sync", "--once"], ["queue", "list"]):
+        assert main([*flags, *command]) == 3, command
+        line = _one_error_line(capsys)
+        assert "disk full" in line and "STATE_DIR" in line, line
+
+
+@pytest.mark.functional
+def test_commands_on_a_read_only_state_dir_say_so_in_one_line_with_exit_3(tiny_fs, capsys):
+    from device_agent.commands import main
+
+    flags = _cli_flags(tiny_fs)
+    assert main([*flags, "sync", "--once"]) == 0
+    make_package(tiny_fs / "state" / "records", "20260124_121815", seed=1)
+    capsys.readouterr()
+    # root ignores file modes: only a read-only mount stops its writes
+    proc = subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot remount read-only here ({proc.stderr.strip()})")
+    for command in (["sync", "--once"], ["queue", "list"]):
+        assert main([*flags, *command]) == 3, command
+        line = _one_error_line(capsys)
+        assert "read-only" in line and "STATE_DIR" in line, line
+
+
+@pytest.mark.functional
+def test_the_service_logs_a_full_disk_once_until_it_changes(tiny_fs, tmp_path, caplog):
+    """The sync loop's steps and the status writer meet one full disk: one line for it,
+    one when it ends, one again when it comes back; never a traceback per report."""
+    import logging
+
+    from device_agent.clock import Clock
+    from device_agent.notify import Notifier
+    from device_agent.service import Service
+    from tests.functional.test_service import FakeReader
+    from tests.unit.test_sync import Env
+
+    env = Env(tmp_path, STATE_DIR=str(tiny_fs / "state"), REPORTS_DIR=str(tiny_fs / "reports"))
+    service = Service(env.settings, reader=FakeReader(False), sync_loop=env.loop,
+                      outbox=env.outbox, capture=lambda r: {"ok": True}, notifier=Notifier(None),
+                      stop=env.stop, clock=Clock(check="floor"))
+    service.publish()  # status.json exists, as on a running unit
+    try:
+        reports = Path(env.settings.reports_dir)
+        reports.mkdir(parents=True)
+        for n in range(5):  # dropped reports the outbox has not met yet
+            pdf = reports / f"ECG_Report_2026012{n}_130000.pdf"
+            pdf.write_bytes(os.urandom(20_000))
+            os.utime(pdf, (time.time() - 60, time.time() - 60))
+        filler = _fill(tiny_fs)
+        caplog.set_level(logging.INFO, logger="device_agent")
+        results = []
+        for _ in range(4):
+            results.append(env.loop.run_once())
+            service.publish()
+        assert all(r.errors for r in results), "every pass still reports the condition"
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(errors) == 1, errors
+        assert "disk full" in errors[0] and "nothing stored was lost" in errors[0], errors
+        assert not [r for r in caplog.records if r.exc_info], "no traceback per report"
+        caplog.clear()
+        filler.unlink()
+        result = env.loop.run_once()
+        service.publish()
+        assert result.reports_queued == 5 and not result.errors
+        ended = [r.getMessage() for r in caplog.records]
+        assert len([m for m in ended if m.startswith("no longer: ") and "disk full" in m]) == 1
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING], ended
+        caplog.clear()
+        _fill(tiny_fs)  # the condition again: logged again, once
+        for _ in range(2):
+            env.loop.run_once()
+            service.publish()
+        again = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(again) == 1 and "disk full" in again[0], again
+    finally:
+        env.close()

@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 import pytest
 
 from device_agent.commands import main
+from device_agent.config import load_settings
+from device_agent.outbox import Outbox
 from device_agent.sync import drain_lock
 from tests.conftest import wait_until
 from tests.faultproxy import FaultProxy
@@ -82,6 +84,21 @@ def test_sync_0_delivered_1_broken_users_file_3_unreachable_4_busy(
         lock.release()
 
 
+def test_sync_with_an_aws_profile_that_does_not_exist_is_a_configuration_error(
+        tmp_path, monkeypatch, capsys):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "aws-config").write_text("[profile other]\nregion = us-east-1\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
+    flags = _flags(tmp_path, CLOUD_UPLOAD_ENABLED="true", AWS_S3_BUCKET="bucket-x",
+                   AWS_S3_REGION="us-east-1", AWS_PROFILE="Qzxyz",
+                   AWS_ENDPOINT_URL_S3="http://127.0.0.1:9")
+    assert main([*flags, "sync", "--once"]) == 2
+    line = _one_line(capsys)
+    assert "AWS_PROFILE=Qzxyz" in line and "unexpected" not in line, line
+
+
 def test_sync_interrupted_while_waiting_for_the_lock_is_130(tmp_path):
     lock = drain_lock(tmp_path / "state")
     assert lock.acquire()
@@ -96,6 +113,98 @@ def test_sync_interrupted_while_waiting_for_the_lock_is_130(tmp_path):
         lock.release()
     assert proc.returncode == 130, err
     assert "interrupted" in err
+
+
+@pytest.mark.parametrize("hangs", ["bucket listing", "put"])
+def test_sync_interrupted_mid_request_is_130_without_waiting_out_the_read(
+        tmp_path, s3_endpoint, s3_bucket, hangs):
+    """Ctrl-C while a request hangs on an endpoint that accepted and never answers (the
+    first start's LIST on this thread, or a put on the drainer's): the command abandons it
+    (S3 puts are atomic) and exits 130, long before its 120 s read timeout."""
+    with FaultProxy(urlparse(s3_endpoint).port) as proxy:
+        flags = _s3(tmp_path, proxy.url, s3_bucket, S3_READ_TIMEOUT_S="120")
+        if hangs == "put":  # the first start's LIST is done: the next request is a put
+            assert main([*flags, "sync", "--once"]) == 0
+        make_package(tmp_path / "state" / "records", "20260124_121815", seed=1)
+        proxy.set_mode("blackhole")
+        accepted = proxy.counts["accepted"]
+        proc = subprocess.Popen([sys.executable, "-m", "device_agent", *flags, "sync", "--once"],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            wait_until(lambda: proxy.counts["accepted"] > accepted or proc.poll() is not None,
+                       timeout=60, what=f"a {hangs} in flight")
+            assert proc.poll() is None, proc.communicate()
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)  # well under the read timeout
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 130, (out, err)
+    assert "interrupted" in err and "Traceback" not in err, err
+    with Outbox.open(load_settings(env_file=None, environ={}, overrides=_overrides(flags))) as box:
+        assert box.stats().pending == 4 and box.stats().failed == 0, "nothing given up"
+
+
+def _overrides(flags: list[str]) -> dict[str, str]:
+    return dict(f.split("=", 1) for f in flags if f != "--set")
+
+
+def _service(flags: list[str], cwd: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "device_agent", *flags, "run"], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "NOTIFY_SOCKET": ""})
+
+
+def _stop(service: subprocess.Popen[bytes]) -> None:
+    if service.poll() is None:
+        service.send_signal(signal.SIGTERM)
+        try:
+            service.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            service.kill()
+            service.wait(timeout=30)
+
+
+def test_sync_once_beside_the_running_service_is_busy_only_mid_pass(
+        tmp_path, s3_endpoint, s3_bucket, capsys):
+    """docs/operations.md §5: with `run` up, `sync --once` answers busy (4) while one of the
+    service's passes holds the outbox (here it hangs on an endpoint that never answers), and
+    between its passes runs a pass of its own (exit 0, it delivers)."""
+    from device_agent.status import read_status_file
+
+    state = tmp_path / "state"
+    make_package(state / "records", "20260124_121815", seed=1)
+    with FaultProxy(urlparse(s3_endpoint).port) as proxy:
+        flags = _s3(tmp_path, proxy.url, s3_bucket, SYNC_INTERVAL_S="3600",
+                    S3_READ_TIMEOUT_S="120")
+        proxy.set_mode("blackhole")
+        service = _service(flags, tmp_path)
+        try:  # mid-pass: the service's first pass waits on the endpoint, under the lock
+            wait_until(lambda: proxy.counts["accepted"] >= 1 or service.poll() is not None,
+                       timeout=60, what="the service's pass to reach the endpoint")
+            assert service.poll() is None
+            capsys.readouterr()
+            assert main([*flags, "sync", "--once"]) == 4
+            assert "outbox.lock" in _one_line(capsys)
+        finally:
+            _stop(service)
+
+        proxy.set_mode("pass")
+        service = _service(flags, tmp_path)
+        try:  # between passes: the service's next one is an hour away
+            wait_until(lambda: (read_status_file(state) or {}).get("last_sync") is not None
+                       or service.poll() is not None, timeout=60,
+                       what="the service's first pass")
+            assert service.poll() is None
+            make_package(state / "records", "20260124_121816", seed=2)
+            capsys.readouterr()
+            assert main([*flags, "sync", "--once"]) == 0
+            assert "delivered 4" in capsys.readouterr().out
+            assert service.poll() is None, "the service runs on"
+        finally:
+            _stop(service)
 
 
 def _waiting(pid: int) -> bool:

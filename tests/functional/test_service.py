@@ -204,6 +204,45 @@ def test_port_unplugged_at_boot_ready_anyway_and_status_says_so(tmp_path: Path, 
         assert h.thread.is_alive(), "an absent board must not stop the service"
 
 
+def _status_cli(settings, capsys, reserve_mb: int = 0) -> tuple[int, str]:
+    from device_agent.commands import main
+
+    flags = {"STATE_DIR": settings.state_dir, "ECG_SERIAL_PORT": settings.serial_port,
+             "CLOUD_UPLOAD_ENABLED": "false", "DISK_RESERVE_MB": reserve_mb,
+             "CLOCK_CHECK": "floor"}
+    capsys.readouterr()
+    rc = main([arg for k, v in flags.items() for arg in ("--set", f"{k}={v}")] + ["status"])
+    return rc, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("condition", ["healthy", "uploads paused", "board absent",
+                                       "clock not synchronised",
+                                       "disk under DISK_RESERVE_MB"])
+def test_status_exit_code_says_which_part_is_unavailable(tmp_path: Path, capsys, condition):
+    """README's table: 0 healthy, 3 when the running service lacks an external part (uploads
+    paused by a wrong secret or an endpoint down, no board, no clock), 1 when it is down."""
+    h = Harness(tmp_path, connected=condition != "board absent")
+    if condition != "board absent":
+        Path(h.settings.serial_port).touch()  # the device node is there
+    if condition == "clock not synchronised":  # the service's own view of the clock wins
+        h.service.clock = Clock(check="ntp", kernel=lambda: False, timesyncd=lambda: False)
+    if condition == "uploads paused":  # what the drainer records on a 403 or a dead endpoint
+        h.outbox.pause(time.time() + 600, "s3://b/ecg-reports/x: AccessDenied (HTTP 403): "
+                                          "check the keys")
+    with h:
+        wait_until(lambda: h.received(), what="READY")
+        rc, out = _status_cli(h.settings, capsys,
+                              reserve_mb=1_000_000 if condition.startswith("disk") else 0)
+    if condition == "healthy":
+        assert rc == 0, out
+        assert "unavailable" not in out
+    else:
+        assert rc == 3, out
+        assert out.splitlines()[-1].startswith(f"unavailable  {condition.upper()}"), out
+    rc, out = _status_cli(h.settings, capsys)  # the service has stopped: that comes first
+    assert rc == 1 and out.startswith("service      STOPPED"), out
+
+
 def test_capture_without_board_is_answered_clearly(tmp_path: Path):
     from device_agent.spool import Request
 

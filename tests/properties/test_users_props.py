@@ -123,9 +123,14 @@ def test_every_user_reaches_s3_once_dated_by_the_user_and_named_nowhere(size, s3
             shutil.rmtree(unit.state)  # a reflashed card: the outbox is lost
             passes.append(unit.run("sync", "--once"))
             status = unit.run("status")
+            # every delivered signup's key, as a person sees it (props-findings.md C)
+            listing = [unit.run("queue", "list", "--all"),
+                       unit.run("queue", "list", "--all", "--json")]
             for run in passes:
                 assert_clean(run, codes={0, 1})
             assert_clean(status)
+            for run in listing:
+                assert_clean(run, codes={0})
             objects = unit.objects()
             assert objects == first, "a lost outbox sent nobody again"
             assert_keys_in_layout(objects)
@@ -166,10 +171,8 @@ def test_every_user_reaches_s3_once_dated_by_the_user_and_named_nowhere(size, s3
             refs = {m.group(1) for line in lines
                     if (m := re.search(r"users\.json: (user#[0-9a-f]{12}|entry \d+) ", line))}
             assert len(lines) == len(refs) == len(refused) + len(junk), passes
-            # README: 1 when an input was skipped; sync exits 0 then (props-findings.md):
-            # only "nothing refused, nothing failed" -> 0 is held here
-            if not refused and not junk:
-                assert passes[0].rc == 0, passes[0]
+            # README: 0 when nothing was refused, 1 when an input was skipped
+            assert passes[0].rc == (1 if refused or junk else 0), passes[0]
 
             identities = [v for u in users for k, v in u.items()
                           if k in ("username", "full_name", "phone", "email")]
