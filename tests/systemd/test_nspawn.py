@@ -531,8 +531,8 @@ def test_a_held_capture_is_named_once_the_clock_check_passes(machine: Machine, b
 def test_stop_within_timeout_with_the_outbox_intact(machine: Machine, endpoint: FaultProxy,
                                                     bucket: str, s3_endpoint: str):
     """Stopped with a capture queued and its put held by the endpoint: the stop ends by
-    itself within TimeoutStopSec (no SIGKILL), the outbox is intact and keeps the capture,
-    which the next start delivers once."""
+    itself within TimeoutStopSec (exit 0, not systemd's SIGKILL), the outbox is intact and
+    keeps the capture, which the next start delivers once."""
     import sqlite3
 
     endpoint.set_mode("blackhole")
@@ -547,9 +547,9 @@ def test_stop_within_timeout_with_the_outbox_intact(machine: Machine, endpoint: 
     from tests.systemd.conftest import TIMINGS
     TIMINGS["systemctl stop"] = took
     after = machine.show(UNIT, "ActiveState", "Result", "ExecMainCode", "ExecMainStatus")
+    # systemd keeps the time: past TimeoutStopSec it would SIGKILL and say Result=timeout
     assert after == {"ActiveState": "inactive", "Result": "success", "ExecMainCode": "1",
                      "ExecMainStatus": "0"}, after
-    assert took < limit_s, f"stop took {took:.1f} s, TimeoutStopSec is {limit_s} s"
     db = machine.path(f"{STATE}/outbox.sqlite3")
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
