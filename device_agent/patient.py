@@ -134,6 +134,8 @@ def _age(value: Any) -> int | str:
         return ""
     ok_type = isinstance(value, str | int) and not isinstance(value, bool)
     text = str(value).strip() if ok_type else ""
-    if not text.isdigit() or not 0 <= int(text) <= 150:
+    # isdecimal, not isdigit: "²" or "⑤" are digits int() cannot read (a ValueError that
+    # escaped as "unexpected error"); decimal digits of any script ("١٥٠") are numbers
+    if not text.isdecimal() or not 0 <= int(text) <= 150:
         raise PatientDetailsError("patient details field 'age' must be a whole number 0-150")
     return value if isinstance(value, int) else text

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = "reports"
 STABLE_AGE_S = 2.0  # a report untouched this long is taken as completely written
+# An mtime further ahead than this is not a writer at work (a clock set wrong when it was
+# written, a copy keeping its times): waiting for it to age would wait for years.
+FUTURE_SLACK_S = 60.0
 
 
 class ReportsFinder:
@@ -132,7 +135,7 @@ class ReportsFinder:
         key = str(path)
         previous = self._seen.get(key)
         self._seen[key] = sig
-        if previous != sig and now - st.st_mtime < STABLE_AGE_S:
+        if previous != sig and -FUTURE_SLACK_S < now - st.st_mtime < STABLE_AGE_S:
             return None  # still being written? look again next pass
         sha = self.outbox.cached_hash(key, size=st.st_size, mtime_ns=st.st_mtime_ns,
                                       ino=st.st_ino)

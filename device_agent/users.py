@@ -63,9 +63,15 @@ def user_ref(username: str) -> str:
     return "user#" + hashlib.sha256(username.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
-def read_users(path: Path | str, *, max_bytes: int = 4 << 20) -> list[dict[str, Any]]:
-    """Every user in users.json as a dict with a `username`; [] if the file does not exist."""
+def read_users(path: Path | str, *, max_bytes: int = 4 << 20,
+               skipped: list[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+    """Every user in users.json as a dict with a `username`; [] if the file does not exist.
+
+    An entry that is not a user is logged, or, when `skipped` is given, appended to it as
+    (ref, reason) for the caller to report once (the finder reads the file every pass).
+    """
     path = Path(path)
+    notes: list[tuple[str, str]] = [] if skipped is None else skipped
     try:
         raw = read_regular(path, max_bytes=max_bytes)
     except FileNotFoundError:
@@ -91,8 +97,8 @@ def read_users(path: Path | str, *, max_bytes: int = 4 << 20) -> list[dict[str, 
         raise UsersFileError(f"users file {path} is not valid JSON ({type(exc).__name__}; "
                              "half-written?); it was left as it is: fix or restore it, "
                              "signups wait until then") from None
-    if isinstance(doc, dict) and set(doc) == {"users"}:
-        doc = doc["users"]
+    if isinstance(doc, dict) and set(doc) == {"users"} and _is_users(doc["users"]):
+        doc = doc["users"]  # the wrapped form; else a lone user called "users" (dict form)
     if isinstance(doc, dict):
         entries: list[tuple[str | None, Any]] = list(doc.items())
     elif isinstance(doc, list):
@@ -103,17 +109,29 @@ def read_users(path: Path | str, *, max_bytes: int = 4 << 20) -> list[dict[str, 
     users = []
     for index, (name, entry) in enumerate(entries):
         if not isinstance(entry, dict):
-            log.warning("users file %s: entry %d is not an object; skipped", path, index)
+            notes.append((f"entry {index}", "is not an object; skipped"))
             continue
         user = dict(entry)
         if name and not user.get("username"):
             user["username"] = name
         if not isinstance(user.get("username"), str) or not user["username"].strip():
-            log.warning("users file %s: entry %d has no username; skipped", path, index)
+            notes.append((f"entry {index}", "has no username; skipped"))
             continue
         user["username"] = user["username"].strip()
         users.append(user)
+    if skipped is None:
+        for ref, reason in notes:
+            log.warning("users file %s: %s %s", path, ref, reason)
     return users
+
+
+def _is_users(value: Any) -> bool:
+    """Whether the value of a lone `users` key is the users themselves (a list of entries,
+    or a dict of user entries; `{}` is no users), not one user's own fields
+    (`{"users": {"password": ...}}`)."""
+    if isinstance(value, list):
+        return True
+    return isinstance(value, dict) and all(isinstance(v, dict) for v in value.values())
 
 
 def _bounded_int(text: str) -> int | str:
@@ -197,23 +215,29 @@ class SignupsFinder:
 
     def find(self) -> FindResult:
         result = FindResult()
+        skipped: list[tuple[str, str]] = []
         try:
-            users = read_users(self.users_file, max_bytes=self.max_bytes)
+            users = read_users(self.users_file, max_bytes=self.max_bytes, skipped=skipped)
         except UsersFileError as exc:
             if self.outbox.note_problem(SOURCE, "users.json", str(exc)):
                 log.error("%s", exc)  # once per distinct problem, not every pass
             result.errors.append(str(exc))
             return result
-        self.outbox.clear_problems(SOURCE, keep=())
         known = self.outbox.known_users()
         problems: set[str] = set()
+        for ref, reason in skipped:  # entries that are not users: one line each, once
+            problems.add(ref)
+            result.skipped += 1
+            if self.outbox.note_problem(SOURCE, ref, reason):
+                log.warning("users file %s: %s %s", self.users_file, ref, reason)
         for user in users:
             username = user["username"]
             if username in known:
-                continue
+                continue  # delivered or queued, also by an earlier entry of this same file
             try:
                 if self._queue(user):
                     result.queued += 1
+                known.add(username)
             except (UnicodeEncodeError, ValueError) as exc:
                 ref = user_ref(username)
                 problems.add(ref)
@@ -221,8 +245,8 @@ class SignupsFinder:
                 reason = f"cannot make its signup ({type(exc).__name__}); fix the entry"
                 if self.outbox.note_problem(SOURCE, ref, reason):
                     log.warning("users file %s: %s %s", self.users_file, ref, reason)
-        if problems:
-            self.outbox.clear_problems(SOURCE, keep=problems)
+        # what is still wrong stays noted (and logged once); what was fixed is forgotten
+        self.outbox.clear_problems(SOURCE, keep=problems)
         return result
 
     def _queue(self, user: Mapping[str, Any]) -> bool:
