@@ -102,6 +102,22 @@ def _host_pid(m: Machine, inner_pid: int) -> int:
     raise AssertionError(f"no host process for pid {inner_pid} in the machine")
 
 
+def _listening(port: int) -> set[str]:
+    """The host's IPv4 and IPv6 addresses listening on TCP `port` (/proc/net/tcp{,6})."""
+    found = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hexport = local.split(":")
+            if state == "0A" and int(hexport, 16) == port:  # TCP_LISTEN
+                raw = bytes.fromhex(address)
+                if len(raw) == 4:
+                    found.add(".".join(str(b) for b in reversed(raw)))
+                else:
+                    found.add(raw.hex())
+    return found
+
+
 # --- 1. install, configure, start ------------------------------------------------------------
 
 def test_install_as_the_readme_says(machine: Machine):
@@ -123,6 +139,10 @@ def test_install_as_the_readme_says(machine: Machine):
 def test_configure_as_an_operator(machine: Machine, endpoint: FaultProxy, bucket: str):
     """The operator's edits: settings, static keys in the credentials folder, a sudo user;
     a board (the simulator, run as the service user so the service may open its pty)."""
+    # the container shares the host's loopback and nothing else is listened on: moto and the
+    # proxy the unit talks to are bound to 127.0.0.1 only
+    for port in (endpoint.port, endpoint.upstream[1]):
+        assert _listening(port) == {"127.0.0.1"}, (port, _listening(port))
     env = machine.path(ENV_FILE)
     text = env.read_text()
     for key, value in {"DEVICE_SERIAL": "TIER-0001", "AWS_S3_BUCKET": bucket,
