@@ -54,10 +54,7 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
                    timeout=300)
     TIMINGS["copy root"] = time.monotonic() - started
     _copy_checkout(root / "root/device-agent")
-    pip_cache = CACHE / "nspawn-pip"
-    pip_cache.mkdir(parents=True, exist_ok=True)
-    box = Machine(root, f"da-tier-{int(time.time()) % 100000}",
-                  binds=[(pip_cache, "/root/.cache/pip")])
+    box = Machine(root, f"da-tier-{int(time.time()) % 100000}")
     try:
         TIMINGS["boot"] = box.boot()
         started = time.monotonic()

@@ -7,6 +7,7 @@ capture through the spool, the sandbox as the running service sees it, the watch
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -101,6 +102,22 @@ def _host_pid(m: Machine, inner_pid: int) -> int:
     raise AssertionError(f"no host process for pid {inner_pid} in the machine")
 
 
+def _listening(port: int) -> set[str]:
+    """The host's IPv4 and IPv6 addresses listening on TCP `port` (/proc/net/tcp{,6})."""
+    found = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hexport = local.split(":")
+            if state == "0A" and int(hexport, 16) == port:  # TCP_LISTEN
+                raw = bytes.fromhex(address)
+                if len(raw) == 4:
+                    found.add(".".join(str(b) for b in reversed(raw)))
+                else:
+                    found.add(raw.hex())
+    return found
+
+
 # --- 1. install, configure, start ------------------------------------------------------------
 
 def test_install_as_the_readme_says(machine: Machine):
@@ -122,6 +139,10 @@ def test_install_as_the_readme_says(machine: Machine):
 def test_configure_as_an_operator(machine: Machine, endpoint: FaultProxy, bucket: str):
     """The operator's edits: settings, static keys in the credentials folder, a sudo user;
     a board (the simulator, run as the service user so the service may open its pty)."""
+    # the container shares the host's loopback and nothing else is listened on: moto and the
+    # proxy the unit talks to are bound to 127.0.0.1 only
+    for port in (endpoint.port, endpoint.upstream[1]):
+        assert _listening(port) == {"127.0.0.1"}, (port, _listening(port))
     env = machine.path(ENV_FILE)
     text = env.read_text()
     for key, value in {"DEVICE_SERIAL": "TIER-0001", "AWS_S3_BUCKET": bucket,
@@ -315,17 +336,57 @@ def test_the_credential_is_not_readable_by_another_user(machine: Machine):
 
 
 def test_doctor_through_the_wrapper_agrees(machine: Machine):
+    """`sudo device-agent doctor` passes, and each verdict matches the running service's own
+    view: the state folder it calls writable is writable from the service's namespaces as its
+    uid, the port it passes is the one the service reads frames from, the clock is the
+    service's (status.json), not the wrapper's."""
     proc = _wrapper(machine, "doctor", check=False)
     lines = proc.stdout.splitlines()
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    state = next(line for line in lines if line.split()[1:2] == ["state"])
+    status = json.loads(_wrapper(machine, "status", "--json").stdout)
+    uid, gid = _ids(machine, "device-agent")
+    seen = _probe(machine, uid=uid, gid=gid, files=())
+
+    def line(name: str) -> str:
+        return next(x for x in lines if x.split()[1:2] == [name])
+
+    state = line("state")
     assert state.startswith("ok") and STATE in state and "writable by device-agent" in state
-    reports = next(line for line in lines if line.split()[1:2] == ["reports"])
+    assert STATE in seen["writable"], seen
+    reports = line("reports")
     assert reports.startswith("ok") and REPORTS in reports
-    clock = next(line for line in lines if line.split()[1:2] == ["clock"])
+    assert REPORTS in seen["writable"], seen
+    clock = line("clock")
     assert clock.startswith("ok") and "as the service sees it" in clock, clock
-    port = next(line for line in lines if line.split()[1:2] == ["port"])
+    assert status["clock_source"] == "service" and status["clock"]["synced"] is True, status
+    assert status["clock"]["reason"] in clock, (clock, status["clock"])
+    port = line("port")
     assert port.startswith("ok"), port
+    assert status["port"]["frames_flowing"], status["port"]
+    # the port doctor passed is the one the service holds open (same file: device, inode)
+    dev, ino = machine.run("stat", "-L", "-c", "%d %i", BOARD_LINK).stdout.split()
+    fds = Path(f"/proc/{_host_pid(machine, _main_pid(machine))}/fd")
+    held = set()
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            st = fd.stat()
+            held.add((st.st_dev, st.st_ino))
+    assert (int(dev), int(ino)) in held, (dev, ino, held)
+
+
+def test_memory_and_tasks_limits_as_the_readme_says(machine: Machine):
+    """MemoryMax=/TasksMax= are accepted; the kernel enforces them only where the memory and
+    pids controllers are enabled in the service's cgroup, which these hosts lack (README)."""
+    limits = machine.show(UNIT, "MemoryMax", "TasksMax", "ControlGroup")
+    assert (limits["MemoryMax"], limits["TasksMax"]) == (str(300 * 1024 * 1024), "64"), limits
+    group = f"/sys/fs/cgroup{limits['ControlGroup']}"
+    controllers = machine.run("cat", f"{group}/cgroup.controllers").stdout.split()
+    files = machine.run("ls", group).stdout.split()
+    if "memory" in controllers and "pids" in controllers:  # a host that enforces them
+        assert machine.run("cat", f"{group}/memory.max").stdout.strip() == str(300 << 20)
+        assert machine.run("cat", f"{group}/pids.max").stdout.strip() == "64"
+    else:  # these hosts (README): accepted by systemd, nothing in the kernel to hold them
+        assert "memory.max" not in files and "pids.max" not in files, (controllers, files)
 
 
 # --- 3. the watchdog ---------------------------------------------------------------------------
@@ -531,8 +592,8 @@ def test_a_held_capture_is_named_once_the_clock_check_passes(machine: Machine, b
 def test_stop_within_timeout_with_the_outbox_intact(machine: Machine, endpoint: FaultProxy,
                                                     bucket: str, s3_endpoint: str):
     """Stopped with a capture queued and its put held by the endpoint: the stop ends by
-    itself within TimeoutStopSec (no SIGKILL), the outbox is intact and keeps the capture,
-    which the next start delivers once."""
+    itself within TimeoutStopSec (exit 0, not systemd's SIGKILL), the outbox is intact and
+    keeps the capture, which the next start delivers once."""
     import sqlite3
 
     endpoint.set_mode("blackhole")
@@ -547,9 +608,9 @@ def test_stop_within_timeout_with_the_outbox_intact(machine: Machine, endpoint: 
     from tests.systemd.conftest import TIMINGS
     TIMINGS["systemctl stop"] = took
     after = machine.show(UNIT, "ActiveState", "Result", "ExecMainCode", "ExecMainStatus")
+    # systemd keeps the time: past TimeoutStopSec it would SIGKILL and say Result=timeout
     assert after == {"ActiveState": "inactive", "Result": "success", "ExecMainCode": "1",
                      "ExecMainStatus": "0"}, after
-    assert took < limit_s, f"stop took {took:.1f} s, TimeoutStopSec is {limit_s} s"
     db = machine.path(f"{STATE}/outbox.sqlite3")
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
@@ -568,4 +629,12 @@ def test_the_journal_holds_no_traceback(machine: Machine):
     journal = machine.run("journalctl", "-u", UNIT, "-o", "cat", "--no-pager").stdout
     assert "device-agent" in journal and "running (port" in journal
     assert "Traceback" not in journal, journal
-    assert "timed out" not in journal, journal  # no start or stop ran into its timeout
+    # systemd's own lines about the unit: no start or stop ran into its timeout, and the only
+    # failures are the two watchdog restarts the tier caused (the agent's own lines may say
+    # "timed out talking to S3" while the endpoint holds a put: that is the queue pausing)
+    systemd = machine.run("journalctl", "-u", UNIT, "_PID=1", "-o", "cat",
+                          "--no-pager").stdout
+    assert "Started device-agent.service" in systemd, systemd
+    assert "timed out" not in systemd, systemd
+    failed = [x for x in systemd.splitlines() if "Failed with result" in x]
+    assert failed == ["device-agent.service: Failed with result 'watchdog'."] * 2, failed
