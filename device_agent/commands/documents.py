@@ -32,6 +32,7 @@ from device_agent.fsutil import (
 )
 
 MAX_INPUT_BYTES = 64 << 20
+MIN_RATE, MAX_RATE = 50, 20_000  # Hz: what a stored ECG can have been sampled at
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -48,9 +49,19 @@ def load_ecg_json(path: Path) -> Any:
     from device_agent.ecgdata import loads
 
     try:
-        return loads(_read(path, "ecg data"), source=str(path))
+        record = loads(_read(path, "ecg data"), source=str(path))
     except ValueError as exc:
         raise AgentError(f"{exc}") from exc
+    except RecursionError:  # json's parser recurses once per [ or {
+        raise AgentError(f"{path}: JSON nested too deeply to be an ecg_data document; the "
+                         "file is damaged") from None
+    except OverflowError:  # int(Infinity)
+        raise AgentError(f"{path}: sampling_rate is not a finite integer; the file is "
+                         "damaged") from None
+    if not MIN_RATE <= record.sampling_rate <= MAX_RATE:
+        raise AgentError(f"{path}: sampling_rate {record.sampling_rate} Hz is outside "
+                         f"{MIN_RATE}..{MAX_RATE}, not an ECG's; the file is damaged")
+    return record
 
 
 def load_patient(path: Path | None) -> dict[str, Any] | None:
