@@ -150,6 +150,37 @@ def test_deeply_nested_json_is_refused_by_every_command(tmp_path, capsys, depth)
     assert _three_commands(capsys, path, tmp_path) == [1, 1, 1]
 
 
+def test_a_50_mb_file_is_refused_before_it_is_parsed(tmp_path, capsys):
+    """Parsed, 46 MB of legacy JSON peaked at 446 MB: over the unit's MemoryMax=300M."""
+    n = 50_000_000 // 12 // 6
+    lead = "[" + "0.123," * (n - 1) + "0.123]"
+    path = tmp_path / "ecg_data_big.json"
+    path.write_text('{"timestamp":"2026-01-17 12:10:50","sampling_rate":500,"leads":{'
+                    + ",".join(f'"{name}":{lead}' for name in LEAD_ORDER) + "}}")
+    assert path.stat().st_size > 49_000_000
+    assert _three_commands(capsys, path, tmp_path) == [1, 1, 1]
+    _, out, _ = _run(capsys, "measure", "--json", str(path))
+    assert "larger than any record" in json.loads(out)["error"]
+
+
+def test_the_largest_record_the_unit_captures_is_read(tmp_path, capsys):
+    """60 s of 12 leads at 2000 Hz, in the unit's own format, fits the input bound."""
+    from datetime import UTC, datetime
+
+    from device_agent.ecgdata import dumps
+    from device_agent.record import DeviceInfo, Record
+
+    rng = np.random.default_rng(24)
+    samples = rng.integers(-32000, 32000, (12, 120_000)).astype(np.int32)
+    record = Record(acquired_at=datetime(2026, 1, 17, tzinfo=UTC), sampling_rate=2000,
+                    samples=samples, missing=np.zeros(samples.shape, bool), record_id=None,
+                    device=DeviceInfo())
+    path = tmp_path / "ecg_data_long.json"
+    path.write_bytes(dumps(record))
+    rc, out, _ = _run(capsys, "measure", "--json", str(path))
+    assert rc == 0 and "error" not in json.loads(out)
+
+
 _VALUE = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True, width=64),
     st.integers(-(10**30), 10**30),
