@@ -31,13 +31,20 @@ from device_agent.fsutil import (
     read_regular,
 )
 
-MAX_INPUT_BYTES = 64 << 20
+# The largest record the unit captures (60 s of 12 leads at 2000 Hz) is under 9 MiB as
+# ecg_data JSON; reading one costs ~10x its size in RAM, so 16 MiB keeps a re-render
+# inside the unit's MemoryMax=300M (a 46 MB file peaked at 446 MB).
+MAX_INPUT_BYTES = 16 << 20
+MIN_RATE, MAX_RATE = 50, 20_000  # Hz: what a stored ECG can have been sampled at
 
 
 def _read(path: Path, what: str) -> bytes:
     try:
         return read_regular(path, max_bytes=MAX_INPUT_BYTES)
-    except (NotRegularFile, FileTooLarge) as exc:
+    except FileTooLarge as exc:
+        raise AgentError(f"{what} {path} is {exc.strerror}, larger than any record the unit "
+                         "captures (60 s at most); pass one record's file") from None
+    except NotRegularFile as exc:
         raise AgentError(f"{what} {path} is {exc.strerror}; pass the file itself") from None
     except OSError as exc:
         raise AgentError(f"cannot read {what} {path}: {exc.strerror}; check the path") from None
@@ -48,9 +55,19 @@ def load_ecg_json(path: Path) -> Any:
     from device_agent.ecgdata import loads
 
     try:
-        return loads(_read(path, "ecg data"), source=str(path))
+        record = loads(_read(path, "ecg data"), source=str(path))
     except ValueError as exc:
         raise AgentError(f"{exc}") from exc
+    except RecursionError:  # json's parser recurses once per [ or {
+        raise AgentError(f"{path}: JSON nested too deeply to be an ecg_data document; the "
+                         "file is damaged") from None
+    except OverflowError:  # int(Infinity)
+        raise AgentError(f"{path}: sampling_rate is not a finite integer; the file is "
+                         "damaged") from None
+    if not MIN_RATE <= record.sampling_rate <= MAX_RATE:
+        raise AgentError(f"{path}: sampling_rate {record.sampling_rate} Hz is outside "
+                         f"{MIN_RATE}..{MAX_RATE}, not an ECG's; the file is damaged")
+    return record
 
 
 def load_patient(path: Path | None) -> dict[str, Any] | None:

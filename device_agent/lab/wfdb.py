@@ -12,14 +12,24 @@ coarser whole-uV steps (the gain says which).
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from device_agent.fsutil import atomic_write
+from device_agent.fsutil import (
+    FileTooLarge,
+    NotRegularFile,
+    atomic_write,
+    open_regular,
+    read_regular,
+)
 from device_agent.record import LEAD_ORDER, DeviceInfo, Record
 
 INVALID = -32768  # WFDB's invalid-sample value in format 16
@@ -60,6 +70,13 @@ _FORMAT_RE = re.compile(
 # Record line's frequency field: frequency[/counter_frequency[(base_counter)]]
 _FREQ_RE = re.compile(r"^(?P<fs>[0-9.eE+-]+)(?:/[0-9.eE+-]+(?:\([-0-9.eE+]+\))?)?$")
 DEFAULT_FS = 250.0  # header(5): the sampling frequency when the record line gives none
+MAX_FS = 1e6  # Hz; a header claiming more is not an ECG
+# What a read may cost, whatever a header claims: the unit runs under MemoryMax=300M and a
+# sample costs ~24 bytes on its way to float64 uV. 4 M samples is 11 min of 12 leads at 500 Hz.
+MAX_SAMPLES = 4_000_000
+MAX_HEADER_BYTES = 1 << 20
+MAX_SIGNALS = 1024
+_INT64 = 1 << 63
 # format -> (bytes per group, samples per group, the invalid-sample value)
 FORMATS = {16: (2, 1, -32768), 61: (2, 1, -32768), 80: (1, 1, -128), 160: (2, 1, -32768),
            212: (3, 2, -2048), 24: (3, 1, -(1 << 23)), 32: (4, 1, -(1 << 31))}
@@ -94,25 +111,70 @@ def parse_signal_spec(hea: Path, index: int, fields: list[str]) -> SignalSpec:
     if not match:
         raise ValueError(f"{hea}: signal {index} format field {fields[1]!r} is not "
                          "format[xsamples][:skew][+offset]")
-    fmt = int(match["fmt"])
+    fmt = int(match["fmt"]) if len(match["fmt"]) < 6 else 0
     if fmt not in FORMATS:
-        raise ValueError(f"{hea}: signal {index} is WFDB format {fmt}; formats "
+        raise ValueError(f"{hea}: signal {index} is WFDB format {match['fmt'][:20]}; formats "
                          f"{', '.join(map(str, sorted(FORMATS)))} are read")
-    spf = int(match["spf"] or 1)
-    if spf < 1:
-        raise ValueError(f"{hea}: signal {index} has {spf} samples per frame")
+    spf = _whole(hea, match["spf"] or "1", f"signal {index} samples per frame", 1, MAX_SAMPLES)
+    skew = _whole(hea, match["skew"] or "0", f"signal {index} skew", 0, MAX_SAMPLES)
+    offset = _whole(hea, match["offset"] or "0", f"signal {index} byte offset", 0, _INT64 - 1)
     gain, baseline_text, units = 200.0, None, "mV"
     if len(fields) > 2:
         g = _GAIN_RE.match(fields[2])
-        if not g:
-            raise ValueError(f"{hea}: cannot read gain field {fields[2]!r}")
-        gain = float(g["gain"]) or 200.0
+        gain = _number(hea, g["gain"], f"signal {index} gain") if g else math.nan
+        if not g or not math.isfinite(gain):
+            raise ValueError(f"{hea}: cannot read signal {index} gain field {fields[2]!r} "
+                             "(gain[(baseline)][/units], a finite gain); fix the header")
+        gain = gain or 200.0
         baseline_text, units = g["baseline"], g["units"] or "mV"
-    adc_zero = int(fields[4]) if len(fields) > 4 else 0
-    baseline = int(baseline_text) if baseline_text is not None else adc_zero
+    adc_zero = (_whole(hea, fields[4], f"signal {index} ADC zero", -_INT64, _INT64 - 1)
+                if len(fields) > 4 else 0)
+    baseline = (_whole(hea, baseline_text, f"signal {index} baseline", -_INT64, _INT64 - 1)
+                if baseline_text is not None else adc_zero)
     description = " ".join(fields[8:]) if len(fields) > 8 else f"signal {index}"
-    return SignalSpec(fields[0], fmt, spf, int(match["skew"] or 0),
-                      int(match["offset"] or 0), gain, baseline, units, adc_zero, description)
+    name = fields[0]
+    if "/" in name or name in (".", ".."):
+        raise ValueError(f"{hea}: signal {index} data file {name!r} is not a file name in the "
+                         "header's folder; keep the .dat beside the .hea and name it alone")
+    return SignalSpec(name, fmt, spf, skew, offset, gain, baseline, units, adc_zero,
+                      description)
+
+
+def _whole(hea: Path, text: str, what: str, low: int, high: int) -> int:
+    """A header field as a whole number in low..high; else a one-line error naming it."""
+    if not re.fullmatch(r"[-+]?\d{1,20}", text):
+        raise ValueError(f"{hea}: {what} {text[:40]!r} is not a whole number; fix the header")
+    value = int(text)
+    if not low <= value <= high:
+        raise ValueError(f"{hea}: {what} {value} is outside {low}..{high}; fix the header")
+    return value
+
+
+def _number(hea: Path, text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{hea}: {what} {text[:40]!r} is not a number; fix the header"
+                         ) from None
+
+
+def _read_header(hea: Path) -> list[str]:
+    """The header's lines: a bounded regular file of UTF-8 text without NULs."""
+    try:
+        raw = read_regular(hea, max_bytes=MAX_HEADER_BYTES)
+    except FileTooLarge:
+        raise ValueError(f"{hea}: over {MAX_HEADER_BYTES} bytes, not a WFDB header; pass the "
+                         ".hea of the record") from None
+    except NotRegularFile as exc:
+        raise ValueError(f"{hea}: {exc.strerror}; pass the .hea file itself") from None
+    if b"\0" in raw:
+        raise ValueError(f"{hea}: holds NUL bytes, not a WFDB header; pass the .hea text file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{hea}: byte {exc.start} is not UTF-8 text, not a WFDB header; "
+                         "re-save it as UTF-8 (or ASCII)") from None
+    return text.splitlines()
 
 
 def _decode(raw: bytes, fmt: int) -> np.ndarray:
@@ -156,22 +218,28 @@ def read_record(path: Path | str) -> WfdbRecord:
     records are refused. The format's invalid value reads as NaN.
     """
     hea = _header_path(path)
-    lines = hea.read_text(encoding="utf-8").splitlines()
+    lines = _read_header(hea)
     comments = tuple(line.lstrip("# ").strip() for line in lines if line.startswith("#"))
     body = [line.split() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not body or len(body[0]) < 2:
-        raise ValueError(f"{hea}: no record line (name and number of signals)")
+        raise ValueError(f"{hea}: no record line (name and number of signals); pass the .hea "
+                         "of a WFDB record")
     head = body[0]
-    if "/" in head[0]:
+    if re.fullmatch(r"[^/]+/\d+", head[0]):
         raise ValueError(f"{hea}: a multi-segment record ({head[0]}); read its segments")
-    name, n_sig = head[0], int(head[1])
+    if not _NAME_RE.match(head[0]):
+        raise ValueError(f"{hea}: record name {head[0][:40]!r} is not a WFDB record name "
+                         "(letters, digits, _ . -); fix the header")
+    name = head[0]
+    n_sig = _whole(hea, head[1], "number of signals", 1, MAX_SIGNALS)
     fs = DEFAULT_FS
     if len(head) > 2:
         freq = _FREQ_RE.match(head[2])
-        if not freq:
-            raise ValueError(f"{hea}: cannot read the sampling frequency {head[2]!r}")
-        fs = float(freq["fs"])
-    n_frames = int(head[3]) if len(head) > 3 and int(head[3]) > 0 else None  # 0: unknown
+        fs = _number(hea, freq["fs"], "sampling frequency") if freq else math.nan
+        if not 0 < fs <= MAX_FS:  # NaN fails too
+            raise ValueError(f"{hea}: cannot read the sampling frequency {head[2][:40]!r} "
+                             f"(Hz above 0, at most {MAX_FS:g}); fix the header")
+    declared = _whole(hea, head[3], "number of samples", 0, _INT64 - 1) if len(head) > 3 else 0
     if len(body) < 1 + n_sig:
         raise ValueError(f"{hea}: {n_sig} signals declared, {len(body) - 1} specified")
     specs = [parse_signal_spec(hea, i, fields) for i, fields in enumerate(body[1 : 1 + n_sig])]
@@ -185,18 +253,43 @@ def read_record(path: Path | str) -> WfdbRecord:
 
     # Signals whose data file is absent (s0010_re ships without its Frank-lead .xyz) are
     # left out; the 12 standard leads are all the board and the tests use.
-    present = {f: idx for f, idx in files.items() if hea.with_name(f).exists()}
+    present = {f: idx for f, idx in files.items() if os.path.lexists(hea.with_name(f))}
     if not present:
         raise FileNotFoundError(f"{hea}: none of its data files {sorted(files)} exist")
     kept = sorted(i for idx in present.values() for i in idx)
     spfs = {specs[i].samples_per_frame for i in kept}
     expand = spfs.pop() if len(spfs) == 1 else 1  # every signal k per frame: k x the rate
+    # What each file holds, from its size alone: nothing is read before the cost is known.
+    held = {f: _frames_held(hea, f, [specs[i] for i in idx]) for f, idx in present.items()}
+    if declared:
+        n_frames = declared
+        for filename, frames_held in held.items():
+            if frames_held < n_frames:
+                raise ValueError(f"{hea.with_name(filename)}: holds {frames_held} of the "
+                                 f"{n_frames} frames {hea.name} declares: truncated; fetch "
+                                 "the record again")
+    else:  # 0: unknown, read from the files
+        n_frames = max(0, min(held[f] - specs[i].skew for f, idx in present.items()
+                              for i in idx))
+    if n_frames == 0:
+        raise ValueError(f"{hea}: its data files hold no complete frame; fetch the record "
+                         "again")
+    total = len(kept) * n_frames * expand
+    if total > MAX_SAMPLES:
+        raise ValueError(f"{hea}: {total} samples, over the limit of {MAX_SAMPLES}; cut the "
+                         "record shorter (e.g. wfdb's snip) before reading it here")
     decoded: dict[int, np.ndarray] = {}
     for filename, indices in present.items():
         first = specs[indices[0]]  # header(5): the first signal's offset is the file's
-        raw = hea.with_name(filename).read_bytes()[first.byte_offset :]
-        flat = _decode(raw, first.fmt)
         frame = sum(specs[i].samples_per_frame for i in indices)
+        want = min(held[filename], n_frames + max(specs[i].skew for i in indices))
+        size, per_group, _ = FORMATS[first.fmt]
+        if want * frame > MAX_SAMPLES:
+            raise ValueError(f"{hea.with_name(filename)}: {want * frame} samples to read, "
+                             f"over the limit of {MAX_SAMPLES}; cut the record shorter")
+        nbytes = -(-want * frame // per_group) * size
+        raw = _read_span(hea, filename, first.byte_offset, nbytes)
+        flat = _decode(raw, first.fmt)
         frames = flat[: flat.size - flat.size % frame].reshape(-1, frame)
         column = 0
         for index in indices:
@@ -204,9 +297,6 @@ def read_record(path: Path | str) -> WfdbRecord:
             samples = frames[:, column : column + k]  # (frames, k)
             column += k
             decoded[index] = samples
-    available = min(d.shape[0] - specs[i].skew for i, d in decoded.items())
-    if n_frames is None:
-        n_frames = max(0, available)
     signals = np.full((len(kept), n_frames * expand), np.nan)
     for row, index in enumerate(kept):
         spec, samples = specs[index], decoded[index]
@@ -214,10 +304,54 @@ def read_record(path: Path | str) -> WfdbRecord:
         take = samples[spec.skew : spec.skew + n_frames].astype(np.float64)
         take[samples[spec.skew : spec.skew + n_frames] == invalid] = np.nan
         values = take.ravel() if expand > 1 else take.mean(axis=1)
-        physical = (values - spec.baseline) / spec.gain * spec.to_uv
+        physical = (values - float(spec.baseline)) / spec.gain * spec.to_uv
         signals[row, : physical.size] = physical  # frames past the file's end stay NaN
+    if np.isinf(signals).any():
+        raise ValueError(f"{hea}: its gains and baselines make samples infinite; fix the "
+                         "header's gain fields")
     names = [specs[i].description for i in kept]
     return WfdbRecord(name, fs * expand, tuple(names), signals, comments)
+
+
+def _frames_held(hea: Path, filename: str, specs: list[SignalSpec]) -> int:
+    """Whole frames a data file holds past its byte offset, from its size (nothing read)."""
+    dat = hea.with_name(filename)
+    size, per_group, _ = FORMATS[specs[0].fmt]
+    with _open_data(hea, filename) as (_, st):
+        offset = specs[0].byte_offset
+        if offset > st.st_size:
+            raise ValueError(f"{dat}: byte offset {offset} is past its end ({st.st_size} "
+                             f"bytes); check the format field in {hea.name}")
+        samples = (st.st_size - offset) // size * per_group
+    return samples // sum(spec.samples_per_frame for spec in specs)
+
+
+@contextlib.contextmanager
+def _open_data(hea: Path, filename: str) -> Iterator[tuple[int, os.stat_result]]:
+    dat = hea.with_name(filename)
+    try:
+        with open_regular(dat, max_bytes=_INT64) as opened:
+            yield opened
+    except NotRegularFile as exc:
+        raise ValueError(f"{dat}: {exc.strerror}; keep the record's data file a regular file "
+                         f"beside {hea.name}") from None
+    except OSError as exc:
+        raise ValueError(f"{dat}: cannot open it ({exc.strerror}); check it and its "
+                         "permissions") from None
+
+
+def _read_span(hea: Path, filename: str, offset: int, nbytes: int) -> bytes:
+    """At most nbytes of a data file from offset (a file that shrank gives fewer)."""
+    chunks = []
+    with _open_data(hea, filename) as (fd, _):
+        while nbytes > 0:
+            chunk = os.pread(fd, min(nbytes, 1 << 20), offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+            nbytes -= len(chunk)
+    return b"".join(chunks)
 
 
 def to_record(
@@ -237,7 +371,16 @@ def to_record(
     to now (UTC).
     """
     src = source if isinstance(source, WfdbRecord) else read_record(source)
+    where = src.name if isinstance(source, WfdbRecord) else str(_header_path(source))
+    have = {lead.lower() for lead in src.lead_names}
+    lacking = [lead for lead in LEAD_ORDER if lead.lower() not in have]
+    if lacking:
+        raise ValueError(f"{where}: lacks leads {', '.join(lacking)} of the 12 standard ones "
+                         f"(it has {', '.join(src.lead_names)[:200]}); pass a 12-lead record")
     fs = int(src.sampling_rate)
+    if fs < 1:
+        raise ValueError(f"{where}: sampling frequency {src.sampling_rate:g} Hz is under 1 Hz; "
+                         "pass a 12-lead ECG record")
     n = None if seconds is None else int(seconds * fs)
     rows = np.stack([src.lead(name)[:n] for name in LEAD_ORDER])
     missing = np.isnan(rows)
