@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 LOG    := $(VENV)/install.log
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: test lint demo bench install-dev clean install constraints
+.PHONY: test test-nspawn lint demo bench install-dev clean install constraints
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ lint: $(VENV)/.installed-test
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The unit under a real systemd (systemd-nspawn; root, systemd-container, mmdebstrap): README.
+test-nspawn: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -m nspawn tests/systemd $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed-demo
 	@$(BIN)/device-agent demo

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,15 +25,33 @@ from pathlib import Path
 from typing import Any
 
 from device_agent import __version__, dicom, ecgdata, report
-from device_agent.clock import Clock, HoldTicket, held_dir, hold, ready
+from device_agent.clock import (
+    Clock,
+    HoldTicket,
+    held_dir,
+    hold,
+    name_held,
+    ready,
+    release_folder,
+    sweep_released,
+)
 from device_agent.config import Settings
 from device_agent.disk import ensure_free_space
 from device_agent.errors import SerialLinkError
 from device_agent.framing import Frames
 from device_agent.fsutil import fsync_dir, make_dirs
 from device_agent.measurements import measure_record, measurements_block
-from device_agent.outbox import QUEUED, Outbox
-from device_agent.package import Disposition, PackageInfo, build_package, decide
+from device_agent.outbox import DELIVERED, DISPOSITIONS, QUEUED, REJECTED, WITHHELD, Outbox
+from device_agent.package import (
+    Disposition,
+    PackageInfo,
+    build_package,
+    decide,
+    has_manifest,
+    load_package,
+    package_folders,
+    read_disposition,
+)
 from device_agent.port import SerialReader
 from device_agent.record import VERDICT_REJECTED, DeviceInfo, Record, build_record
 
@@ -54,8 +71,12 @@ def capture_record(
     seconds: float | None = None,
     progress: Callable[[int, int], None] | None = None,
     timeout_s: float | None = None,
+    record_id: str | None = None,
 ) -> Record:
-    """Capture `seconds` of signal from a running reader, starting after this call starts."""
+    """Capture `seconds` of signal from a running reader, starting after this call starts.
+
+    `record_id` names the record (a spool request's derived id); a fresh uuid4 otherwise.
+    """
     seconds = settings.capture_seconds if seconds is None else seconds
     rate = settings.sampling_rate
     n = round(seconds * rate)
@@ -100,7 +121,7 @@ def capture_record(
     record = build_record(
         frames.position - first, frames.counts, frames.electrodes, n_samples=n,
         acquired_at=acquired_at, settings=settings, device=device,
-        record_id=str(uuid.uuid4()), bad_frames=bad_frames,
+        record_id=record_id or str(uuid.uuid4()), bad_frames=bad_frames,
     )
     log.info("captured %d samples from %s: %s%s", n, reader.url, record.quality.verdict,
              "".join(f"; {r}" for r in record.quality.reasons))
@@ -209,6 +230,7 @@ def capture_package(
     progress: Callable[[int, int], None] | None = None,
     withheld: bool = False,
     checkpoint: Callable[[str], None] = lambda name: None,
+    record_id: str | None = None,
 ) -> CaptureOutcome:
     """Capture, measure once, then package with its decision, or hold it for the clock.
 
@@ -218,7 +240,8 @@ def capture_package(
     out_root = Path(out_root or Path(settings.state_dir) / "records")
     ensure_free_space(Path(settings.state_dir), settings.disk_reserve_mb)
     ticket = None if clock.synced() else HoldTicket.now(clock)
-    record = capture_record(reader, settings, clock=clock, seconds=seconds, progress=progress)
+    record = capture_record(reader, settings, clock=clock, seconds=seconds, progress=progress,
+                            record_id=record_id)
     record = measure_once(record, mains_hz=settings.mains_hz)
     if ticket is not None:
         held = hold_record(settings, record, patient, ticket, out_root=out_root,
@@ -246,17 +269,22 @@ def hold_record(settings: Settings, record: Record, patient: Mapping[str, Any] |
     }, ticket)
 
 
-def release_held(settings: Settings, *, outbox: Outbox, clock: Clock) -> list[CaptureOutcome]:
+def release_held(settings: Settings, *, outbox: Outbox, clock: Clock,
+                 checkpoint: Callable[[str], None] = lambda name: None
+                 ) -> list[CaptureOutcome]:
     """Name, package and decide held records once the clock is known; returns them.
 
-    Idempotent across crashes: build_package reuses the folder of the same record id and
-    add_package ignores a package it already has; the held copy goes only after both.
-    Records held in an earlier boot can never be dated from the monotonic clock: they move to
-    STATE_DIR/undated/ for a person to decide, and are never named from a guess.
+    Idempotent across crashes: the name (time and record id) is made durable in the held
+    folder before any file is written under it, and a retry reuses it, whatever the clock
+    reads by then; build_package reuses the folder of the same record id and add_package
+    ignores a package it already has; the held copy goes only after both.
+    Records held in an earlier boot and never named can never be dated from the monotonic
+    clock: they move to STATE_DIR/undated/ for a person to decide, never named from a guess.
     """
     folder_root = held_dir(settings.state_dir)
     if not folder_root.is_dir():
         return []
+    sweep_released(folder_root)
     stampable, orphaned = ready(folder_root, clock)
     for folder in orphaned:
         undated = Path(settings.state_dir) / "undated" / folder.name
@@ -270,14 +298,121 @@ def release_held(settings: Settings, *, outbox: Outbox, clock: Clock) -> list[Ca
     released = []
     for folder, when in stampable:
         record = ecgdata.loads((folder / "ecg_data.json").read_bytes(), source=str(folder))
-        record = dataclasses.replace(record, acquired_at=when.astimezone())
+        name = name_held(folder, when, record.record_id or str(uuid.uuid4()))
+        checkpoint("held.named")
+        record = dataclasses.replace(record, acquired_at=name.acquired_at,
+                                     record_id=name.record_id)
         patient = json.loads((folder / "patient.json").read_bytes())
         request = json.loads((folder / "request.json").read_bytes())
         outcome = package_and_decide(record, patient, settings, outbox,
                                      out_root=Path(request["out_root"]),
-                                     withheld=bool(request["no_upload"]))
-        shutil.rmtree(folder)
+                                     withheld=bool(request["no_upload"]),
+                                     checkpoint=checkpoint)
+        checkpoint("held.packaged")
+        release_folder(folder)
         log.info("held capture named %s now that the clock is synchronised",
                  outcome.info.stamp if outcome.info else "?")
         released.append(outcome)
     return released
+
+
+# --- what a capture cut by a restart left -----------------------------------------------------
+
+@dataclass(frozen=True)
+class KeptCapture:
+    """A capture found on disk by its record id: its package, or its held record."""
+
+    record_id: str
+    stamp: str | None  # None while held for the clock (not named yet) or undated
+    state: str  # delivered, queued, withheld, rejected, held, undated
+    folder: Path
+    reason: str | None = None
+
+
+def find_capture(settings: Settings, outbox: Outbox, record_id: str) -> KeptCapture | None:
+    """What is kept of the capture with this record id; None when it left nothing.
+
+    A package counts once its manifest is written (the outbox knows it, or its folder holds
+    the manifest); a folder without one is the remains of a crash and does not. A record held
+    for the clock (or undated) counts too: it is kept and will be (or can be) named.
+    """
+    for row in outbox.packages_of_record(record_id):
+        state = row.disposition
+        if state == QUEUED:
+            items = outbox.package_items(row.folder)
+            if items and all(i.state == DELIVERED for i in items):
+                state = DELIVERED
+        return KeptCapture(record_id, row.stamp, state, Path(row.folder), row.reason)
+    records = Path(settings.state_dir) / "records"
+    if records.is_dir():
+        folders = package_folders(records)
+        known = outbox.known_packages(str(f.resolve()) for f in folders)
+        for folder in reversed(folders):  # newest first: the capture was the latest
+            if str(folder.resolve()) in known or not has_manifest(folder):
+                continue
+            try:
+                info = load_package(folder)
+                decision = read_disposition(folder)
+            except (OSError, ValueError):
+                continue
+            if info.record_id == record_id:
+                return KeptCapture(record_id, info.stamp,
+                                   decision.decision if decision else QUEUED, folder,
+                                   decision.reason if decision else None)
+    for state, root in (("held", held_dir(settings.state_dir)),
+                        ("undated", Path(settings.state_dir) / "undated")):
+        if not root.is_dir():
+            continue
+        for folder in sorted(root.iterdir()):
+            if _held_record_id(folder) == record_id:
+                return KeptCapture(record_id, None, state, folder,
+                                   WITHHELD if _held_withheld(folder) else None)
+    return None
+
+
+def _held_record_id(folder: Path) -> str | None:
+    try:
+        doc = json.loads((folder / "ecg_data.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    rid = doc.get("record_id") if isinstance(doc, dict) else None
+    return str(rid) if rid else None
+
+
+def _held_withheld(folder: Path) -> bool:
+    try:
+        return bool(json.loads((folder / "request.json").read_bytes()).get("no_upload"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+_KEPT_AS = {
+    DELIVERED: "queued and uploaded",
+    QUEUED: "queued for upload",
+    WITHHELD: "kept on the unit, not uploaded (withheld by the operator)",
+    "held": "held until the clock is synchronised, then named and queued",
+    "undated": "held across a reboot: `device-agent doctor` says how to name it",
+}
+
+
+def kept_answer(kept: KeptCapture) -> dict[str, Any]:
+    """The spool's answer for a capture a restart cut short whose record is kept.
+
+    It names the record (id and stamp), never the patient: the answer is printed and logged.
+    """
+    named = f"record {kept.record_id}" + (f" ({kept.stamp})" if kept.stamp else "")
+    kept_as = _KEPT_AS.get(kept.state, kept.state)
+    if kept.state == "held" and kept.reason == WITHHELD:
+        kept_as = "held until the clock is synchronised, then named and kept, not uploaded"
+    base = {"record_id": kept.record_id, "stamp": kept.stamp, "folder": str(kept.folder),
+            "recovered": True, "state": kept.state, "held": kept.state == "held",
+            "queued": kept.state in (QUEUED, DELIVERED), "delivered": kept.state == DELIVERED,
+            "disposition": kept.state if kept.state in DISPOSITIONS else
+            QUEUED if kept.state == DELIVERED else None}
+    if kept.state == REJECTED:
+        return {**base, "ok": False, "exit_code": 1, "error": (
+            f"the service restarted during this capture; it was kept as {named} but rejected "
+            f"({kept.reason or 'quality'}), never uploaded: check the cable and capture again")}
+    return {**base, "ok": True, "exit_code": 0, "warnings": [
+        f"the service restarted during this capture, but the capture was kept as {named}, "
+        f"{kept_as}: do not capture this patient again"]}

@@ -4,6 +4,9 @@ A board without a real-time clock boots in 1970 (or, with fake-hwclock, at the l
 time) until NTP syncs. A record must never be named from such a clock: capture holds it with
 its monotonic time and the boot id, and it is stamped once the clock is known, as
 `wall = now - (monotonic_now - monotonic_at_capture)`, which is only valid within one boot.
+That name (time and record id) is written to the held folder, fsync'd, before any file is
+written under it: a release that crashes and runs again, the clock a millisecond on or in
+the next boot, reuses it and never packages the record under a second stamp.
 
 Sync evidence, Linux: the kernel's adjtimex() status (STA_UNSYNC clear, as set by ntpd,
 chronyd and systemd-timesyncd) or systemd-timesyncd's /run/systemd/timesync/synchronized.
@@ -13,10 +16,12 @@ floor (a unit with a battery-backed RTC and no NTP); `check="ntp"` needs the evi
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -35,6 +40,7 @@ BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 _TIME_ERROR = 5  # adjtimex() return value: clock not synchronised
 _STA_UNSYNC = 0x0040
 TICKET_NAME = "held.json"
+NAME_FILE = "named.json"  # the name chosen for a held record, durable before any file uses it
 
 
 class _Timeval(ctypes.Structure):
@@ -211,9 +217,69 @@ def hold(root: Path, files: dict[str, bytes], ticket: HoldTicket) -> Path:
     return folder
 
 
+@dataclass(frozen=True)
+class HeldName:
+    """The name a held record was given once the clock was known: its time and record id."""
+
+    acquired_at: datetime
+    record_id: str
+
+
+def held_name(folder: Path) -> HeldName | None:
+    """The name already chosen for a held record, or None when none was chosen yet."""
+    try:
+        doc = json.loads((Path(folder) / NAME_FILE).read_bytes())
+        return HeldName(datetime.fromisoformat(doc["acquired_at"]), str(doc["record_id"]))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{Path(folder) / NAME_FILE}: unreadable ({exc})") from exc
+
+
+def name_held(folder: Path, when: datetime, record_id: str) -> HeldName:
+    """The held record's name: the one chosen before if any, else this one, made durable.
+
+    Written (fsync'd file and folder) before anything is written under the name, so a crash
+    anywhere after leaves a retry no choice but this name.
+    """
+    chosen = held_name(folder)
+    if chosen is not None:
+        return chosen
+    name = HeldName(when.astimezone(), record_id)
+    atomic_write(Path(folder) / NAME_FILE, json.dumps(
+        {"acquired_at": name.acquired_at.isoformat(), "record_id": name.record_id}).encode())
+    return name
+
+
+def release_folder(folder: Path) -> None:
+    """Remove a held folder whose record is packaged: its ticket first, so a crash part way
+    leaves a folder no pass releases again (swept by `sweep_released`)."""
+    folder = Path(folder)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(folder / TICKET_NAME)
+        fsync_dir(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    fsync_dir(folder.parent)
+
+
+def sweep_released(root: Path) -> None:
+    """Finish removing held folders a crash left part way (named, ticket already gone)."""
+    try:
+        folders = [p for p in Path(root).iterdir() if p.is_dir()]
+    except FileNotFoundError:
+        return
+    for folder in folders:
+        if (folder / NAME_FILE).exists() and not (folder / TICKET_NAME).exists():
+            release_folder(folder)
+
+
 def ready(root: Path, clock: Clock, *, current_boot: str | None = None
           ) -> tuple[list[tuple[Path, datetime]], list[Path]]:
-    """Held captures that can be stamped now, and those from an earlier boot that never can."""
+    """Held captures that can be stamped now, and those from an earlier boot that never can.
+
+    A capture already named (NAME_FILE) is stampable with that name whatever the clock or
+    the boot: its name is chosen and may already be on a package.
+    """
     stampable: list[tuple[Path, datetime]] = []
     orphaned: list[Path] = []
     root = Path(root)
@@ -221,6 +287,10 @@ def ready(root: Path, clock: Clock, *, current_boot: str | None = None
         return stampable, orphaned
     for ticket_path in sorted(root.glob(f"*/{TICKET_NAME}")):
         try:
+            named = held_name(ticket_path.parent)
+            if named is not None:
+                stampable.append((ticket_path.parent, named.acquired_at))
+                continue
             ticket = HoldTicket(**json.loads(ticket_path.read_text()))
         except (OSError, ValueError, TypeError) as exc:
             log.error("held capture %s has an unreadable ticket (%s); left in place",

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from device_agent.errors import ConfigError
 from device_agent.text import closest, text_problem
@@ -106,6 +107,36 @@ def _path(raw: str) -> Path:
     return Path(raw.strip()).expanduser()
 
 
+def _folder(raw: str) -> Path:
+    """A folder the agent creates if need be: refused when it, or the nearest part of it
+    that exists, is not a folder (a file named like it would fail the first write)."""
+    path = _path(raw)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        what = "is" if probe == path else f"is inside {probe}, which is"
+        raise ValueError(f"a folder, but it {what} a file: point it at a folder, or remove "
+                         "the file")
+    return path
+
+
+def _endpoint_url(raw: str) -> str | None:
+    """An http(s) URL with a host (and a valid port, if any), or empty."""
+    value = raw.strip()
+    if not value:
+        return None
+    try:
+        url = urlsplit(value)
+        port_ok = url.port is None or url.port > 0
+    except ValueError:
+        port_ok = False
+    if url.scheme not in ("http", "https") or not url.hostname or not port_ok:
+        raise ValueError("an http:// or https:// URL with a host, e.g. "
+                         "https://s3.eu-west-1.amazonaws.com, or empty for AWS's own")
+    return value
+
+
 def _optional_path(raw: str) -> Path | None:
     return _path(raw) if raw.strip() else None
 
@@ -172,7 +203,7 @@ KEYS: tuple[_Key, ...] = (
     _Key("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key", _optional, "", secret=True),
     _Key("AWS_SESSION_TOKEN", "aws_session_token", _optional, "", secret=True),
     _Key("AWS_PROFILE", "aws_profile", _optional, "", help="named profile in ~/.aws"),
-    _Key("AWS_ENDPOINT_URL_S3", "s3_endpoint_url", _optional, "",
+    _Key("AWS_ENDPOINT_URL_S3", "s3_endpoint_url", _endpoint_url, "",
          help="S3-compatible endpoint, e.g. http://127.0.0.1:9000"),
     _Key("AWS_IOT_CREDENTIAL_ENDPOINT", "iot_endpoint", _optional, "",
          help="AWS IoT credentials provider host (or https://host:port): per-unit identity"),
@@ -215,10 +246,10 @@ KEYS: tuple[_Key, ...] = (
     _Key("DEVICE_MODEL", "device_model", _text, "ECG12-PI"),
     _Key("DEVICE_MANUFACTURER", "device_manufacturer", _text, "device_agent",
          help="written into the DICOM equipment module"),
-    _Key("REPORTS_DIR", "reports_dir", _path, "./reports"),
+    _Key("REPORTS_DIR", "reports_dir", _folder, "./reports"),
     _Key("REPORT_MAX_MB", "report_max_mb", _float_range(0.01, 4096), "64",
          help="a dropped report (or its .json twin) larger than this is refused"),
-    _Key("STATE_DIR", "state_dir", _path, "./state"),
+    _Key("STATE_DIR", "state_dir", _folder, "./state"),
     _Key("USERS_FILE", "users_file", _path, "./users.json"),
     _Key("USERS_MAX_MB", "users_max_mb", _float_range(0.01, 1024), "4",
          help="a users file larger than this is refused (never read whole)"),

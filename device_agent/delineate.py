@@ -32,6 +32,9 @@ Method (numpy only, every window in seconds so any sampling rate works):
    independently marked leads) sit a fixed few ms outside what the thresholds find;
    CALIBRATION_MS shifts each boundary by that mean, measured once on the odd-numbered
    LUDB records (tests/data/ludb, bench/accuracy.py); see there for the figures.
+   Every threshold here, the calibration included, is a field of one frozen, validated
+   Conf (defaults: the module constants), so a fold run can tune them on some records and
+   score the rest (bench/folds.py).
 5. Each beat is delineated on its own, each boundary kept within GUIDE_S of the
    template's (a noisy beat cannot wander off; a boundary a beat's own curves do not show
    is the template's); above P_BEAT_NOISE_UV of noise every beat takes the template's P
@@ -116,6 +119,97 @@ P_BEAT_NOISE_UV = 8.0
 
 
 @dataclass(frozen=True)
+class Conf:
+    """The delineator's tuned thresholds, one frozen and validated object (as wfdb-python's
+    XQRS.Conf): `delineate(..., conf=Conf(p_edge=0.25))` runs it with one of them changed,
+    so a fold run (bench/folds.py) can tune on some records and score on others. The
+    defaults are the module constants above; each field means what its constant says.
+    """
+
+    low_pass_hz: float = LOW_PASS_HZ
+    dominant_correlation: float = DOMINANT_CORRELATION
+    guide_s: float = GUIDE_S
+    qrs_core: float = QRS_CORE
+    qrs_edge: float = QRS_EDGE
+    t_start_s: float = T_START_S
+    t_peak_max_s: float = T_PEAK_MAX_S
+    t_peak_max_rr: float = T_PEAK_MAX_RR
+    t_end_max_rr: float = T_END_MAX_RR
+    t_end_search_s: float = T_END_SEARCH_S
+    t_smooth_s: float = T_SMOOTH_S
+    t_edge: float = T_EDGE
+    pr_max_s: float = PR_MAX_S
+    p_gap_s: float = P_GAP_S
+    p_smooth_s: float = P_SMOOTH_S
+    p_width_s: float = P_WIDTH_S
+    p_core: float = P_CORE
+    p_edge: float = P_EDGE
+    p_floor_s: float = P_FLOOR_S
+    p_min_consistency: float = P_MIN_CONSISTENCY
+    p_consistency_irregular: float = P_CONSISTENCY_IRREGULAR
+    rr_irregular: float = RR_IRREGULAR
+    p_min_uv: float = P_MIN_UV
+    t_min_uv: float = T_MIN_UV
+    p_beat_noise_uv: float = P_BEAT_NOISE_UV
+    p_onset_ms: float = CALIBRATION_MS["p_onset"]
+    p_offset_ms: float = CALIBRATION_MS["p_offset"]
+    qrs_onset_ms: float = CALIBRATION_MS["qrs_onset"]
+    qrs_offset_ms: float = CALIBRATION_MS["qrs_offset"]
+    t_offset_ms: float = CALIBRATION_MS["t_offset"]
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not isinstance(value, int | float) or isinstance(value, bool) \
+                    or not np.isfinite(value):
+                raise ValueError(f"Conf.{name} must be a finite number, not {value!r}")
+        fractions = ("dominant_correlation", "qrs_core", "qrs_edge", "t_peak_max_rr",
+                     "t_end_max_rr", "t_edge", "p_core", "p_edge", "p_min_consistency",
+                     "p_consistency_irregular", "rr_irregular")
+        for name in fractions:
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"Conf.{name} is a fraction: between 0 and 1, not "
+                                 f"{getattr(self, name)!r}")
+        for name in ("guide_s", "t_start_s", "t_peak_max_s", "t_end_search_s", "t_smooth_s",
+                     "pr_max_s", "p_gap_s", "p_smooth_s", "p_width_s", "p_floor_s"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"Conf.{name} is seconds: over 0 and at most 1, not "
+                                 f"{getattr(self, name)!r}")
+        for name in ("p_min_uv", "t_min_uv", "p_beat_noise_uv"):
+            if getattr(self, name) < 0.0:
+                raise ValueError(f"Conf.{name} is microvolts: 0 or more, not "
+                                 f"{getattr(self, name)!r}")
+        for name in ("p_onset_ms", "p_offset_ms", "qrs_onset_ms", "qrs_offset_ms",
+                     "t_offset_ms"):
+            if abs(getattr(self, name)) > 50.0:
+                raise ValueError(f"Conf.{name} is a calibration shift: within +-50 ms, not "
+                                 f"{getattr(self, name)!r}")
+        if not 5.0 <= self.low_pass_hz <= 150.0:
+            raise ValueError(f"Conf.low_pass_hz must be 5-150 Hz, not {self.low_pass_hz!r}")
+        if self.qrs_edge >= self.qrs_core or self.p_edge >= self.p_core:
+            raise ValueError("Conf: an edge fraction must be under its core fraction "
+                             f"(qrs {self.qrs_edge} / {self.qrs_core}, p {self.p_edge} / "
+                             f"{self.p_core})")
+        if self.p_width_s >= self.pr_max_s - self.p_gap_s:
+            raise ValueError(f"Conf.p_width_s ({self.p_width_s}) must fit the P search, "
+                             f"pr_max_s - p_gap_s ({self.pr_max_s - self.p_gap_s:g})")
+        if self.t_start_s >= self.t_peak_max_s:
+            raise ValueError(f"Conf.t_start_s ({self.t_start_s}) must be before "
+                             f"t_peak_max_s ({self.t_peak_max_s})")
+
+    def calibration(self, name: str) -> float:
+        """The calibration shift (ms) of one boundary (Waves field name)."""
+        shift: float = getattr(self, f"{name}_ms", 0.0)
+        return shift
+
+    def replace(self, **changes: float) -> Conf:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+
+DEFAULT_CONF = Conf()
+
+
+@dataclass(frozen=True)
 class Waves:
     """Global boundaries of one beat (sample indices); None where the wave was not found."""
 
@@ -187,26 +281,26 @@ def filter_leads(leads_uv: np.ndarray, fs: float, mains_hz: float = 50.0) -> np.
     return _band(notched(leads_uv, fs, mains_hz), fs)
 
 
-def _band(x: np.ndarray, fs: float) -> np.ndarray:
+def _band(x: np.ndarray, fs: float, low_pass_hz: float = LOW_PASS_HZ) -> np.ndarray:
     n = x.shape[1]
     pad = min(n - 1, int(fs))
     padded = np.pad(x - x.mean(axis=1, keepdims=True), ((0, 0), (pad, pad)), mode="reflect")
     freqs = np.fft.rfftfreq(padded.shape[1], 1.0 / fs)
     with np.errstate(divide="ignore"):
         gain = 1.0 / np.sqrt(1.0 + (HIGH_PASS_HZ / freqs) ** 4)
-    gain *= np.exp(-np.log(2.0) * (freqs / LOW_PASS_HZ) ** 2)  # half amplitude at LOW_PASS_HZ
+    gain *= np.exp(-np.log(2.0) * (freqs / low_pass_hz) ** 2)  # half amplitude at low_pass_hz
     out = np.fft.irfft(np.fft.rfft(padded, axis=1) * gain, padded.shape[1], axis=1)
     return out[:, pad : pad + n]
 
 
 def delineate(
     leads_uv: np.ndarray, fs: float, detections: np.ndarray, *, mains_hz: float = 50.0,
-    live: np.ndarray | None = None,
+    live: np.ndarray | None = None, conf: Conf = DEFAULT_CONF,
 ) -> Delineation:
     """Delineate every dominant beat of a 12-lead record (LEAD_ORDER rows, uV, NaN = lost).
 
     `live` marks the leads worth using (False for a flat or disconnected lead); by default
-    every lead with a signal.
+    every lead with a signal. `conf` holds the thresholds (Conf).
     """
     x = np.asarray(leads_uv, dtype=np.float64)
     if x.shape[0] != len(LEAD_ORDER):
@@ -224,8 +318,8 @@ def delineate(
         return _with_reason(empty, f"too few beats ({det.size})")
     clean = notched(x, fs, mains_hz)
     noise = noise_uv(clean[spatial])
-    xf = _band(clean, fs)
-    p_guide = GUIDE_S if noise <= P_BEAT_NOISE_UV else 0.0
+    xf = _band(clean, fs, conf.low_pass_hz)
+    p_guide = conf.guide_s if noise <= conf.p_beat_noise_uv else 0.0
     pre, post = _samples(PRE_S, fs), _samples(POST_S, fs)
     det = _align(xf, det, fs, pre, post)
     segs = _segments(xf, det, fs, pre, post)
@@ -233,31 +327,31 @@ def delineate(
     template = _nanmedian(segs)
     corr = _correlations(segs[:, :, q0:q1], template[:, q0:q1])
     lost_in = np.array([bool(lost[max(0, d - pre) : d + post].any()) for d in det])
-    keep = (corr >= DOMINANT_CORRELATION) & ~lost_in
+    keep = (corr >= conf.dominant_correlation) & ~lost_in
     if keep.sum() < 1:
         return _with_reason(empty, "no two beats alike without lost samples")
     segs, det = segs[keep], det[keep]
     template = _nanmedian(segs)
     rr_all = np.diff(np.asarray(detections, dtype=np.int64))
     rr = float(np.median(rr_all)) if rr_all.size else float(post)
-    twaves = _boundaries(template, pre, fs, rr, spatial, rr, None, GUIDE_S)
+    twaves = _boundaries(template, pre, fs, rr, spatial, rr, None, conf.guide_s, conf)
     all_det = np.asarray(detections, dtype=np.int64)
     p_match = _p_consistency(segs, template, twaves, spatial, fs)
     irregularity = _irregularity(all_det)
-    p_absent = _p_absent(template, twaves, p_match, irregularity, spatial, fs)
-    t_absent = _t_absent(template, twaves, spatial, fs)
+    p_absent = _p_absent(template, twaves, p_match, irregularity, spatial, fs, conf)
+    t_absent = _t_absent(template, twaves, spatial, fs, conf)
     twaves = _without(twaves, p_absent, t_absent)
     beats = []
     for j, (seg, d) in enumerate(zip(segs, det, strict=True)):
         prev_rr = float(d - det[j - 1]) if j else rr
         if prev_rr > 1.5 * rr:  # the previous beat was left out: assume an ordinary interval
             prev_rr = rr
-        w = _without(_boundaries(seg, pre, fs, rr, spatial, prev_rr, twaves, p_guide),
+        w = _without(_boundaries(seg, pre, fs, rr, spatial, prev_rr, twaves, p_guide, conf),
                      p_absent, t_absent)
-        beats.append(Beat(int(d), _calibrated(w, fs).shifted(int(d) - pre)))
+        beats.append(Beat(int(d), _calibrated(w, fs, conf).shifted(int(d) - pre)))
     return Delineation(
         sampling_rate=fs, beats=tuple(beats), template=template, fiducial=pre,
-        template_waves=_calibrated(twaves, fs), detections=int(all_det.size),
+        template_waves=_calibrated(twaves, fs, conf), detections=int(all_det.size),
         p_consistency=p_match, rr_irregularity=irregularity, noise_uv=noise,
         paced_beats=_paced_beats(clean[spatial], all_det, fs, noise),
         p_absent=p_absent, t_absent=t_absent,
@@ -292,31 +386,34 @@ def _peak_rms(template: np.ndarray, spatial: list[int], start: int | None, end: 
 
 
 def _p_absent(template: np.ndarray, w: Waves, match: float | None, irregularity: float | None,
-              spatial: list[int], fs: float) -> str | None:
+              spatial: list[int], fs: float, conf: Conf = DEFAULT_CONF) -> str | None:
     """Why the beats have no P wave to measure from, or None when they have one."""
     if match is None or w.p_onset is None:
         return "no P wave found before the QRS complexes"
-    if irregularity is not None and irregularity > RR_IRREGULAR and match < P_CONSISTENCY_IRREGULAR:
+    if irregularity is not None and irregularity > conf.rr_irregular \
+            and match < conf.p_consistency_irregular:
         return (f"irregular RR intervals without a closely repeating P wave (atrial "
-                f"fibrillation?): P-wave match {match:.2f} (under {P_CONSISTENCY_IRREGULAR:.2f}), "
-                f"RR irregularity {irregularity:.2f} (over {RR_IRREGULAR:.2f})")
-    if match < P_MIN_CONSISTENCY:
+                f"fibrillation?): P-wave match {match:.2f} "
+                f"(under {conf.p_consistency_irregular:.2f}), "
+                f"RR irregularity {irregularity:.2f} (over {conf.rr_irregular:.2f})")
+    if match < conf.p_min_consistency:
         return (f"no repeating P wave before the QRS complexes (P-wave match {match:.2f}, "
-                f"under {P_MIN_CONSISTENCY:.2f})")
+                f"under {conf.p_min_consistency:.2f})")
     amp = _peak_rms(template, spatial, w.p_onset, w.p_offset, w.qrs_onset, fs)
-    if amp < P_MIN_UV:
-        return f"P wave too small to measure ({amp:.0f} uV, under {P_MIN_UV:g})"
+    if amp < conf.p_min_uv:
+        return f"P wave too small to measure ({amp:.0f} uV, under {conf.p_min_uv:g})"
     return None
 
 
-def _t_absent(template: np.ndarray, w: Waves, spatial: list[int], fs: float) -> str | None:
+def _t_absent(template: np.ndarray, w: Waves, spatial: list[int], fs: float,
+              conf: Conf = DEFAULT_CONF) -> str | None:
     """Why the beats have no clear T end, or None when they have one."""
     if w.t_offset is None or w.qrs_offset is None:
         return "no T wave found after the QRS complexes"
-    amp = _peak_rms(template, spatial, w.qrs_offset + _samples(T_START_S, fs), w.t_offset,
+    amp = _peak_rms(template, spatial, w.qrs_offset + _samples(conf.t_start_s, fs), w.t_offset,
                     w.qrs_onset, fs)
-    if amp < T_MIN_UV:
-        return f"T wave too flat for a clear end ({amp:.0f} uV, under {T_MIN_UV:g})"
+    if amp < conf.t_min_uv:
+        return f"T wave too flat for a clear end ({amp:.0f} uV, under {conf.t_min_uv:g})"
     return None
 
 
@@ -410,7 +507,7 @@ def _speed(x: np.ndarray, fs: float) -> np.ndarray:
 
 def _boundaries(
     seg: np.ndarray, c: int, fs: float, rr: float, spatial: list[int], prev_rr: float,
-    guide: Waves | None, p_guide_s: float,
+    guide: Waves | None, p_guide_s: float, conf: Conf = DEFAULT_CONF,
 ) -> Waves:
     """Delineate one beat window (leads x samples, fiducial at c); guided by the template."""
     valid = ~np.isnan(seg[spatial]).any(axis=0)
@@ -426,26 +523,26 @@ def _boundaries(
     peak = lo + int(np.argmax(speed[lo:hi]))
     top = speed[peak]
     a = max(first, c - s(QRS_SEARCH_S[0]))
-    core = np.flatnonzero(speed[a : peak + 1] > QRS_CORE * top)
+    core = np.flatnonzero(speed[a : peak + 1] > conf.qrs_core * top)
     i0 = a + int(core[0])
     e = min(last + 1, c + s(QRS_SEARCH_S[1]))
-    core = np.flatnonzero(speed[peak:e] > QRS_CORE * top)
+    core = np.flatnonzero(speed[peak:e] > conf.qrs_core * top)
     i1 = peak + int(core[-1])
     floor = _median(speed[max(first, i0 - s(0.10)) : max(first, i0 - s(0.03))], speed[i0])
-    below = np.flatnonzero(speed[first:i0] < floor + QRS_EDGE * (top - floor))
+    below = np.flatnonzero(speed[first:i0] < floor + conf.qrs_edge * (top - floor))
     qon = first + int(below[-1]) if below.size else None
     floor = _median(speed[i1 + s(0.04) : min(last, i1 + s(0.12))], speed[i1])
-    above = np.flatnonzero(speed[i1 : last + 1] < floor + QRS_EDGE * (top - floor))
+    above = np.flatnonzero(speed[i1 : last + 1] < floor + conf.qrs_edge * (top - floor))
     qoff = i1 + int(above[0]) if above.size else None
-    qon = _within(_guided(qon, _at(guide, "qrs_onset"), fs), first, last)
-    qoff = _within(_guided(qoff, _at(guide, "qrs_offset"), fs), first, last)
+    qon = _within(_guided(qon, _at(guide, "qrs_onset"), fs, conf.guide_s), first, last)
+    qoff = _within(_guided(qoff, _at(guide, "qrs_offset"), fs, conf.guide_s), first, last)
     if qon is None or qoff is None or qon - s(PR_LEVEL_S[0]) < first:
         return Waves(qrs_onset=qon, qrs_offset=qoff)
     level = x[:, qon - s(PR_LEVEL_S[0]) : qon - s(PR_LEVEL_S[1]) + 1].mean(axis=1, keepdims=True)
-    tpk, tend = _t_wave(x - level, c, qon, qoff, last, rr, fs, guide)
+    tpk, tend = _t_wave(x - level, c, qon, qoff, last, rr, fs, guide, conf)
     prev_t_end = (tend - prev_rr) if tend is not None else c - prev_rr + s(0.3)
     pon, poff = _p_wave(x - level, qon, max(first, int(prev_t_end) + s(P_AFTER_T_S)), fs, guide,
-                        p_guide_s)
+                        p_guide_s, conf)
     return Waves(_within(pon, first, last), _within(poff, first, last), qon, qoff,
                  _within(tpk, first, last), _within(tend, first, last))
 
@@ -486,70 +583,72 @@ def _guided(value: int | None, guide: int | None, fs: float,
 
 def _t_wave(
     x: np.ndarray, c: int, qon: int, qoff: int, last: int, rr: float, fs: float,
-    guide: Waves | None,
+    guide: Waves | None, conf: Conf = DEFAULT_CONF,
 ) -> tuple[int | None, int | None]:
     """T peak (of the RMS curve) and T end (where the smoothed spatial slope levels off)."""
     s = lambda seconds: _samples(seconds, fs)  # noqa: E731
-    lo = qoff + s(T_START_S)
-    hi = min(qon + s(T_PEAK_MAX_S), last, c + int(rr * T_PEAK_MAX_RR))
+    lo = qoff + s(conf.t_start_s)
+    hi = min(qon + s(conf.t_peak_max_s), last, c + int(rr * conf.t_peak_max_rr))
     if hi <= lo:
         return None, None
     rms = np.sqrt((x[:, lo:hi] ** 2).mean(axis=0))
     tpk = lo + int(np.argmax(rms))
-    end = min(tpk + s(T_END_SEARCH_S), last, c + int(rr * T_END_MAX_RR))
+    end = min(tpk + s(conf.t_end_search_s), last, c + int(rr * conf.t_end_max_rr))
     if end <= tpk + 2:
         return tpk, None
-    span = slice(max(0, tpk - s(3 * T_SMOOTH_S)), min(x.shape[1], end + s(3 * T_SMOOTH_S)))
-    slope = _speed(_smooth(x[:, span], T_SMOOTH_S, fs), fs)
+    pad = s(3 * conf.t_smooth_s)
+    span = slice(max(0, tpk - pad), min(x.shape[1], end + pad))
+    slope = _speed(_smooth(x[:, span], conf.t_smooth_s, fs), fs)
     off = span.start
     steep = tpk + int(np.argmax(slope[tpk - off : min(tpk + s(0.15), end) - off]))
     tail = slope[steep - off : end - off]
     floor = float(tail.min())
-    flat = np.flatnonzero(tail <= floor + T_EDGE * (slope[steep - off] - floor))
+    flat = np.flatnonzero(tail <= floor + conf.t_edge * (slope[steep - off] - floor))
     tend = steep + int(flat[0])
-    return tpk, _guided(tend, _at(guide, "t_offset"), fs)
+    return tpk, _guided(tend, _at(guide, "t_offset"), fs, conf.guide_s)
 
 
 def _p_wave(
     x: np.ndarray, qon: int, start: int, fs: float, guide: Waves | None, tolerance_s: float,
+    conf: Conf = DEFAULT_CONF,
 ) -> tuple[int | None, int | None]:
     """P onset and offset between `start` and QRS onset - P_GAP_S, from the spatial slope."""
     s = lambda seconds: _samples(seconds, fs)  # noqa: E731
-    plo = max(start, qon - s(PR_MAX_S))
-    phi = qon - s(P_GAP_S)
-    width = s(P_WIDTH_S)
+    plo = max(start, qon - s(conf.pr_max_s))
+    phi = qon - s(conf.p_gap_s)
+    width = s(conf.p_width_s)
     if phi - plo <= width:
         return None, None
-    span = slice(max(0, plo - s(3 * P_SMOOTH_S)), min(x.shape[1], qon))
+    span = slice(max(0, plo - s(3 * conf.p_smooth_s)), min(x.shape[1], qon))
     off = span.start
-    slope = _speed(_smooth(x[:, span], P_SMOOTH_S, fs), fs)
+    slope = _speed(_smooth(x[:, span], conf.p_smooth_s, fs), fs)
     window = slope[plo - off : phi - off]
     csum = np.concatenate(([0.0], np.cumsum(window)))
     centre = plo + int(np.argmax(csum[width:] - csum[:-width])) + width // 2
     a, b = max(plo, centre - s(0.07)), min(phi, centre + s(0.07))
     top = float(slope[a - off : b - off].max())
     lo = max(plo, centre - s(0.10))
-    rising = np.flatnonzero(slope[lo - off : centre - off + 1] >= P_CORE * top)
+    rising = np.flatnonzero(slope[lo - off : centre - off + 1] >= conf.p_core * top)
     up = lo + int(rising[0]) if rising.size else centre
-    flo = max(plo, up - s(P_FLOOR_S))
+    flo = max(plo, up - s(conf.p_floor_s))
     floor = float(slope[flo - off : up - off + 1].min())
-    quiet = np.flatnonzero(slope[flo - off : up - off + 1] <= floor + P_EDGE * (top - floor))
+    quiet = np.flatnonzero(slope[flo - off : up - off + 1] <= floor + conf.p_edge * (top - floor))
     pon = flo + int(quiet[-1]) if quiet.size else None
     hi = min(phi, centre + s(0.10))
-    falling = np.flatnonzero(slope[centre - off : hi - off] >= P_CORE * top)
+    falling = np.flatnonzero(slope[centre - off : hi - off] >= conf.p_core * top)
     down = centre + int(falling[-1]) if falling.size else centre
-    fhi = min(qon, down + s(P_FLOOR_S))
+    fhi = min(qon, down + s(conf.p_floor_s))
     floor = float(slope[down - off : fhi - off].min()) if fhi > down else 0.0
-    quiet = np.flatnonzero(slope[down - off : fhi - off] <= floor + P_EDGE * (top - floor))
+    quiet = np.flatnonzero(slope[down - off : fhi - off] <= floor + conf.p_edge * (top - floor))
     poff = down + int(quiet[0]) if quiet.size else None
     return (_guided(pon, _at(guide, "p_onset"), fs, tolerance_s),
             _guided(poff, _at(guide, "p_offset"), fs, tolerance_s))
 
 
-def _calibrated(w: Waves, fs: float) -> Waves:
-    """Shift each boundary by its CALIBRATION_MS."""
+def _calibrated(w: Waves, fs: float, conf: Conf = DEFAULT_CONF) -> Waves:
+    """Shift each boundary by its calibration (Conf.calibration)."""
     def at(name: str, v: int | None) -> int | None:
-        return None if v is None else v + round(CALIBRATION_MS.get(name, 0.0) * fs / 1000.0)
+        return None if v is None else v + round(conf.calibration(name) * fs / 1000.0)
     return Waves(at("p_onset", w.p_onset), at("p_offset", w.p_offset),
                  at("qrs_onset", w.qrs_onset), at("qrs_offset", w.qrs_offset), w.t_peak,
                  at("t_offset", w.t_offset))

@@ -24,6 +24,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from device_agent.s3keys import display_key
+
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
@@ -81,7 +83,8 @@ def atomic_write(path: Path | str, data: bytes, *, mode: int = 0o666) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(folder)
-    log.debug("wrote %s (%d bytes)", path, len(data))
+    # a signup's file is named after its user: the log shows a hash (s3keys.display_key)
+    log.debug("wrote %s (%d bytes)", display_key(str(path)), len(data))
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -28,8 +28,9 @@ Method:
   axis when the T wave is too flat for a clear end (t_absent).
 - A paced rhythm (pacemaker spikes before PACED_FRACTION of the beats) gets a rate only.
 - Broadband noise (delineate.noise_uv) over MAX_NOISE_UV: no intervals or axes; over
-  P_MAX_NOISE_UV: no PR or P axis. Over MAX_MAINS_UV of hum, or MAX_LOST_FRACTION of the
-  samples lost, or every lead flat: nothing is measured.
+  P_MAX_NOISE_UV: no PR or P axis. Mains hum is notched out at the configured frequency
+  and its harmonics (any amount); over MAX_RESIDUAL_HUM_UV of hum left after the notch, or
+  MAX_LOST_FRACTION of the samples lost, or every lead flat: nothing is measured.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from device_agent import delineate, qrs
-from device_agent.record import FLAT_UV, LEAD_ORDER, Record, mains_amplitude
+from device_agent.record import FLAT_UV, LEAD_ORDER, Record
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,12 @@ METHOD = ("12-lead spatial delineation, each beat guided by the median beat (num
 
 MIN_CLEAN_BEATS = 3
 MAX_LOST_FRACTION = qrs.MAX_LOST_FRACTION  # share of samples lost in any lead
-MAX_MAINS_UV = 500.0  # mains hum above this (before the notch) swamps the small waves
+# Hum is notched (qrs.notch: the mains frequency and its harmonics) before anything is
+# measured; 200-1500 uV of 50 or 60 Hz hum on LUDB moved no value by more than 2 ms. What
+# the notch leaves (qrs.residual_hum_uv: hum off the configured frequency, or a wrong
+# ECG_MAINS_HZ) above this is refused; an ECG's own content there is 3-14 uV on LUDB.
+MAX_RESIDUAL_HUM_UV = 25.0
+OTHER_MAINS_HZ = {50.0: 60.0, 60.0: 50.0}  # hum at the other one: the setting is wrong
 # Broadband noise (delineate.noise_uv, uV RMS) above which intervals are not trusted: white
 # noise added to LUDB moved QRS by -6 / -10 ms and QT SD to 26 / 30 ms at 30 / 50 uV, and
 # PR by +5 +/- 18 ms at 30 uV (+/- 12 at 20).
@@ -97,8 +103,12 @@ class Measurements:
         return self.reasons.get(name)
 
 
-def measure_record(record: Record, *, mains_hz: float = 50.0) -> Measurements:
-    """Measure one 12-lead record; every value None that fails its own quality check."""
+def measure_record(record: Record, *, mains_hz: float = 50.0,
+                   conf: delineate.Conf = delineate.DEFAULT_CONF) -> Measurements:
+    """Measure one 12-lead record; every value None that fails its own quality check.
+
+    `conf` holds the delineator's thresholds (delineate.Conf; the fold runs vary them).
+    """
     values: dict[str, float | None] = dict.fromkeys(MEASUREMENT_NAMES)
     reasons: dict[str, str] = {}
 
@@ -107,7 +117,7 @@ def measure_record(record: Record, *, mains_hz: float = 50.0) -> Measurements:
             if values[name] is None and name not in reasons:
                 reasons[name] = reason
 
-    leads, live, problem = _leads(record, mains_hz)
+    leads, live, problem, mains_hz = _leads(record, mains_hz)
     if problem:
         refuse(MEASUREMENT_NAMES, problem)
         return _result(values, reasons, 0)
@@ -118,7 +128,7 @@ def measure_record(record: Record, *, mains_hz: float = 50.0) -> Measurements:
         return _result(values, reasons, 0)
     values["heart_rate_bpm"] = round(float(beats.heart_rate_bpm or 0.0), 1)
     values["rr_ms"] = round(float(beats.rr_mean_ms or 0.0))
-    d = delineate.delineate(leads, fs, beats.beats, mains_hz=mains_hz, live=live)
+    d = delineate.delineate(leads, fs, beats.beats, mains_hz=mains_hz, live=live, conf=conf)
     n = len(d.beats)
     rest = MEASUREMENT_NAMES[2:]
     if d.paced_beats >= max(MIN_PACED_BEATS, PACED_FRACTION * d.detections):
@@ -186,8 +196,10 @@ def _result(values: dict[str, float | None], reasons: dict[str, str], beats: int
     )
 
 
-def _leads(record: Record, mains_hz: float) -> tuple[np.ndarray, np.ndarray, str | None]:
-    """The 12 leads (NaN where lost or absent), which are live, and a record-wide problem."""
+def _leads(record: Record, mains_hz: float
+           ) -> tuple[np.ndarray, np.ndarray, str | None, float]:
+    """The 12 leads (NaN where lost or absent), which are live, a record-wide problem, and
+    the frequency to notch (qrs.hum_frequency: the hum's own, near mains_hz)."""
     n = record.n_samples
     rows = np.full((len(LEAD_ORDER), n), np.nan)
     for i, name in enumerate(LEAD_ORDER):
@@ -198,7 +210,8 @@ def _leads(record: Record, mains_hz: float) -> tuple[np.ndarray, np.ndarray, str
     share = float(lost_any.mean()) if n else 1.0
     if share > MAX_LOST_FRACTION:
         return rows, np.zeros(len(LEAD_ORDER), bool), (
-            f"too much signal lost ({share:.0%} of samples, over {MAX_LOST_FRACTION:.0%})")
+            f"too much signal lost ({share:.0%} of samples, over {MAX_LOST_FRACTION:.0%})"
+        ), mains_hz
     received = ~lost_any
     live = np.zeros(len(LEAD_ORDER), bool)
     for i, row in enumerate(rows):
@@ -206,13 +219,27 @@ def _leads(record: Record, mains_hz: float) -> tuple[np.ndarray, np.ndarray, str
         live[i] = got.size > 0 and not np.isnan(got).any() and float(np.ptp(got)) >= FLAT_UV
     spatial = [LEAD_ORDER.index(name) for name in delineate.SPATIAL_LEADS]
     if not live[spatial].any():
-        return rows, live, "every lead is flat (no signal)"
-    hum = max((mains_amplitude(np.nan_to_num(rows[i]), received, record.sampling_rate, mains_hz)
-               for i in spatial if live[i]), default=0.0)
-    if hum > MAX_MAINS_UV:
-        return rows, live, (f"mains hum {hum:.0f} uV at {mains_hz:g} Hz (over {MAX_MAINS_UV:g} uV):"
-                            " check the electrodes and the mains setting")
-    return rows, live, None
+        return rows, live, "every lead is flat (no signal)", mains_hz
+    on = [i for i in spatial if live[i]]
+    filled, _ = qrs.fill_lost(rows[on])
+    fs = record.sampling_rate
+    other = OTHER_MAINS_HZ.get(float(mains_hz))
+    if other is not None:
+        hum = qrs.residual_hum_uv(filled, fs, other, notched=False)
+        if hum > MAX_RESIDUAL_HUM_UV:
+            return rows, live, (
+                f"mains hum {hum:.0f} uV at {other:g} Hz but ECG_MAINS_HZ is {mains_hz:g} "
+                f"(over {MAX_RESIDUAL_HUM_UV:g} uV un-notched): set ECG_MAINS_HZ={other:g}"
+            ), mains_hz
+    at = qrs.hum_frequency(filled, fs, mains_hz)
+    left = qrs.residual_hum_uv(filled, fs, at)
+    if left > MAX_RESIDUAL_HUM_UV:
+        hum = qrs.residual_hum_uv(filled, fs, at, notched=False)
+        return rows, live, (
+            f"mains hum {left:.0f} uV left after the {at:g} Hz notch (over "
+            f"{MAX_RESIDUAL_HUM_UV:g} uV; {hum:.0f} uV before it): check the electrodes"
+        ), at
+    return rows, live, None, at
 
 
 def _intervals(d: delineate.Delineation, values: dict[str, float | None],

@@ -454,6 +454,12 @@ class Outbox:
                           (str(Path(folder).resolve()),))
         return PackageRow(**dict(rows[0])) if rows else None
 
+    def packages_of_record(self, record_id: str) -> list[PackageRow]:
+        """The package folders built for one record id (one, unless a crash made two)."""
+        rows = self._rows("SELECT * FROM packages WHERE record_id = ? ORDER BY created_at",
+                          (record_id,))
+        return [PackageRow(**dict(r)) for r in rows]
+
     def recent_packages(self, limit: int = 20) -> list[PackageRow]:
         """The newest package folders and their dispositions, newest first."""
         rows = self._rows("SELECT * FROM packages ORDER BY created_at DESC LIMIT ?", (limit,))

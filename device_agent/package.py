@@ -37,6 +37,9 @@ MANIFEST_FORMAT = "device_agent.manifest/1"
 DISPOSITION_NAME = "disposition.json"
 REQUIRED_KINDS = ("ecg_report_pdf", "patient_details", "ecg_12lead_data")
 DATA_KINDS = (*REQUIRED_KINDS, "ecg_dicom")
+# the patient details (with the record id) first: a folder a crash left part way is then
+# known as this record's, and the retry writes into it rather than beside it
+WRITE_ORDER = ("patient_details", "ecg_12lead_data", "ecg_report_pdf", "ecg_dicom")
 
 
 @dataclass(frozen=True)
@@ -205,16 +208,17 @@ def build_package(
         "ecg_report_pdf": encoders.pdf(record, details),
         "ecg_dicom": encoders.dicom(record, details),
     }
-    files = []
-    for kind in DATA_KINDS:
+    written = {}
+    for kind in WRITE_ORDER:
         body = bodies[kind]
         if body is None:
             continue
         path = folder / names[kind]
         atomic_write(path, body)
-        files.append(PackageFile(names[kind], kind, path, len(body),
-                                 hashlib.sha256(body).hexdigest()))
+        written[kind] = PackageFile(names[kind], kind, path, len(body),
+                                    hashlib.sha256(body).hexdigest())
         checkpoint(f"package.{kind}")
+    files = [written[kind] for kind in DATA_KINDS if kind in written]
     write_disposition(folder, disposition)
     checkpoint("package.before_manifest")
     doc = manifest_doc(files, stamp=stamp, date_prefix=date_prefix, record_id=record_id,

@@ -73,6 +73,13 @@ def display_name(name: str) -> str:
     return f"name#{digest}"
 
 
+def display_key(key: str) -> str:
+    """An S3 key or a local path as a person or a log may see it: its folders as they are
+    (dates and stamps), its last part through display_name (`.../name#<sha256[:12]>`)."""
+    folder, slash, name = str(key).rpartition("/")
+    return f"{folder}{slash}{display_name(name)}"
+
+
 def key_problem(filename: str) -> str | None:
     """Why a file name cannot be part of an S3 key (None when it can)."""
     if not filename or filename in (".", ".."):

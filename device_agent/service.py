@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agent import __version__
-from device_agent.capture import capture_package, rejection_message
+from device_agent.capture import capture_package, find_capture, kept_answer, rejection_message
 from device_agent.clock import Clock, held_count
 from device_agent.config import Settings
 from device_agent.drain import Drainer
@@ -41,7 +41,7 @@ from device_agent.notify import Notifier
 from device_agent.outbox import Outbox
 from device_agent.patient import validate_patient
 from device_agent.port import SerialReader
-from device_agent.spool import Request, Spool
+from device_agent.spool import Request, Spool, record_id_for
 from device_agent.status import write_status_file
 from device_agent.sync import PassResult, SyncLoop
 
@@ -192,11 +192,20 @@ class Service:
                 if path.stat().st_mtime < cutoff:
                     path.unlink()
 
+    def _kept(self, record_id: str) -> dict[str, Any] | None:
+        """The answer for a capture the last restart cut short, when its record is kept."""
+        kept = find_capture(self.settings, self.outbox, record_id)
+        if kept is None:
+            return None
+        log.warning("a capture cut short by the last restart was kept: record %s (%s), %s",
+                    kept.record_id, kept.stamp or "not named yet", kept.state)
+        return kept_answer(kept)
+
     # --- the supervising loop ----------------------------------------------------------------
 
     def run(self) -> int:
         """Start reader and sync loop, announce READY, supervise until `stop`; exit code."""
-        recovered = self.spool.recover()
+        recovered = self.spool.recover(self._kept)
         if recovered:
             log.warning("answered %d capture request(s) interrupted by the last restart",
                         recovered)
@@ -286,7 +295,8 @@ class PackageCapture:
         outcome = capture_package(self.reader, self.settings, request.patient,
                                   outbox=self.outbox, clock=self.clock,
                                   seconds=request.seconds or self.settings.capture_seconds,
-                                  withheld=request.no_upload)
+                                  withheld=request.no_upload,
+                                  record_id=record_id_for(request.id))
         quality = outcome.record.quality
         result = {"folder": str(outcome.folder), "record_id": outcome.record.record_id,
                   "verdict": quality.verdict, "warnings": list(quality.reasons),

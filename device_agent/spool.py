@@ -6,6 +6,11 @@ service claims it by renaming it into spool/cur, captures, and writes spool/done
 the command waits for that file. A request carries its own deadline, so one left behind by
 a crash or an impatient caller is answered "expired" instead of being captured late.
 
+A request's record id is derived from its id (`record_id_for`), so a service that restarts
+during a capture can tell from what is on disk whether that capture was kept: `recover`
+answers "kept, record R (stamp S)" when its package (or held record) exists, and "capture
+again" only when it left nothing.
+
 The running service holds an exclusive `flock` on STATE_DIR/service.lock (with its pid
 inside); the kernel drops the lock when the process dies, so a stale file means nothing.
 Stdlib only: `status` imports this on a slow board.
@@ -20,6 +25,8 @@ import os
 import secrets
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +38,9 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = "service.lock"
 SPOOL_NAME = "spool"
+_RECORD_NS = uuid.UUID("6f1d9a52-3c1e-4b8e-9a57-0d2f5c9e7b11")  # record ids of spool requests
+NOTHING_KEPT = ("the service restarted during this capture and nothing of it was kept; "
+                "capture again")
 
 
 # --- is the service running? ---------------------------------------------------------------
@@ -74,6 +84,11 @@ def running_pid(state_dir: Path) -> int | None:
 
 
 # --- the spool ---------------------------------------------------------------------------
+
+def record_id_for(request_id: str) -> str:
+    """The record id a spool request's capture gets: derived, so a restart can find it."""
+    return str(uuid.uuid5(_RECORD_NS, request_id))
+
 
 @dataclass(frozen=True)
 class Request:
@@ -183,14 +198,28 @@ class Spool:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.cur / f"{request_id}.json")
 
-    def recover(self) -> int:
-        """At start-up: answer requests a crashed service had claimed; returns how many."""
+    def recover(self, kept: Callable[[str], dict[str, Any] | None] | None = None) -> int:
+        """At start-up: answer requests a crashed service had claimed; returns how many.
+
+        `kept(record_id)` is the answer for a capture whose package or held record exists
+        (None when it left nothing): only a capture that left nothing is "capture again".
+        """
         count = 0
         with contextlib.suppress(FileNotFoundError):
-            for path in self.cur.glob("*.json"):
-                self.finish(path.stem, {"ok": False, "exit_code": 1,
-                                        "error": "the service restarted during this capture; "
-                                                 "capture again"})
+            for path in sorted(self.cur.glob("*.json")):
+                answer: dict[str, Any] | None = None
+                if kept is not None:
+                    try:
+                        answer = kept(record_id_for(path.stem))
+                    except Exception as exc:  # a failed look-up must not stop the start
+                        log.error("cannot tell whether capture request %s was kept: %s",
+                                  path.stem, exc)
+                        answer = {"ok": False, "exit_code": 1, "error": (
+                            "the service restarted during this capture and cannot tell "
+                            f"whether it was kept ({exc}): check `device-agent queue list` "
+                            "before capturing again")}
+                self.finish(path.stem, answer or {"ok": False, "exit_code": 1,
+                                                  "error": NOTHING_KEPT})
                 count += 1
         return count
 

@@ -410,7 +410,10 @@ class FaultProxy:
     def _hold(self, client: socket.socket) -> None:
         """Accept, read and discard, never answer; count the client giving up."""
         while not self._stop.is_set():
-            ready, _, _ = select.select([client], [], [], 0.1)
+            try:
+                ready, _, _ = select.select([client], [], [], 0.1)
+            except (ValueError, OSError):  # set_mode/close dropped it under us (fd -1)
+                return
             if not ready:
                 continue
             try:
@@ -429,7 +432,10 @@ class FaultProxy:
         try:
             while not self._stop.is_set():
                 wait = max(0.0, min(next_drip - time.monotonic(), 0.1))
-                ready, _, _ = select.select([client, upstream], [], [], wait)
+                try:
+                    ready, _, _ = select.select([client, upstream], [], [], wait)
+                except (ValueError, OSError):  # set_mode/close dropped it under us (fd -1)
+                    return
                 for sock in ready:
                     try:
                         data = _recv(sock)

@@ -3,11 +3,18 @@
 `report` re-renders the PDF; `measure` re-measures records (ecg_data JSON, current or
 legacy, or WFDB .hea) and with --json prints one object a line per input, in input order,
 exit 1 if any input could not be read; `export` writes the DICOM copy or a WFDB record.
+
+A record that carries no measurements (a legacy record, one from another program) is
+measured by `report` and by `export --format dicom` as a capture is, once, before it is
+rendered; the PDF's footer says the values were measured at rendering, and the PDF and the
+DICOM copy of one record carry the same values. A record that was measured keeps its own
+values, nulls and reasons included (they are the capture's verdict, not a gap).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -67,11 +74,29 @@ def _write(out: Path, data: bytes, what: str) -> None:
                          ) from None
 
 
+MEASURED_AT_RENDERING = "measured at rendering"  # the record carried no measurements
+
+
+def with_measurements(record: Any, mains_hz: float) -> Any:
+    """The record as it is when it carries measurements, else measured now (and says so)."""
+    from device_agent.capture import measure_once
+    from device_agent.measurements import MEASUREMENT_NAMES
+
+    held = record.measurements or {}
+    if any(name in held for name in MEASUREMENT_NAMES) or held.get("not_measured_reason"):
+        return record
+    measured = measure_once(record, mains_hz=mains_hz)
+    block = dict(measured.measurements)
+    block["method"] = f"{block.get('method', '')}; {MEASURED_AT_RENDERING}"
+    block["measured_at_rendering"] = True
+    return dataclasses.replace(measured, measurements=block)
+
+
 def report(settings: Settings, args: argparse.Namespace) -> int:
     """Re-render a PDF report from a stored ecg_data JSON (and patient details)."""
     from device_agent import report as pdf
 
-    record = load_ecg_json(args.input)
+    record = with_measurements(load_ecg_json(args.input), settings.mains_hz)
     data = pdf.render_pdf(record, load_patient(args.patient),
                           style=pdf.ReportStyle.from_settings(settings))
     _write(args.out, data, "report")
@@ -105,6 +130,7 @@ def export(settings: Settings, args: argparse.Namespace) -> int:
     from device_agent.capture import PackageEncoders
 
     patient = load_patient(args.patient) or {}
+    record = with_measurements(record, settings.mains_hz)
     try:
         data = PackageEncoders(settings.replace(package_dicom=True)).dicom(record, patient)
     except ValueError as exc:

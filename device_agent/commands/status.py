@@ -109,7 +109,11 @@ def queue(settings: Settings, args: argparse.Namespace) -> int:
     with Outbox.open(settings) as box:
         if args.queue_command == "list":
             items = box.items() if args.all else box.undelivered()
-            rows = [{"id": i.id, "state": i.state, "kind": i.kind, "key": i.final_key or i.key,
+            from device_agent.s3keys import display_key
+
+            # a report's key may carry its patient's name, a signup's its user's: a hash
+            rows = [{"id": i.id, "state": i.state, "kind": i.kind,
+                     "key": display_key(i.final_key or i.key),
                      "attempts": i.attempts, "created_at": iso(i.created_at),
                      "next_attempt_at": iso(i.next_attempt_at) if i.next_attempt_at else None,
                      "last_error": i.last_error} for i in items

@@ -17,6 +17,7 @@ from device_agent.config import Settings
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
     from device_agent.outbox import Outbox
+    from device_agent.s3keys import display_key
     from device_agent.uploader import Uploader
     from device_agent.verify import delivered_items, repair, verify_objects
 
@@ -32,14 +33,16 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         echo(json.dumps({
             "bucket": uploader.bucket, "checked": len(findings), "problems": len(problems),
             "requeued": len(queued), "unrepairable": len(lost),
-            "findings": [{**asdict(f), "ok": f.ok} for f in findings],
+            # a report's key may carry its patient's name, a signup's its user's: a hash
+            "findings": [{**asdict(f), "key": display_key(f.key), "ok": f.ok}
+                         for f in findings],
         }, indent=2))
     else:
         width = max((len(f.status) for f in problems), default=0)
         for f in problems:
             found = "-" if f.actual_size is None else f"{f.actual_size} B"
             sha = "" if f.actual_sha256 is None else " sha256 " + f.actual_sha256[:12]
-            echo(f"{f.status:<{width}}  s3://{uploader.bucket}/{f.key}  expected "
+            echo(f"{f.status:<{width}}  s3://{uploader.bucket}/{display_key(f.key)}  expected "
                  f"{f.expected_size} B sha256 {f.expected_sha256[:12]}, found {found}{sha}")
         echo(f"verified {len(findings)} objects in s3://{uploader.bucket}: "
              f"{len(findings) - len(problems)} ok, {len(problems)} missing or different"

@@ -211,3 +211,29 @@ def test_a_closed_pipe_is_not_an_error(tmp_path):
 def test_status_json_parses_and_exits_1_with_the_service_stopped(tmp_path, capsys):
     assert main([*_flags(tmp_path), "status", "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["service"]["state"] == "stopped"
+
+
+@pytest.mark.parametrize("command", [["sync", "--once"], ["status"], ["queue", "list"],
+                                     ["capture", "--direct"], ["verify"]])
+def test_a_state_dir_that_is_a_file_is_a_configuration_error(tmp_path, capsys, command):
+    (tmp_path / "state").write_text("not a folder")
+    assert main([*_flags(tmp_path), *command]) == 2
+    line = _one_line(capsys)
+    assert "STATE_DIR" in line and "is a file" in line and "unexpected" not in line
+    # a path below a file is the same mistake
+    assert main([*_flags(tmp_path, STATE_DIR=str(tmp_path / "state" / "sub")), *command]) == 2
+    assert "STATE_DIR" in _one_line(capsys)
+
+
+@pytest.mark.parametrize("endpoint", ["not-a-url", "127.0.0.1:9000", "ftp://host",
+                                      "http://", "http://host:99999"])
+def test_an_s3_endpoint_that_is_not_a_url_is_a_configuration_error(tmp_path, capsys,
+                                                                   endpoint):
+    flags = _flags(tmp_path, CLOUD_UPLOAD_ENABLED="true", AWS_S3_BUCKET="b",
+                   AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                   AWS_ENDPOINT_URL_S3=endpoint)
+    make_package(tmp_path / "state" / "records", "20260124_121815", seed=1)
+    for command in (["sync", "--once"], ["verify"]):
+        assert main([*flags, *command]) == 2
+        line = _one_line(capsys)
+        assert "AWS_ENDPOINT_URL_S3" in line and "unexpected" not in line, line

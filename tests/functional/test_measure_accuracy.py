@@ -1,7 +1,9 @@
 """measure_record against LUDB's cardiologists on every LUDB record in the repository.
 
-The numbers are bench/accuracy.py's (loaded from the file, so the bench and this test
-cannot drift apart); the aims are the issue's. Also: the LUDB reader and the reference
+The in-sample numbers are bench/accuracy.py's and the out-of-fold ones bench/folds.py's
+(loaded from the files, so the benches and this test cannot drift apart): out of fold the
+issue's aims are asserted where met, and where not the figure reached with a margin
+(folds.LIMITS), the gap stated in README.md. Also: the LUDB reader and the reference
 definition, checked on hand-made input.
 """
 
@@ -156,6 +158,108 @@ def test_paced_records_and_only_they_are_called_paced(results):
     for r in results:
         paced = "paced" in r.measured.reasons.get("qrs_ms", "")
         assert paced == bool(r.labels.pacing), r.record_id
+
+
+# --- out of fold: each record scored by a Conf tuned without it (bench/folds.py) ----------
+
+def _load_folds() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_folds", REPO / "bench" / "folds.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def folds():
+    return _load_folds()
+
+
+@pytest.fixture(scope="module")
+def fold_run(folds, results):
+    """The five-fold run, its default-Conf passes taken from `results` (the same runs)."""
+    cases = folds.load_cases(LUDB)
+    measure = folds.Measurer(cases, known={r.record_id: r.measured for r in results})
+    run = folds.run_folds(cases, measure)
+    return cases, measure, run
+
+
+@pytest.mark.parametrize("name", ["pr_ms", "qrs_ms", "qt_ms"])
+def test_out_of_fold_intervals_meet_the_aim_or_keep_the_stated_figure(folds, fold_run, name):
+    _, _, run = fold_run
+    stats = folds.interval_figures(run.results, name)
+    limit_mean, limit_sd = folds.LIMITS[name]
+    aim_mean, aim_sd = folds.AIMS[name]
+    assert limit_mean <= aim_mean  # every mean aim is met, and asserted as the aim
+    assert stats["coverage"] >= folds.MIN_COVERAGE, stats
+    assert abs(stats["mean"]) <= limit_mean, stats
+    assert stats["sd"] <= limit_sd, stats
+    if limit_sd > aim_sd:  # the gap the README states: the tail of a few records, not spread
+        assert stats["sd_trimmed"] <= aim_sd, stats
+
+
+def test_out_of_fold_heart_rate_within_3_bpm_on_97_percent(bench, folds, fold_run):
+    _, _, run = fold_run
+    hr = bench.heart_rate_stats(run.results)
+    assert hr["n"] == 100 and hr["within"] >= folds.HR_AIM * hr["n"], hr
+
+
+def test_out_of_fold_axis_category_keeps_the_stated_figures(bench, folds, fold_run):
+    _, _, run = fold_run
+    convention = bench.axis_stats(run.results, ludb.TEXTBOOK_AXIS_CATEGORIES)
+    assert [upper for _, upper in ludb.TEXTBOOK_AXIS_CATEGORIES][:4] == [0.0, 30.0, 70.0, 90.0]
+    assert convention["agreement"] >= folds.AXIS_LIMITS["convention"], convention
+    assert run.axis_labelled == 96
+    assert run.axis_hits_fitted / run.axis_labelled >= folds.AXIS_LIMITS["fitted"]
+    # the aim (80 %) is not met; the ceiling test above says why no cut-off rule can
+
+
+def test_no_record_is_scored_by_a_conf_tuned_on_it(folds, fold_run):
+    cases, measure, run = fold_run
+    ids = [c.record_id for c in cases]
+    for k, conf in enumerate(run.confs):
+        held_out = {rid for i, rid in enumerate(ids) if folds.fold_of(i) == k}
+        assert len(held_out) == 20
+        used_on = {rid for (c, rid) in measure.cache if c == conf}
+        assert used_on == held_out, k  # the fold's own Conf measured its fold and only it
+    scored = [r.measured for r in run.results]
+    by_fold = {rid: run.confs[folds.fold_of(i)] for i, rid in enumerate(ids)}
+    for r, m in zip(run.results, scored, strict=True):
+        assert measure.cache[(by_fold[r.record_id], r.record_id)] is m
+
+
+def test_tuning_sees_only_its_training_records(folds, fold_run):
+    cases, measure, _ = fold_run
+    train = cases[:80]
+    asked: set[int] = set()
+
+    class Spy:
+        def __call__(self, conf, ids):
+            asked.update(ids)
+            return measure(conf, ids)
+
+    conf = folds.tune(train, Spy())
+    assert asked == {c.record_id for c in train}
+    assert isinstance(conf, folds.Conf)
+
+
+@pytest.mark.slow
+def test_no_threshold_beyond_the_grid_closes_the_qrs_or_qt_gap(folds, fold_run):
+    """README: QRS SDs 10.2-10.7 (11.0 at 40 Hz), QT 25.3-26.3 for the T variants."""
+    cases, measure, _ = fold_run
+    for changes, sds in folds.sensitivity(cases, measure):
+        assert sds["qrs_ms"] > folds.AIMS["qrs_ms"][1], (changes, sds)
+        if any(k.startswith("t_") for k in changes):
+            assert sds["qt_ms"] > 25.0, (changes, sds)
+
+
+def test_readme_table_is_the_out_of_fold_run(folds, fold_run, results):
+    _, measure, run = fold_run
+    inside = folds.in_sample(fold_run[0], measure)
+    readme = (REPO / "README.md").read_text()
+    for line in folds.table_lines(run, inside):
+        assert line in readme, f"README.md lacks (run bench/folds.py): {line}"
 
 
 # --- the reader and the reference, on hand-made input -------------------------------------

@@ -1,6 +1,7 @@
 """The PDF says what the JSON says, value by value: measured once, rendered twice.
 
-A 60 Hz capture (mains set to 60), one in atrial fibrillation (no PR), a rejected one and a
+A 60 Hz capture (mains set to 60), two with hum over 500 uV (notched and measured), one
+in atrial fibrillation (no PR), a rejected one and a
 noisy one: each goes through the package encoders as a capture does, and the numbers the
 PDF header prints (read back with pdftotext) equal the JSON's, "-" exactly where the JSON
 has null.
@@ -63,6 +64,10 @@ def _rejected(record: Record) -> Record:
 
 CASES = {
     "60 Hz mains": (lambda: _hum(to_record(ECG_DATA / "HR06001"), 60.0, 200.0), 60),
+    # hum over what was once refused outright is notched and measured (issue 24)
+    "60 Hz mains 1500 uV": (lambda: _hum(as_board(ludb.load_record(LUDB, 1)), 60.0, 1500.0),
+                            60),
+    "50 Hz mains 600 uV": (lambda: _hum(to_record(ECG_DATA / "HR06002"), 50.0, 600.0), 50),
     "atrial fibrillation": (lambda: as_board(ludb.load_record(LUDB, 83)), 50),
     "rejected": (lambda: _rejected(to_record(ECG_DATA / "HR06000")), 50),
     "noisy": (lambda: with_noise(ludb.load_record(LUDB, 3), 120.0), 50),
@@ -106,3 +111,5 @@ def test_pdf_header_equals_the_json_value_by_value(case, tmp_path):
         assert any(m[n] is None for n in ("pr_ms", "qrs_ms", "qt_ms"))
     if case == "60 Hz mains":
         assert m["heart_rate_bpm"] is not None and "Display filter" in text
+    if "uV" in case:
+        assert all(m[n] is not None for n in ("heart_rate_bpm", "qrs_ms", "qt_ms")), m

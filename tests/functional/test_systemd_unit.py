@@ -294,8 +294,13 @@ def test_wrapper_runs_every_command_as_the_service_with_its_settings_and_credent
 
 @pytest.mark.functional
 def test_wrapper_refuses_without_root(wrapper_env):
-    _root, env = wrapper_env
+    root, env = wrapper_env
+    # user 65534 may not be able to enter the checkout (a clone in a 0700 folder, /root):
+    # it reads its own copy of the wrapper, in the fixture's 0755 folder
+    wrapper = root / WRAPPER.name
+    shutil.copyfile(WRAPPER, wrapper)
+    os.chmod(wrapper, 0o644)
     proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                           "sh", str(WRAPPER), "status"],
-                          env=env, capture_output=True, text=True, timeout=60)
+                           "sh", str(wrapper), "status"],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "run with sudo" in proc.stderr

@@ -103,3 +103,59 @@ def _epoch(iso: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(iso).timestamp()
+
+
+def test_a_named_held_record_keeps_its_name_across_a_reboot_and_a_later_clock(tmp_path: Path):
+    """Once named (named.json, durable), a held record is packaged under that name even by
+    a retry in the next boot or with the clock a second later: never undated, never renamed."""
+    from device_agent.clock import NAME_FILE, TICKET_NAME, name_held
+
+    settings = _settings(tmp_path)
+    clock = StepClock(BOOT_1970, synced=False)
+    with Outbox.open(settings) as outbox:
+        outcome = capture_package(FramesReader(settings), settings, None, outbox=outbox,
+                                  clock=clock)
+        folder = outcome.held
+        from datetime import datetime
+
+        first = name_held(folder, datetime.fromtimestamp(1_800_000_000.9995).astimezone(),
+                          outcome.record.record_id)
+        # a later name never replaces the first one
+        assert name_held(folder, datetime.fromtimestamp(1_800_000_001.0005).astimezone(),
+                         "another-id") == first
+        ticket = folder / TICKET_NAME
+        ticket.write_text(json.dumps({**json.loads(ticket.read_text()), "boot_id": "earlier"}))
+        clock.wall, clock.is_synced = 1_800_000_001.0005, True
+        released = release_held(settings, outbox=outbox, clock=clock)
+        assert len(released) == 1 and released[0].info is not None
+        info = released[0].info
+        assert info.stamp == first.acquired_at.strftime("%Y%m%d_%H%M%S")
+        assert info.record_id == outcome.record.record_id
+        assert not (tmp_path / "state" / "undated").exists()
+        assert not (folder / NAME_FILE).exists() and not folder.exists()
+
+
+def test_a_release_cut_while_removing_the_held_copy_is_finished_not_redone(tmp_path: Path):
+    """The ticket goes first: a folder left with its name and no ticket is swept, and no
+    pass packages it a second time."""
+    from device_agent.clock import NAME_FILE, TICKET_NAME
+
+    settings = _settings(tmp_path)
+    clock = StepClock(BOOT_1970, synced=False)
+    with Outbox.open(settings) as outbox:
+        outcome = capture_package(FramesReader(settings), settings, None, outbox=outbox,
+                                  clock=clock)
+        clock.wall, clock.is_synced = 1_800_000_000.0, True
+        released = release_held(settings, outbox=outbox, clock=clock)
+        assert len(released) == 1
+        pending = outbox.stats().pending
+        # what a cut after the ticket's unlink leaves: the rest of the folder
+        leftover = outcome.held.parent / "cut-part-way"
+        leftover.mkdir()
+        (leftover / NAME_FILE).write_text(json.dumps(
+            {"acquired_at": "2027-01-15T08:00:00+00:00", "record_id": "x"}))
+        (leftover / "ecg_data.json").write_bytes(b"{}")
+        assert not (leftover / TICKET_NAME).exists()
+        assert release_held(settings, outbox=outbox, clock=clock) == []
+        assert not leftover.exists()
+        assert outbox.stats().pending == pending

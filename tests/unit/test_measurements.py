@@ -261,10 +261,51 @@ def test_60_hz_hum_with_mains_60_gives_the_clean_values(record_id):
         assert a == pytest.approx(c, abs=8.0 if name == "qrs_ms" else 2 * tolerance), name
 
 
-def test_hum_far_over_the_limit_is_refused():
-    result = measure_record(with_hum(ludb_record(3), 50.0, 2 * m.MAX_MAINS_UV))
+def test_hum_far_over_the_old_limit_is_notched_and_measured():
+    """1500 uV of 50 Hz (three times what was once refused outright) changes nothing."""
+    clean = as_board(ludb_record(3))
+    result = measure_record(with_hum(clean, 50.0, 1500.0))
+    base = measure_record(clean)
+    for name in MEASUREMENT_NAMES:
+        assert result.value(name) == pytest.approx(base.value(name), abs=2.0), name
+
+
+def test_hum_off_the_setting_by_a_few_tenths_is_tracked():
+    """The grid's frequency wanders; the notch sits on the hum's own (qrs.hum_frequency)."""
+    clean = as_board(ludb_record(3))
+    base = measure_record(clean)
+    for hz in (49.6, 50.3):
+        result = measure_record(with_hum(clean, hz, 1500.0))
+        for name in ("heart_rate_bpm", "pr_ms", "qrs_ms", "qt_ms", "qrs_axis_deg"):
+            assert result.value(name) == pytest.approx(base.value(name), abs=2.0), (hz, name)
+
+
+def test_hum_the_notch_cannot_reach_is_refused_with_what_is_left():
+    result = measure_record(with_hum(as_board(ludb_record(3)), 51.5, 600.0))
     assert all(result.value(name) is None for name in MEASUREMENT_NAMES)
-    assert "mains hum" in result.reason("qrs_ms")
+    reason = result.reason("qrs_ms") or ""
+    assert "left after the 50 Hz notch" in reason and "600 uV before it" in reason, reason
+
+
+def test_hum_at_the_other_mains_frequency_names_the_setting():
+    result = measure_record(with_hum(as_board(ludb_record(3)), 60.0, 200.0), mains_hz=50.0)
+    assert all(result.value(name) is None for name in MEASUREMENT_NAMES)
+    assert "set ECG_MAINS_HZ=60" in (result.reason("heart_rate_bpm") or "")
+
+
+def test_residual_hum_and_hum_frequency_on_a_pure_sine():
+    from device_agent import qrs
+
+    t = np.arange(5000) / 500.0
+    for hz in (50.0, 50.3):
+        x = 1000.0 * np.sin(2 * np.pi * hz * t)[None, :]
+        assert qrs.residual_hum_uv(x, 500.0, 50.0, notched=False) == pytest.approx(1000.0,
+                                                                                   rel=0.02)
+        at = qrs.hum_frequency(x, 500.0, 50.0)
+        assert at == pytest.approx(hz, abs=0.05)
+        assert qrs.residual_hum_uv(x, 500.0, at) < 5.0
+    assert qrs.residual_hum_uv(x, 500.0, 50.0) > 50.0  # the notch at 50 misses 50.3 Hz
+    assert qrs.hum_frequency(np.zeros((1, 5000)), 500.0, 60.0) == 60.0
 
 
 def test_json_block_shape():

@@ -10,6 +10,7 @@ import pytest
 
 from device_agent.lab.wfdb import INVALID, encode_record, read_record, to_record, write_record
 from device_agent.record import LEAD_ORDER, DeviceInfo, Record
+from tests.conftest import REPO
 
 AT = datetime(2026, 11, 27, 9, 30, tzinfo=timezone(timedelta(hours=1)))
 
@@ -163,3 +164,130 @@ def test_encode_record_refuses_a_name_wfdb_cannot_hold(ecg_data_dir):
             encode_record(record, bad)
     header, data = encode_record(record, "ok_name")
     assert header.startswith(b"ok_name 12 500 500 ") and len(data) == 12 * 500 * 2
+
+
+# --- the header as header(5) defines it: format, samples per frame, skew, byte offset -------
+
+OFFSET = REPO / "tests" / "data" / "wfdb_offset"
+LUDB = REPO / "tests" / "data" / "ludb"
+
+
+def test_a_record_with_a_byte_offset_reads_as_its_source():
+    """L00001 is LUDB record 1 in the PhysioNet/CinC 2021 layout (`16x1+24` in a .mat)."""
+    assert "16x1+24" in (OFFSET / "L00001.hea").read_text()
+    offset, source = read_record(OFFSET / "L00001"), read_record(LUDB / "1")
+    assert offset.lead_names == source.lead_names and offset.sampling_rate == 500.0
+    np.testing.assert_array_equal(offset.signals_uv, source.signals_uv)
+    np.testing.assert_array_equal(to_record(offset, acquired_at=AT).samples,
+                                  to_record(source, acquired_at=AT).samples)
+
+
+def test_measure_reads_a_record_with_a_byte_offset(capsys):
+    import json
+
+    from device_agent.commands import main
+
+    assert main(["measure", "--json", str(OFFSET / "L00001.hea"), str(LUDB / "1.hea")]) == 0
+    a, b = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert a.pop("input") != b.pop("input")
+    assert a == b and a["heart_rate_bpm"] is not None
+
+
+def _write(tmp_path, header: str, data: bytes, name: str = "r"):
+    (tmp_path / f"{name}.hea").write_text(header)
+    (tmp_path / f"{name}.dat").write_bytes(data)
+    return read_record(tmp_path / name)
+
+
+def test_format_field_skew_shifts_the_signal_and_pads_invalid(tmp_path):
+    frames = np.array([[10, 100], [11, 101], [12, 102], [13, 103]], dtype="<i2")
+    rec = _write(tmp_path, "r 2 100 4\nr.dat 16 1(0)/uV 16 0 0 0 0 a\n"
+                           "r.dat 16:1 1(0)/uV 16 0 0 0 0 b\n", frames.tobytes())
+    np.testing.assert_array_equal(rec.signals_uv[0], [10, 11, 12, 13])
+    np.testing.assert_array_equal(rec.signals_uv[1][:3], [101, 102, 103])
+    assert np.isnan(rec.signals_uv[1][3])  # past the file's end
+
+
+def test_samples_per_frame_every_signal_alike_reads_at_that_multiple_of_the_rate(tmp_path):
+    # frame = a0 a1 b0 b1
+    data = np.array([1, 2, 50, 60, 3, 4, 70, 80], dtype="<i2").tobytes()
+    rec = _write(tmp_path, "r 2 100 2\nr.dat 16x2 1/uV 16 0 0 0 0 a\n"
+                           "r.dat 16x2 1/uV 16 0 0 0 0 b\n", data)
+    assert rec.sampling_rate == 200.0
+    np.testing.assert_array_equal(rec.signals_uv, [[1, 2, 3, 4], [50, 60, 70, 80]])
+
+
+def test_samples_per_frame_mixed_are_averaged_over_each_frame(tmp_path):
+    # frame = a0 a1 b0
+    data = np.array([1, 3, 50, 5, 7, 70], dtype="<i2").tobytes()
+    rec = _write(tmp_path, "r 2 100 2\nr.dat 16x2 1/uV 16 0 0 0 0 a\n"
+                           "r.dat 16 1/uV 16 0 0 0 0 b\n", data)
+    assert rec.sampling_rate == 100.0
+    np.testing.assert_array_equal(rec.signals_uv, [[2, 6], [50, 70]])
+
+
+@pytest.mark.parametrize("fmt", [16, 61, 80, 160, 212, 24, 32])
+def test_each_format_reads_its_samples_and_its_invalid_value(tmp_path, fmt):
+    values = np.array([-100, -1, 0, 1, 7, 100, 127, -127], dtype=np.int64)
+    invalid = {16: -32768, 61: -32768, 80: -128, 160: -32768, 212: -2048, 24: -(1 << 23),
+               32: -(1 << 31)}[fmt]
+    stored = np.append(values, invalid)
+    stored = np.append(stored, 5)  # an even count for 212
+    if fmt == 16:
+        data = stored.astype("<i2").tobytes()
+    elif fmt == 61:
+        data = stored.astype(">i2").tobytes()
+    elif fmt == 80:
+        data = (stored + 128).astype(np.uint8).tobytes()
+    elif fmt == 160:
+        data = (stored + 32768).astype("<u2").tobytes()
+    elif fmt == 32:
+        data = stored.astype("<i4").tobytes()
+    elif fmt == 24:
+        u = stored % (1 << 24)
+        data = np.stack([u & 255, (u >> 8) & 255, u >> 16], axis=1).astype(np.uint8).tobytes()
+    else:
+        u = stored % 4096
+        a, b = u[0::2], u[1::2]
+        data = np.stack([a & 255, ((a >> 8) & 15) | ((b >> 8) << 4), b & 255],
+                        axis=1).astype(np.uint8).tobytes()
+    rec = _write(tmp_path, f"r 1 100 {stored.size}\nr.dat {fmt}+0 1/uV 12 0 0 0 0 x\n", data)
+    got = rec.signals_uv[0]
+    np.testing.assert_array_equal(got[: values.size], values)
+    assert np.isnan(got[values.size]) and got[-1] == 5
+
+
+def test_byte_offset_belongs_to_the_file_and_sample_count_may_be_left_out(tmp_path):
+    data = b"PROLOGUE" + np.array([[1, 2], [3, 4], [5, 6]], dtype="<i2").tobytes()
+    rec = _write(tmp_path, "r 2\nr.dat 16+8 1/uV\nr.dat 16+8 1/uV\n", data)
+    assert rec.sampling_rate == 250.0  # header(5)'s default frequency
+    np.testing.assert_array_equal(rec.signals_uv, [[1, 3, 5], [2, 4, 6]])
+    assert rec.lead_names == ("signal 0", "signal 1")
+
+
+def test_a_sample_count_of_zero_is_read_from_the_file_with_the_skew_taken_off(tmp_path):
+    data = np.array([[1, 2], [3, 4], [5, 6]], dtype="<i2").tobytes()
+    rec = _write(tmp_path, "r 2 100 0\nr.dat 16 1/uV 16 0 0 0 0 a\nr.dat 16:1 1/uV 16 0 0 0 0 b\n",
+                 data)
+    np.testing.assert_array_equal(rec.signals_uv, [[1, 3], [4, 6]])
+
+
+def test_counter_frequency_and_multiword_descriptions(tmp_path):
+    rec = _write(tmp_path, "r 2 360/360(0) 1 10:00:00\nr.dat 212+0 200 11 1024 0 0 0 ECG lead II\n"
+                           "r.dat 212 200 11 1024 0 0 0 V5\n",
+                 bytes([1, 0x20, 2]))
+    assert rec.sampling_rate == 360.0 and rec.lead_names == ("ECG lead II", "V5")
+    np.testing.assert_array_almost_equal(rec.signals_uv[:, 0], [(1 - 1024) / 200 * 1000,
+                                                                (2 + 512 - 1024) / 200 * 1000])
+
+
+@pytest.mark.parametrize(("header", "message"), [
+    ("r 1 100 1\nr.dat 16x 1/uV 12 0 0 0 0 x\n", "is not format"),
+    ("r 1 100 1\nr.dat 311 1/uV 12 0 0 0 0 x\n", "format 311"),
+    ("r/2 1 100 1\nr.dat 16 1/uV 12 0 0 0 0 x\n", "multi-segment"),
+    ("r 2 100 1\nr.dat 16 1/uV 12 0 0 0 0 x\n", "2 signals declared"),
+    ("r 2 100 1\nr.dat 16 1/uV 12 0 0 0 0 x\nr.dat 80 1/uV 12 0 0 0 0 y\n", "differ in format"),
+])
+def test_a_header_the_reader_cannot_follow_is_named(tmp_path, header, message):
+    with pytest.raises(ValueError, match=message):
+        _write(tmp_path, header, b"\x00" * 8)
