@@ -133,6 +133,7 @@ def test_an_empty_value_in_the_env_file_is_empty_not_a_crash(tmp_path):
     (b"STATE_DIR=/tmp/a\x00b\n", "STATE_DIR"),
     (b"AWS_S3_BUCKET=my bucket\n", "AWS_S3_BUCKET"),
     (b"AWS_S3_REGION=us-east-1/../x\n", "AWS_S3_REGION"),
+    (b"AWS_S3_REGION=5\n", "AWS_S3_REGION"),  # botocore: a host label, not only digits
 ])
 def test_a_setting_no_open_or_botocore_can_use_is_a_configuration_error(tmp_path, env_text,
                                                                          key):
