@@ -6,7 +6,7 @@ UTF-8, modification times before 2000. Two `sync --once` passes, then the outbox
 a third runs: each uploadable report reaches S3 exactly once, byte for byte, under
 `ecg-reports/YYYY/MM/DD/{its name}` dated as docs/s3-layout.md says; every other one is one
 line; no name but the agent's own forms in a log line (also at --debug), `status`,
-`queue list [--all] [--json]`, `verify [--json]` or metadata."""
+`queue list --all [--json]`, `verify --json` or metadata."""
 
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ alike, separators, controls, scripts that fold to nothing, lone surrogates), eve
 form (legacy `registration_date`, `signup_date`, ISO, garbage, none), `serial_id` present,
 empty or absent, and entries that are not users at all. Two `sync --once` passes, then the
 outbox is lost and a third pass runs: each user reaches S3 exactly once, under the layout,
-dated by the user; no name in a log line (also at --debug), `status`, `queue list [--all]
-[--json]`, `verify [--json]` or object metadata; one line per refused entry."""
+dated by the user; no name in a log line (also at --debug), `status`, `queue list --all
+[--json]`, `verify --json` or object metadata; one line per refused entry."""
 
 from __future__ import annotations
 
