@@ -102,8 +102,8 @@ def _optional(raw: str) -> str | None:
 
 
 def _path(raw: str) -> Path:
-    if not raw.strip():
-        raise ValueError("a file or folder path")
+    if not raw.strip() or "\x00" in raw:  # a NUL fails every open() ("embedded null byte")
+        raise ValueError("a file or folder path (without a NUL character)")
     return Path(raw.strip()).expanduser()
 
 
@@ -138,7 +138,31 @@ def _endpoint_url(raw: str) -> str | None:
 
 
 def _optional_path(raw: str) -> Path | None:
-    return Path(raw.strip()).expanduser() if raw.strip() else None
+    return _path(raw) if raw.strip() else None
+
+
+# botocore's own rules, checked where the value is read: a bucket it refuses used to fail
+# every queued item for good, a region it refuses stopped each pass with "unexpected error"
+_BUCKET_RE = re.compile(
+    r"^[a-zA-Z0-9.\-_]{1,255}$"
+    r"|^arn:(aws).*:(s3|s3-object-lambda):[a-z\-0-9]*:[0-9]{12}:accesspoint[/:][a-zA-Z0-9\-.]{1,63}$"
+    r"|^arn:(aws).*:s3-outposts:[a-z\-0-9]+:[0-9]{12}:outpost[/:][a-zA-Z0-9\-]{1,63}[/:]"
+    r"accesspoint[/:][a-zA-Z0-9\-]{1,63}$")
+_REGION_RE = re.compile(r"^(?![0-9]+$)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)$")  # validate_region_name
+
+
+def _bucket(raw: str) -> str | None:
+    value = raw.strip()
+    if value and not _BUCKET_RE.match(value):
+        raise ValueError("a bucket name: letters, digits, . - _ (or an access point ARN)")
+    return value or None
+
+
+def _region(raw: str) -> str | None:
+    value = raw.strip()
+    if value and not _REGION_RE.match(value):
+        raise ValueError("a region name such as eu-west-1")
+    return value or None
 
 
 _SERIAL_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -172,8 +196,8 @@ KEYS: tuple[_Key, ...] = (
          help="upload to the cloud at all"),
     _Key("CLOUD_SERVICE", "cloud_service", _choice("s3"), "s3",
          help="only s3 is supported"),
-    _Key("AWS_S3_BUCKET", "s3_bucket", _optional, "", help="bucket name"),
-    _Key("AWS_S3_REGION", "s3_region", _optional, "", help="bucket region"),
+    _Key("AWS_S3_BUCKET", "s3_bucket", _bucket, "", help="bucket name"),
+    _Key("AWS_S3_REGION", "s3_region", _region, "", help="bucket region"),
     _Key("AWS_ACCESS_KEY_ID", "aws_access_key_id", _optional, "", secret=True,
          help="leave empty to use boto3's credential chain"),
     _Key("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key", _optional, "", secret=True),
@@ -346,7 +370,7 @@ class Settings:
 def _strip_value(value: str) -> str:
     """A value as written after `=`: quotes removed, or a trailing ` # comment` cut."""
     value = value.strip()
-    if value[:1] in "\"'":
+    if value[:1] and value[0] in "\"'":  # ("" is in every string: `KEY=` is empty)
         quote = value[0]
         end = value.find(quote, 1)
         if end > 0:

@@ -171,6 +171,21 @@ def assert_not_shown(secrets: Iterable[str], where: Mapping[str, str]) -> None:
                 assert form not in text, f"identity {secret!r} (as {form!r}) shown in {what}"
 
 
+def operator_views(unit: Unit) -> list[Run]:
+    """What an operator asks for after the passes: `status`, `queue list --all` as text and
+    --json (the plain list is a part of it) and `verify --json` (1 when something is
+    missing). Each must end cleanly; their output then joins `shown_texts` (issue 22 item 6).
+    Plain `verify` prints only what is missing: tests/functional/test_identity_shown.py."""
+    views = [unit.run("status"), unit.run("queue", "list", "--all"),
+             unit.run("queue", "list", "--all", "--json"), unit.run("verify", "--json")]
+    for view in views:
+        assert_clean(view, codes={0, 1} if view.argv[0] in ("status", "verify") else {0})
+    for view in views:
+        if "--json" in view.argv:
+            json.loads(view.out)  # machine-readable whatever the names were
+    return views
+
+
 def shown_texts(unit: Unit, *, metadata: bool = True) -> dict[str, str]:
     """Everything a person or a log sees: each run's output, status.json, S3 metadata."""
     where = {f"output of `{' '.join(r.argv)}` (run {i})": r.text for i, r in enumerate(unit.runs)}

@@ -107,3 +107,40 @@ def test_an_age_of_digits_int_cannot_read_is_refused_in_one_line(tmp_path, age):
     assert len(run.err_lines()) == 1 and "'age'" in run.err, run
     assert not (tmp_path / "state" / "records").exists() or not list(
         (tmp_path / "state" / "records").iterdir())
+
+
+def _config(tmp_path, env_text: bytes, *flags: str) -> Run:
+    env_file = tmp_path / "settings.env"
+    env_file.write_bytes(env_text)
+    env_file.chmod(0o600)
+    argv = ["--env-file", str(env_file), *flags, "config"]
+    proc = subprocess.run([sys.executable, "-m", "device_agent", *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    return Run(argv, proc.returncode, proc.stdout, proc.stderr)
+
+
+def test_an_empty_value_in_the_env_file_is_empty_not_a_crash(tmp_path):
+    """`KEY=` (the legacy .env leaves AWS_SESSION_TOKEN= empty) raised IndexError in the
+    env-file parser: every command exited 1 with "unexpected error"."""
+    run = _config(tmp_path, b"AWS_SESSION_TOKEN=\nS3_MAX_ATTEMPTS=   \nDEVICE_MODEL=''\n")
+    assert_clean(run, codes={2})  # S3_MAX_ATTEMPTS needs a number: one line, exit 2
+    assert len(run.err_lines()) == 1 and "S3_MAX_ATTEMPTS" in run.err, run
+    run = _config(tmp_path, b"AWS_SESSION_TOKEN=\nDEVICE_MODEL=\n")
+    assert_clean(run, codes={0})
+
+
+@pytest.mark.parametrize(("env_text", "key"), [
+    (b"STATE_DIR=/tmp/a\x00b\n", "STATE_DIR"),
+    (b"AWS_S3_BUCKET=my bucket\n", "AWS_S3_BUCKET"),
+    (b"AWS_S3_REGION=us-east-1/../x\n", "AWS_S3_REGION"),
+    (b"AWS_S3_REGION=5\n", "AWS_S3_REGION"),  # botocore: a host label, not only digits
+])
+def test_a_setting_no_open_or_botocore_can_use_is_a_configuration_error(tmp_path, env_text,
+                                                                         key):
+    """A NUL in a path ("embedded null byte"), a bucket or a region botocore refuses used to
+    pass the settings and fail later: "unexpected error" (1), or every item failed for good."""
+    run = _config(tmp_path, env_text)
+    assert_clean(run, codes={2})
+    assert len(run.err_lines()) == 1 and key in run.err, run
+    assert _config(tmp_path, b"AWS_S3_BUCKET=legacy_Bucket.1\nAWS_S3_REGION=eu-west-1\n"
+                   ).rc == 0, "names botocore takes still pass"
