@@ -5,7 +5,7 @@ hostile bucket, region, profile and serial names), given through the env file, t
 environment or `--set`. `config` answers 0 or refuses in one line (2); with settings it
 accepts, `sync --once` delivers a user and a report or says why in a documented code; a
 secret never shows. AWS_ENDPOINT_URL_S3 gets URL-like values too (only ever 127.0.0.1).
-Not generated here: AWS_PROFILE (see SKIPPED_KEYS and props-findings.md)."""
+Every key is generated, AWS_PROFILE included (a profile that does not exist is exit 2)."""
 
 from __future__ import annotations
 
@@ -25,9 +25,7 @@ from tests.properties.harness import Run, Unit, assert_clean, assert_keys_in_lay
 
 pytestmark = pytest.mark.functional
 PATH_KEYS = {k.env for k in KEYS if k.parse.__name__ in ("_path", "_optional_path")}
-# An AWS_PROFILE that does not exist ("unexpected error: ProfileNotFound", exit 1) is a
-# configuration error another change owns: props-findings.md
-SKIPPED_KEYS = {"AWS_PROFILE"}
+SKIPPED_KEYS: set[str] = set()  # none: AWS_PROFILE was until a missing profile became exit 2
 SECRET_KEYS = {k.env for k in KEYS if k.secret}
 # Settings whose change may rightly keep the user and the report from this unit's bucket.
 DELIVERY_KEYS = {"AWS_S3_BUCKET", "CLOUD_UPLOAD_ENABLED", "REPORTS_DIR", "USERS_FILE",
