@@ -95,3 +95,17 @@ def make_package(root: Path, stamp: str = "20260124_121815", *, seed: int = 0) -
                        device_serial="SN-TEST", acquired_at="")
     manifest = _write(folder / f"manifest_{stamp}.json", json.dumps(doc).encode(), "manifest")
     return PackageInfo(folder, stamp, date_prefix, rid, "SN-TEST", files, manifest)
+
+
+def load_bench(name: str) -> Any:
+    """A module of bench/ (e.g. "folds"), loaded by path: bench/ is not a package."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -108,15 +108,7 @@ def test_service_survives_a_full_disk_and_loses_nothing(tiny_fs, tmp_path):
         pdf = Path(settings.reports_dir) / "ECG_Report_20260124_130000.pdf"
         pdf.write_bytes(b"%PDF dropped by the legacy app")
         os.utime(pdf, (time.time() - 60, time.time() - 60))
-        filler = tiny_fs / "filler"
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
-        try:  # fill the disk to the last byte
-            for _ in range(100_000):
-                os.write(fd, b"\0" * 4096)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-        finally:
-            os.close(fd)
+        filler = _fill(tiny_fs)
         results = [loop.run_once() for _ in range(3)]
         errors = [e for r in results for e in r.errors]
         assert errors, "a pass on a full disk must report it"

@@ -13,6 +13,7 @@ import importlib.util
 import struct
 import sys
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ import pytest
 from device_agent.lab import ludb
 from device_agent.measurements import MEASUREMENT_NAMES
 from tests.conftest import REPO
+from tests.helpers import load_bench
 
 LUDB = REPO / "tests" / "data" / "ludb"
 # The cardiologists' axis labels overlap in angle (see test_axis_labels_cap_any_angle_rule),
@@ -162,13 +164,8 @@ def test_paced_records_and_only_they_are_called_paced(results):
 
 # --- out of fold: each record scored by a Conf tuned without it (bench/folds.py) ----------
 
-def _load_folds() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_folds", REPO / "bench" / "folds.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def _load_folds() -> Any:
+    return load_bench("folds")
 
 
 @pytest.fixture(scope="module")

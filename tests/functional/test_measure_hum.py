@@ -11,8 +11,7 @@ figures reached), with as many records measured as without hum.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from device_agent.lab import ludb
 from device_agent.measurements import measure_record
 from device_agent.record import MEASURED_LEADS, Record
 from tests.conftest import REPO
+from tests.helpers import load_bench
 from tests.unit.test_measurements import as_board, rebuilt
 
 pytestmark = pytest.mark.functional
@@ -28,13 +28,8 @@ LUDB = REPO / "tests" / "data" / "ludb"
 LEVELS_UV = (200.0, 600.0, 1500.0)
 
 
-def _folds():
-    spec = importlib.util.spec_from_file_location("bench_folds", REPO / "bench" / "folds.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def _folds() -> Any:
+    return load_bench("folds")
 
 
 def with_mains(record: Record, hz: float, uv: float) -> Record:
