@@ -24,6 +24,7 @@ import boto3
 import pytest
 
 from device_agent.fsutil import atomic_write
+from device_agent.outbox import DB_NAME, DELIVERED, Outbox
 from device_agent.spool import NOTHING_KEPT, Request, Spool, record_id_for
 from tests.conftest import wait_until
 
@@ -96,6 +97,16 @@ class Unit:
         return request
 
 
+def _delivered(state: Path) -> bool:
+    """Every item in the outbox delivered (the one package and its manifest)."""
+    box = Outbox(state / DB_NAME)
+    try:
+        items = [i for row in box.recent_packages() for i in box.package_items(row.folder)]
+        return bool(items) and all(i.state == DELIVERED for i in items)
+    finally:
+        box.close()
+
+
 def _kill(proc: subprocess.Popen[str]) -> None:
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=10) == -signal.SIGKILL
@@ -131,6 +142,10 @@ def test_restart_after_the_package_was_uploaded_answers_kept_with_its_record(
         request = unit.request(seconds=2.0)
         keys = wait_until(lambda: len(unit.objects()) == 5 and unit.objects(), timeout=60,
                           what="the capture's package uploaded")
+        # and the outbox has recorded it (S3 can hold the last file a moment before the
+        # service settles it; a kill in between is answered 'queued', rightly)
+        wait_until(lambda: _delivered(unit.state), timeout=30,
+                   what="the outbox recording the package delivered")
         assert (spool.cur / f"{request.id}.json").exists(), "still claimed, never answered"
         assert "cannot write the result" in unit.log(1)
         _kill(service)
