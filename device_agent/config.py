@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from device_agent.errors import ConfigError
+from device_agent.fsutil import existing_ancestor
 from device_agent.text import closest, text_problem
 
 log = logging.getLogger(__name__)
@@ -111,9 +112,7 @@ def _folder(raw: str) -> Path:
     """A folder the agent creates if need be: refused when it, or the nearest part of it
     that exists, is not a folder (a file named like it would fail the first write)."""
     path = _path(raw)
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = existing_ancestor(path)
     if probe.exists() and not probe.is_dir():
         what = "is" if probe == path else f"is inside {probe}, which is"
         raise ValueError(f"a folder, but it {what} a file: point it at a folder, or remove "

@@ -202,11 +202,18 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def free_mb(path: Path | str) -> float:
-    """Free space for unprivileged writers on the filesystem holding `path` (MiB)."""
+def existing_ancestor(path: Path | str) -> Path:
+    """`path` if it exists, else the nearest folder above it that does (what a write
+    under `path` would meet first: its file system, or a file in the way)."""
     probe = Path(path)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
+    return probe
+
+
+def free_mb(path: Path | str) -> float:
+    """Free space for unprivileged writers on the filesystem holding `path` (MiB)."""
+    probe = existing_ancestor(path)
     return shutil.disk_usage(probe).free / _MB
 
 
@@ -234,9 +241,7 @@ def storage_condition(exc: BaseException, folder: Path | str) -> str | None:
     if not (name.startswith(("SQLITE_IOERR", "SQLITE_CANTOPEN"))
             or (isinstance(exc, OSError) and exc.errno in (errno.EIO, errno.EACCES))):
         return None
-    probe = Path(folder)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = existing_ancestor(folder)
     try:
         fs = os.statvfs(probe)
     except OSError:

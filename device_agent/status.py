@@ -22,7 +22,7 @@ from device_agent.config import Settings
 from device_agent.credentials import certificate_der, parse_certificate
 from device_agent.deadline import Deadlines
 from device_agent.errors import UploadError
-from device_agent.fsutil import atomic_write, free_mb
+from device_agent.fsutil import atomic_write, existing_ancestor, free_mb
 from device_agent.outbox import DB_NAME, read_only_stats
 from device_agent.spool import running_pid
 
@@ -60,9 +60,7 @@ def port_present(port: str) -> bool | None:
 
 def disk_summary(path: Path, reserve_mb: int) -> dict[str, Any]:
     """Free space where STATE_DIR lives, against the configured reserve."""
-    probe = Path(path)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = existing_ancestor(path)
     free = int(free_mb(probe))
     return {"path": str(probe), "free_mb": free, "reserve_mb": reserve_mb,
             "ok": free >= reserve_mb}
