@@ -219,10 +219,8 @@ def _decide(integrated: np.ndarray, slope_env: np.ndarray, peaks: np.ndarray,
         h = float(integrated[p])
         threshold = npk + 0.25 * (spk - npk)
         if beats and rr_avg and p - beats[-1] > SEARCHBACK_RR * rr_avg:
-            missed = [q for q in noise if beats[-1] + REFRACTORY_S * fs < q < p - REFRACTORY_S * fs
-                      and integrated[q] > 0.5 * threshold]
-            if missed:
-                q = max(missed, key=lambda i: integrated[i])
+            q = _missed_beat(noise, beats[-1], p, integrated, fs, 0.5 * threshold)
+            if q is not None:
                 beats.append(q)
                 spk = 0.25 * float(integrated[q]) + 0.75 * spk
         if h > threshold:
@@ -259,13 +257,20 @@ def _search_back_all(beats: list[int], noise: list[int], integrated: np.ndarray,
     median = float(np.median(np.diff(beats)))
     found = list(beats)
     for a, b in itertools.pairwise(beats):
-        if b - a <= SEARCHBACK_RR * median:
-            continue
-        missed = [q for q in noise if a + REFRACTORY_S * fs < q < b - REFRACTORY_S * fs
-                  and integrated[q] > least]
-        if missed:
-            found.append(max(missed, key=lambda i: float(integrated[i])))
+        if b - a > SEARCHBACK_RR * median:
+            q = _missed_beat(noise, a, b, integrated, fs, least)
+            if q is not None:
+                found.append(q)
     return sorted(found)
+
+
+def _missed_beat(noise: list[int], after: int, before: int, integrated: np.ndarray,
+                 fs: float, least: float) -> int | None:
+    """Searchback: the highest candidate taken for noise between two beats, clear of both
+    refractory periods and above `least`; None when there is none."""
+    missed = [q for q in noise if after + REFRACTORY_S * fs < q < before - REFRACTORY_S * fs
+              and integrated[q] > least]
+    return int(max(missed, key=lambda i: float(integrated[i]))) if missed else None
 
 
 def _contrast(integrated: np.ndarray, beats: np.ndarray, width: int) -> float:
