@@ -336,7 +336,9 @@ def find_capture(settings: Settings, outbox: Outbox, record_id: str) -> KeptCapt
     the manifest); a folder without one is the remains of a crash and does not. A record held
     for the clock (or undated) counts too: it is kept and will be (or can be) named.
     """
-    for row in outbox.packages_of_record(record_id):
+    rows = outbox.packages_of_record(record_id)
+    if rows:  # the first package built for it (a crash can have made a second)
+        row = rows[0]
         state = row.disposition
         if state == QUEUED:
             items = outbox.package_items(row.folder)
