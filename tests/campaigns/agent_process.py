@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from device_agent.config import Settings
     from device_agent.record import Record
+    from device_agent.sync import SyncLoop
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -96,6 +97,16 @@ def captured_stamps(records: Path) -> set[str]:
             for p in records.glob("*/manifest_*.json")}
 
 
+def drain_until_empty(loop: SyncLoop, stop: threading.Event, passes: int = 200) -> int:
+    """Sync passes until nothing is pending (at most `passes`, 0.1 s apart); what is left."""
+    for _ in range(passes):
+        pending = loop.run_once(wait=True).pending
+        if pending == 0:
+            return 0
+        stop.wait(0.1)
+    return pending
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--state", type=Path, required=True)
@@ -152,10 +163,8 @@ def main() -> int:
         while args.serve and not stop.is_set():
             loop.run_once(wait=True)
             stop.wait(settings.sync_interval_s)
-        for _ in range(0 if stop.is_set() else 200):
-            if loop.run_once(wait=True).pending == 0:
-                break
-            stop.wait(0.1)
+        if not stop.is_set():
+            drain_until_empty(loop, stop)
         left = outbox.stats().pending
         loop.close()
     print(f"done pending={left}", flush=True)

@@ -21,7 +21,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.campaigns.agent_process import StopAt, settings_for  # noqa: E402
+from tests.campaigns.agent_process import (  # noqa: E402
+    StopAt,
+    drain_until_empty,
+    settings_for,
+)
 
 
 def main() -> int:
@@ -52,10 +56,7 @@ def main() -> int:
         drainer = Drainer(outbox, Uploader.from_settings(settings), clock=clock, stop=stop,
                           backoff_base_s=0.2, backoff_cap_s=settings.retry_max_backoff_s)
         loop = SyncLoop(settings, outbox=outbox, drainer=drainer, stop=stop, clock=clock)
-        for _ in range(200):
-            if loop.run_once(wait=True).pending == 0:
-                break
-            stop.wait(0.1)
+        drain_until_empty(loop, stop)
         left = outbox.stats().pending
         loop.close()
     print(f"done released={len(released)} pending={left}", flush=True)
