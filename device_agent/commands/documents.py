@@ -166,7 +166,9 @@ def load_any_record(path: Path) -> Any:
 
         try:
             return to_record(path)
-        except (OSError, ValueError, IndexError) as exc:
+        except ValueError as exc:  # the reader's line names the file and what to do
+            raise AgentError(str(exc)) from None
+        except (OSError, IndexError) as exc:
             raise AgentError(f"cannot read WFDB record {path}: {exc}") from None
     return load_ecg_json(path)
 
@@ -189,7 +191,8 @@ def measure(settings: Settings, args: argparse.Namespace) -> int:
             if args.json:
                 echo(json.dumps({"input": str(path), "error": str(exc)}))
             else:
-                echo(f"{path}: {exc}", err=True)
+                # one line naming the input once (most messages already start with it)
+                echo(str(exc) if str(path) in str(exc) else f"{path}: {exc}", err=True)
             continue
         values = {name: _jsonable(block.get(name)) for name in MEASUREMENT_NAMES}
         if args.json:

@@ -85,6 +85,16 @@ def test_measure_refuses_a_hostile_wfdb_header_in_one_line(tmp_path, capsys, hea
     _measure_refuses(capsys, _wfdb(tmp_path, header))
 
 
+def test_measure_names_a_refused_input_once(tmp_path, capsys):
+    """The line names the file once: the reader's message already starts with it."""
+    hea = _wfdb(tmp_path, f"r 12 0 10\n{_LEADS12}\n")
+    rc, _, err = _run(capsys, "measure", str(hea))
+    assert rc == 1 and err.count("\n") == 1 and err.count(str(hea)) == 1, err
+    missing = tmp_path / "nope.json"
+    rc, _, err = _run(capsys, "measure", str(missing))
+    assert rc == 1 and err.count("\n") == 1 and err.count(str(missing)) == 1, err
+
+
 def test_measure_refuses_a_wfdb_data_file_that_is_a_fifo(tmp_path, capsys):
     hea = _wfdb(tmp_path, f"r 12 500 10\n{_LEADS12}\n", data=None)
     os.mkfifo(tmp_path / "r.dat")
