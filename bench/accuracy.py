@@ -43,9 +43,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from _common import machine  # noqa: E402
 
-from device_agent import qrs  # noqa: E402
+from device_agent.clinical import qrs  # noqa: E402
+from device_agent.clinical.measurements import Measurements, measure_record  # noqa: E402
 from device_agent.lab import ludb  # noqa: E402
-from device_agent.measurements import Measurements, measure_record  # noqa: E402
 
 LUDB = REPO / "tests" / "data" / "ludb"
 INTERVALS = (("PR", "pr_ms"), ("QRS", "qrs_ms"), ("QT", "qt_ms"))

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import interleaved, machine, medians, print_rows
 
-from device_agent.framing import FrameDecoder, Frames
 from device_agent.lab.simulator import FaultSpec, Truth, encode_frames, inject
-from device_agent.port import READ_CHUNK
+from device_agent.link.framing import FrameDecoder, Frames
+from device_agent.link.port import READ_CHUNK
 
 SECONDS = 20
 RATE = 500

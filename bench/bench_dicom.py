@@ -27,10 +27,10 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from _common import interleaved, medians, print_rows  # noqa: E402
 
-from device_agent import ecgdata  # noqa: E402
-from device_agent.dicom import DisplayFilter, Equipment, build_dataset, encode_ecg  # noqa: E402
+from device_agent.core.record import DeviceInfo, Record  # noqa: E402
+from device_agent.documents import ecgdata  # noqa: E402
+from device_agent.documents.dicom import DisplayFilter, Equipment, build_dataset, encode_ecg  # noqa: E402
 from device_agent.lab import wfdb  # noqa: E402
-from device_agent.record import DeviceInfo, Record  # noqa: E402
 
 DATA = REPO / "tests" / "data" / "ecg"
 REPEATS = 31

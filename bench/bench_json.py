@@ -32,9 +32,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from _common import interleaved, machine, print_rows, ratio_spread, verdict  # noqa: E402
 
-from device_agent import ecgdata  # noqa: E402
+from device_agent.core.record import AdcInfo, DeviceInfo, Quality, Record  # noqa: E402
+from device_agent.documents import ecgdata  # noqa: E402
 from device_agent.lab.wfdb import to_record  # noqa: E402
-from device_agent.record import AdcInfo, DeviceInfo, Quality, Record  # noqa: E402
 
 RECORD = REPO / "tests" / "data" / "ecg" / "HR06000"
 ROUNDS = 31  # of 5 interleaved calls per contestant

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import print_rows  # noqa: E402
 
-from device_agent.config import load_settings  # noqa: E402
+from device_agent.core.config import load_settings  # noqa: E402
 from device_agent.lab.demo import default_record  # noqa: E402
 
 REPEATS = 15
@@ -45,11 +45,11 @@ def _one_record(settings, data: bytes, out: Path) -> float:
     from datetime import datetime
 
     from device_agent.capture import PackageEncoders, measure_once
-    from device_agent.framing import FrameDecoder, Frames
-    from device_agent.outbox import Outbox
-    from device_agent.package import build_package
-    from device_agent.port import READ_CHUNK
-    from device_agent.record import DeviceInfo, build_record
+    from device_agent.core.record import DeviceInfo, build_record
+    from device_agent.documents.package import build_package
+    from device_agent.link.framing import FrameDecoder, Frames
+    from device_agent.link.port import READ_CHUNK
+    from device_agent.shipping.outbox import Outbox
 
     started = time.process_time()
     decoder = FrameDecoder(byte_order=settings.byte_order, sampling_rate=settings.sampling_rate)

@@ -96,7 +96,7 @@ def _bare(link: str) -> tuple[float, int, int]:
 
 def _old_reader_class() -> type:
     """SerialReader with the read policy it had before: up to 550 B per read, no sleep."""
-    from device_agent.port import Port, SerialReader
+    from device_agent.link.port import Port, SerialReader
 
     class OldReader(SerialReader):
         def _drain(self, port: Port) -> bytes:
@@ -109,8 +109,8 @@ def _old_reader_class() -> type:
 
 
 def _reader(link: str, name: str) -> tuple[float, int, int]:
-    from device_agent.framing import Frames
-    from device_agent.port import SerialReader
+    from device_agent.link.framing import Frames
+    from device_agent.link.port import SerialReader
 
     cls = _old_reader_class() if name == "reader-550" else SerialReader
     reader = cls(link).start(fail_fast=True)

@@ -1,4 +1,4 @@
-"""12-lead PDF report: `report.render_pdf` vs per-point reportlab drawing and vs matplotlib.
+"""12-lead PDF report: `pdf.render_pdf` vs per-point reportlab drawing and vs matplotlib.
 
 Run as `python bench/bench_report.py`; `run()` returns the rows for bench/run_all.py.
 All three draw the same page (A4 landscape, 1/5 mm grid, 12 x 2.5 s windows + 10 s rhythm
@@ -27,9 +27,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from _common import median_s, print_rows  # noqa: E402
 
-from device_agent import report  # noqa: E402
+from device_agent.core.record import Record  # noqa: E402
+from device_agent.documents import pdf  # noqa: E402
 from device_agent.lab.wfdb import to_record  # noqa: E402
-from device_agent.record import Record  # noqa: E402
 
 DATA = REPO / "tests" / "data" / "ecg"
 PATIENT = {"first_name": "Bench", "last_name": "Synthetic", "age": 59, "gender": "Female"}
@@ -43,22 +43,22 @@ def real_record(name: str = "HR06000", seconds: float = 10.0) -> Record:
 
 def _traces(record: Record) -> list[tuple[np.ndarray, np.ndarray]]:
     """(x_mm, y_mm) of the 13 traces, laid out as render_pdf lays them."""
-    geo = report.layout("a4")
+    geo = pdf.layout("a4")
     fs = record.sampling_rate
-    per = round(report.WINDOW_S * fs)
+    per = round(pdf.WINDOW_S * fs)
     out = []
     jobs = [(name, k * per, per, geo["trace_x0_mm"] + k * 62.5, geo["baselines_mm"][r])
-            for k, col in enumerate(report.COLUMNS) for r, name in enumerate(col)]
-    jobs.append((report.RHYTHM_LEAD, 0, 4 * per, geo["trace_x0_mm"], geo["baselines_mm"][3]))
+            for k, col in enumerate(pdf.COLUMNS) for r, name in enumerate(col)]
+    jobs.append((pdf.RHYTHM_LEAD, 0, 4 * per, geo["trace_x0_mm"], geo["baselines_mm"][3]))
     for name, first, count, x0, base in jobs:
         seg = record.lead(name)[first : first + count]
         seg = seg - np.nanmedian(seg)
-        out.append((x0 + np.arange(seg.size) * report.SPEED_MM_S / fs, base + seg / 100.0))
+        out.append((x0 + np.arange(seg.size) * pdf.SPEED_MM_S / fs, base + seg / 100.0))
     return out
 
 
 def _grid_lines() -> list[tuple[float, float, float, float, bool]]:
-    x0, y0, w, h = report.layout("a4")["grid_mm"]
+    x0, y0, w, h = pdf.layout("a4")["grid_mm"]
     lines = [(x0 + i, y0, x0 + i, y0 + h, i % 5 == 0) for i in range(int(w) + 1)]
     lines += [(x0, y0 + j, x0 + w, y0 + j, j % 5 == 0) for j in range(int(h) + 1)]
     return lines
@@ -68,18 +68,18 @@ def per_point_pdf(record: Record) -> bytes:
     """The same page drawn the usual reportlab way: one Python call per point and line."""
     from reportlab.pdfgen.canvas import Canvas
 
-    mm = report.PT_PER_MM
+    mm = pdf.PT_PER_MM
     buf = io.BytesIO()
     c = Canvas(buf, pagesize=(297 * mm, 210 * mm), pageCompression=1, invariant=1)
-    (minor_rgb, major_rgb) = report.GRID_COLOURS["red"]
+    (minor_rgb, major_rgb) = pdf.GRID_COLOURS["red"]
     for major in (False, True):
         c.setStrokeColorRGB(*(major_rgb if major else minor_rgb))
-        c.setLineWidth((report.MAJOR_W_MM if major else report.MINOR_W_MM) * mm)
+        c.setLineWidth((pdf.MAJOR_W_MM if major else pdf.MINOR_W_MM) * mm)
         for x1, y1, x2, y2, is_major in _grid_lines():
             if is_major == major:
                 c.line(x1 * mm, y1 * mm, x2 * mm, y2 * mm)
     c.setStrokeColorRGB(0, 0, 0)
-    c.setLineWidth(report.TRACE_W_MM * mm)
+    c.setLineWidth(pdf.TRACE_W_MM * mm)
     path = c.beginPath()
     for xs, ys in _traces(record):
         pen_up = True
@@ -93,10 +93,10 @@ def per_point_pdf(record: Record) -> bytes:
                 path.lineTo(x * mm, y * mm)
     c.drawPath(path, stroke=1, fill=0)
     c.setFont("Helvetica", 9)
-    for name, x, base, _ in report._trace_ops(record, report.layout("a4"), 210.0)[1]:
+    for name, x, base, _ in pdf._trace_ops(record, pdf.layout("a4"), 210.0)[1]:
         c.drawString((x + 1.5) * mm, (base + 15) * mm, name)
     c.showPage()
-    with report._binary_streams():
+    with pdf._binary_streams():
         c.save()
     return buf.getvalue()
 
@@ -113,18 +113,18 @@ def matplotlib_pdf(record: Record) -> bytes:
     ax.set_xlim(0, 297)
     ax.set_ylim(0, 210)
     ax.axis("off")
-    x0, y0, w, h = report.layout("a4")["grid_mm"]
-    minor_rgb, major_rgb = report.GRID_COLOURS["red"]
+    x0, y0, w, h = pdf.layout("a4")["grid_mm"]
+    minor_rgb, major_rgb = pdf.GRID_COLOURS["red"]
     pt = 72 / 25.4
-    for major, rgb, lw in ((False, minor_rgb, report.MINOR_W_MM),
-                           (True, major_rgb, report.MAJOR_W_MM)):
+    for major, rgb, lw in ((False, minor_rgb, pdf.MINOR_W_MM),
+                           (True, major_rgb, pdf.MAJOR_W_MM)):
         xs = [x0 + i for i in range(int(w) + 1) if (i % 5 == 0) == major]
         ys = [y0 + j for j in range(int(h) + 1) if (j % 5 == 0) == major]
         ax.vlines(xs, y0, y0 + h, colors=[rgb], linewidths=lw * pt)
         ax.hlines(ys, x0, x0 + w, colors=[rgb], linewidths=lw * pt)
     for xs, ys in _traces(record):
-        ax.plot(xs, ys, color="black", linewidth=report.TRACE_W_MM * pt)
-    for name, x, base, _ in report._trace_ops(record, report.layout("a4"), 210.0)[1]:
+        ax.plot(xs, ys, color="black", linewidth=pdf.TRACE_W_MM * pt)
+    for name, x, base, _ in pdf._trace_ops(record, pdf.layout("a4"), 210.0)[1]:
         ax.text(x + 1.5, base + 15, name, fontsize=9)
     buf = io.BytesIO()
     fig.savefig(buf, format="pdf")
@@ -142,8 +142,8 @@ def _row(metric: str, value: float, baseline: float | None, note: str) -> dict:
 def run(repeats: int = 15) -> list[dict]:
     """Median render times (ms) and file sizes (KB) of ours and both baselines."""
     record = real_record()
-    ours = report.render_pdf(record, PATIENT)
-    t_ours = median_s(lambda: report.render_pdf(record, PATIENT), repeats) * 1000
+    ours = pdf.render_pdf(record, PATIENT)
+    t_ours = median_s(lambda: pdf.render_pdf(record, PATIENT), repeats) * 1000
     t_point = median_s(lambda: per_point_pdf(record), repeats) * 1000
     rows = [_row("render ms (vs reportlab lineTo per point)", t_ours, t_point,
                  f"12 x 5000 samples, {len(per_point_pdf(record)) / 1024:.0f} KB per-point")]
@@ -161,9 +161,9 @@ def run(repeats: int = 15) -> list[dict]:
     rows.append(_row("PDF KB (vs matplotlib)", len(ours) / 1024, mpl_size,
                      "target < 120 KB at 500 Hz; matplotlib drops points (path.simplify)"))
     fast = real_record("s0010_re")  # 1000 Hz: twice the points
-    t_fast = median_s(lambda: report.render_pdf(fast, PATIENT), repeats) * 1000
+    t_fast = median_s(lambda: pdf.render_pdf(fast, PATIENT), repeats) * 1000
     rows.append(_row("render ms, 10 s at 1000 Hz (s0010_re)", t_fast, None,
-                     f"{len(report.render_pdf(fast, PATIENT)) / 1024:.0f} KB"))
+                     f"{len(pdf.render_pdf(fast, PATIENT)) / 1024:.0f} KB"))
     return rows
 
 

@@ -66,10 +66,12 @@ _S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
 BARE_IMPORTS = ("boto3", "numpy", "reportlab.pdfgen.canvas", "pydicom", "serial",
                 "device_agent.commands", "device_agent.commands.service",
                 "device_agent.commands.capture", "device_agent.service", "device_agent.sync",
-                "device_agent.drain", "device_agent.uploader", "device_agent.capture",
-                "device_agent.report", "device_agent.dicom", "device_agent.ecgdata",
-                "device_agent.measurements", "device_agent.package", "device_agent.port",
-                "device_agent.spool", "device_agent.notify", "device_agent.status")
+                "device_agent.shipping.drain", "device_agent.shipping.uploader",
+                "device_agent.capture", "device_agent.documents.pdf",
+                "device_agent.documents.dicom", "device_agent.documents.ecgdata",
+                "device_agent.clinical.measurements", "device_agent.documents.package",
+                "device_agent.link.port", "device_agent.ops.spool", "device_agent.ops.notify",
+                "device_agent.ops.status")
 
 
 # --- the probe: run something, answer getrusage on request ----------------------------------
@@ -176,8 +178,8 @@ def _flat_child(state: str, captures: int) -> None:
     from bench_json import real_record
 
     from device_agent.capture import measure_once, package_and_decide
-    from device_agent.config import load_settings
-    from device_agent.outbox import Outbox
+    from device_agent.core.config import load_settings
+    from device_agent.shipping.outbox import Outbox
 
     settings = load_settings(environ={}, overrides={
         "STATE_DIR": state, "CLOCK_CHECK": "floor", "DEVICE_SERIAL": "BENCH-0001",
@@ -229,7 +231,7 @@ def run(rounds: int = ROUNDS) -> list[dict[str, Any]]:
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from device_agent.outbox import read_only_stats
+    from device_agent.shipping.outbox import read_only_stats
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from device_agent.record import Record
+    from device_agent.core.record import Record
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -87,8 +87,8 @@ def write_env(home: Path, endpoint: str, bucket: str) -> Path:
 def _template_package(work: Path) -> list[tuple[str, str, bytes]]:
     """(kind, name suffix after the stamp, bytes) of one real package built by the library."""
     from device_agent.capture import PackageEncoders, measure_once
-    from device_agent.config import load_settings
-    from device_agent.package import build_package
+    from device_agent.core.config import load_settings
+    from device_agent.documents.package import build_package
 
     settings = load_settings(environ={}, overrides={"STATE_DIR": str(work / "s"),
                                                     "CLOCK_CHECK": "floor"})
@@ -121,8 +121,8 @@ class YearCounts:
 
 def build_year_state(home: Path, n: int, *, now: float) -> YearCounts:
     """A year of `n` delivered captures and `n` known reports under home (see the docstring)."""
-    from device_agent import s3keys
-    from device_agent.outbox import DB_NAME, Outbox
+    from device_agent.core import s3keys
+    from device_agent.shipping.outbox import DB_NAME, Outbox
 
     state, reports = home / "state", (home / "reports").resolve()
     records = (state / "records").resolve()
@@ -213,8 +213,8 @@ def bench_record() -> Record:
 def _capture_child(env_file: str) -> None:
     """One capture as the service makes it after the board's 10 s: measure, package, queue."""
     from device_agent.capture import measure_once, package_and_decide
-    from device_agent.config import load_settings
-    from device_agent.outbox import Outbox
+    from device_agent.core.config import load_settings
+    from device_agent.shipping.outbox import Outbox
 
     settings = load_settings(env_file=env_file, environ={})
     record = measure_once(bench_record(), mains_hz=settings.mains_hz)

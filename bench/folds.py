@@ -42,9 +42,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from device_agent.delineate import DEFAULT_CONF, Conf  # noqa: E402
+from device_agent.clinical.delineate import DEFAULT_CONF, Conf  # noqa: E402
+from device_agent.clinical.measurements import Measurements, measure_record  # noqa: E402
 from device_agent.lab import ludb  # noqa: E402
-from device_agent.measurements import Measurements, measure_record  # noqa: E402
 
 LUDB = REPO / "tests" / "data" / "ludb"
 FOLDS = 5

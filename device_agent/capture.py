@@ -24,8 +24,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from device_agent import __version__, dicom, ecgdata, report
-from device_agent.clock import (
+from device_agent import __version__
+from device_agent.clinical.measurements import measure_record, measurements_block
+from device_agent.core.clock import (
     Clock,
     HoldTicket,
     held_dir,
@@ -35,14 +36,12 @@ from device_agent.clock import (
     release_folder,
     sweep_released,
 )
-from device_agent.config import Settings
-from device_agent.disk import ensure_free_space
-from device_agent.errors import SerialLinkError
-from device_agent.framing import Frames
-from device_agent.fsutil import fsync_dir, make_dirs
-from device_agent.measurements import measure_record, measurements_block
-from device_agent.outbox import DELIVERED, DISPOSITIONS, QUEUED, REJECTED, WITHHELD, Outbox
-from device_agent.package import (
+from device_agent.core.config import Settings
+from device_agent.core.errors import SerialLinkError
+from device_agent.core.fsutil import fsync_dir, make_dirs
+from device_agent.core.record import VERDICT_REJECTED, DeviceInfo, Record, build_record
+from device_agent.documents import dicom, ecgdata, pdf
+from device_agent.documents.package import (
     Disposition,
     PackageInfo,
     build_package,
@@ -52,8 +51,10 @@ from device_agent.package import (
     package_folders,
     read_disposition,
 )
-from device_agent.port import SerialReader
-from device_agent.record import VERDICT_REJECTED, DeviceInfo, Record, build_record
+from device_agent.link.framing import Frames
+from device_agent.link.port import SerialReader
+from device_agent.ops.disk import ensure_free_space
+from device_agent.shipping.outbox import DELIVERED, DISPOSITIONS, QUEUED, REJECTED, WITHHELD, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +152,13 @@ class PackageEncoders:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.style = report.ReportStyle.from_settings(settings)
+        self.style = pdf.ReportStyle.from_settings(settings)
 
     def ecg_json(self, record: Record) -> bytes:
         return ecgdata.dumps(record)
 
     def pdf(self, record: Record, patient: Mapping[str, Any]) -> bytes:
-        return report.render_pdf(record, patient, style=self.style)
+        return pdf.render_pdf(record, patient, style=self.style)
 
     def dicom(self, record: Record, patient: Mapping[str, Any]) -> bytes | None:
         """The DICOM 12-lead ECG copy (PACKAGE_DICOM), or None when off or not encodable."""

@@ -33,17 +33,17 @@ from typing import Any
 
 from device_agent import __version__
 from device_agent.capture import capture_package, find_capture, kept_answer, rejection_message
-from device_agent.clock import Clock, held_count
-from device_agent.config import Settings
-from device_agent.drain import Drainer
-from device_agent.errors import AgentError
-from device_agent.fsutil import storage_condition, storage_message
-from device_agent.notify import Notifier
-from device_agent.outbox import Outbox
-from device_agent.patient import validate_patient
-from device_agent.port import SerialReader
-from device_agent.spool import Request, Spool, record_id_for
-from device_agent.status import write_status_file
+from device_agent.core.clock import Clock, held_count
+from device_agent.core.config import Settings
+from device_agent.core.errors import AgentError
+from device_agent.core.fsutil import storage_condition, storage_message
+from device_agent.documents.patient import validate_patient
+from device_agent.link.port import SerialReader
+from device_agent.ops.notify import Notifier
+from device_agent.ops.spool import Request, Spool, record_id_for
+from device_agent.ops.status import write_status_file
+from device_agent.shipping.drain import Drainer
+from device_agent.shipping.outbox import Outbox
 from device_agent.sync import ConditionLog, PassResult, SyncLoop
 
 log = logging.getLogger(__name__)

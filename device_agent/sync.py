@@ -26,17 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from device_agent.capture import release_held
-from device_agent.clock import Clock
-from device_agent.config import Settings
-from device_agent.disk import prune, remove_incomplete
-from device_agent.drain import Drainer
-from device_agent.errors import AgentError, OutboxBusy
-from device_agent.fsutil import FileLock, storage_condition, storage_message
-from device_agent.legacy import Takeover
-from device_agent.outbox import UPLOAD_LOG_NAME, Outbox, retention_cutoff
-from device_agent.package import reconcile_folders
-from device_agent.reports import ReportsFinder
-from device_agent.users import SignupsFinder
+from device_agent.core.clock import Clock
+from device_agent.core.config import Settings
+from device_agent.core.errors import AgentError, OutboxBusy
+from device_agent.core.fsutil import FileLock, storage_condition, storage_message
+from device_agent.documents.package import reconcile_folders
+from device_agent.ops.disk import prune, remove_incomplete
+from device_agent.shipping.drain import Drainer
+from device_agent.shipping.dropped_reports import ReportsFinder
+from device_agent.shipping.legacy import Takeover
+from device_agent.shipping.outbox import UPLOAD_LOG_NAME, Outbox, retention_cutoff
+from device_agent.shipping.signups import SignupsFinder
 
 log = logging.getLogger(__name__)
 

@@ -12,14 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.package import (
+from device_agent.core.record import DeviceInfo, Record
+from device_agent.documents.package import (
     Disposition,
     PackageFile,
     PackageInfo,
     build_package,
     manifest_doc,
 )
-from device_agent.record import DeviceInfo, Record
 
 IST = timezone(timedelta(hours=5, minutes=30))
 # A synthetic patient: no real person's identity is ever used in fixtures.

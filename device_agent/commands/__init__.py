@@ -31,8 +31,8 @@ from types import FrameType
 from typing import Any
 
 from device_agent import __version__
-from device_agent.errors import AgentError, ConfigError
-from device_agent.fsutil import storage_condition, storage_message
+from device_agent.core.errors import AgentError, ConfigError
+from device_agent.core.fsutil import storage_condition, storage_message
 
 log = logging.getLogger("device_agent")
 
@@ -287,7 +287,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 2
     state_dir: Path | None = None
     try:
-        from device_agent.config import load_settings
+        from device_agent.core.config import load_settings
 
         env_file = args.env_file if args.env_file is not None else DEFAULT_ENV_FILE
         settings = load_settings(env_file=env_file, env_file_required=args.env_file is not None,

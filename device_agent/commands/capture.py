@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.commands import echo
-from device_agent.config import Settings
-from device_agent.errors import AgentError, CaptureRejected
-from device_agent.patient import read_patient, validate_patient
-from device_agent.spool import Spool, running_pid
+from device_agent.core.config import Settings
+from device_agent.core.errors import AgentError, CaptureRejected
+from device_agent.documents.patient import read_patient, validate_patient
+from device_agent.ops.spool import Spool, running_pid
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,9 @@ def direct(settings: Settings, args: argparse.Namespace,
            patient: dict[str, Any] | None) -> int:
     """Open the port here and capture (no service runs, or --direct)."""
     from device_agent.capture import HELD_WARNING, capture_package, rejection_message
-    from device_agent.clock import clock_from_settings
-    from device_agent.outbox import Outbox
-    from device_agent.port import SerialReader
+    from device_agent.core.clock import clock_from_settings
+    from device_agent.link.port import SerialReader
+    from device_agent.shipping.outbox import Outbox
 
     progress = ProgressBar() if sys.stdout.isatty() else None
     clock = clock_from_settings(settings)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 
 from device_agent.commands import echo
-from device_agent.config import Settings
+from device_agent.core.config import Settings
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    from device_agent.doctor import run_doctor
+    from device_agent.ops.doctor import run_doctor
 
     checks = run_doctor(settings)
     for c in checks:

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.commands import echo
-from device_agent.config import Settings
-from device_agent.errors import AgentError, DiskSpaceError
-from device_agent.fsutil import (
+from device_agent.core.config import Settings
+from device_agent.core.errors import AgentError, DiskSpaceError
+from device_agent.core.fsutil import (
     FileTooLarge,
     NotRegularFile,
     atomic_write,
@@ -52,7 +52,7 @@ def _read(path: Path, what: str) -> bytes:
 
 def load_ecg_json(path: Path) -> Any:
     """A stored ecg_data JSON (current or legacy) as a Record; one-line errors."""
-    from device_agent.ecgdata import loads
+    from device_agent.documents.ecgdata import loads
 
     try:
         record = loads(_read(path, "ecg data"), source=str(path))
@@ -72,7 +72,7 @@ def load_ecg_json(path: Path) -> Any:
 
 def load_patient(path: Path | None) -> dict[str, Any] | None:
     """A patient file read and checked as `capture --patient` does (one gate, one reader)."""
-    from device_agent.patient import read_patient, validate_patient
+    from device_agent.documents.patient import read_patient, validate_patient
 
     doc = read_patient(path)
     return None if doc is None else validate_patient(doc)
@@ -97,7 +97,7 @@ MEASURED_AT_RENDERING = "measured at rendering"  # the record carried no measure
 def with_measurements(record: Any, mains_hz: float) -> Any:
     """The record as it is when it carries measurements, else measured now (and says so)."""
     from device_agent.capture import measure_once
-    from device_agent.measurements import MEASUREMENT_NAMES
+    from device_agent.clinical.measurements import MEASUREMENT_NAMES
 
     held = record.measurements or {}
     if any(name in held for name in MEASUREMENT_NAMES) or held.get("not_measured_reason"):
@@ -111,7 +111,7 @@ def with_measurements(record: Any, mains_hz: float) -> Any:
 
 def report(settings: Settings, args: argparse.Namespace) -> int:
     """Re-render a PDF report from a stored ecg_data JSON (and patient details)."""
-    from device_agent import report as pdf
+    from device_agent.documents import pdf as pdf
 
     record = with_measurements(load_ecg_json(args.input), settings.mains_hz)
     data = pdf.render_pdf(record, load_patient(args.patient),
@@ -175,7 +175,7 @@ def load_any_record(path: Path) -> Any:
 
 def measure(settings: Settings, args: argparse.Namespace) -> int:
     """Measure stored records; with --json one object a line per input, in input order."""
-    from device_agent.measurements import (
+    from device_agent.clinical.measurements import (
         MEASUREMENT_NAMES,
         measure_record,
         measurements_block,
@@ -205,6 +205,6 @@ def measure(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _measurement_rows(values: dict[str, Any]) -> list[tuple[str, str]]:
-    from device_agent.report import measurement_rows
+    from device_agent.documents.pdf import measurement_rows
 
     return measurement_rows(values)

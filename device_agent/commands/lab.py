@@ -8,8 +8,8 @@ from datetime import datetime
 from pathlib import Path
 
 from device_agent.commands import EXIT_INTERRUPTED, Interrupt, echo
-from device_agent.config import Settings
-from device_agent.errors import ConfigError
+from device_agent.core.config import Settings
+from device_agent.core.errors import ConfigError
 
 
 def simulate(settings: Settings, args: argparse.Namespace) -> int:

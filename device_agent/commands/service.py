@@ -13,16 +13,16 @@ import os
 import signal
 
 from device_agent.commands import EXIT_INTERRUPTED, Interrupt
-from device_agent.config import Settings
+from device_agent.core.config import Settings
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    from device_agent.clock import clock_from_settings
-    from device_agent.notify import Notifier
-    from device_agent.outbox import Outbox
+    from device_agent.core.clock import clock_from_settings
+    from device_agent.ops.notify import Notifier
+    from device_agent.ops.spool import ServiceLock
     from device_agent.service import build_service
-    from device_agent.spool import ServiceLock
-    from device_agent.uploader import Uploader
+    from device_agent.shipping.outbox import Outbox
+    from device_agent.shipping.uploader import Uploader
 
     notifier = Notifier.from_environ(os.environ)
     clock = clock_from_settings(settings)

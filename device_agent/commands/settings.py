@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from device_agent.commands import echo
-from device_agent.config import Settings
+from device_agent.core.config import Settings
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:

@@ -14,8 +14,8 @@ import json
 from typing import Any
 
 from device_agent.commands import echo
-from device_agent.config import Settings
-from device_agent.status import collect_status, iso, unavailable
+from device_agent.core.config import Settings
+from device_agent.ops.status import collect_status, iso, unavailable
 
 
 def _age(seconds: float | None) -> str:
@@ -111,12 +111,12 @@ def status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def queue(settings: Settings, args: argparse.Namespace) -> int:
-    from device_agent.outbox import DELIVERED, Outbox
+    from device_agent.shipping.outbox import DELIVERED, Outbox
 
     with Outbox.open(settings) as box:
         if args.queue_command == "list":
             items = box.items() if args.all else box.undelivered()
-            from device_agent.s3keys import display_key
+            from device_agent.core.s3keys import display_key
 
             # a report's key may carry its patient's name, a signup's its user's: a hash
             rows = [{"id": i.id, "state": i.state, "kind": i.kind,
@@ -149,7 +149,7 @@ def queue(settings: Settings, args: argparse.Namespace) -> int:
                 echo(f"skipped       {p['source']} {p['ref']}: {p['reason']}")
             return 0
         if args.queue_command == "add":
-            from device_agent.package import queue_folder
+            from device_agent.documents.package import queue_folder
 
             info = queue_folder(args.folder, box)
             echo(f"package {info.stamp} queued for upload (the next sync pass sends it)")

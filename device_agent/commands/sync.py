@@ -13,7 +13,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from device_agent.commands import EXIT_INTERRUPTED, Interrupt, echo
-from device_agent.config import Settings
+from device_agent.core.config import Settings
 
 if TYPE_CHECKING:
     from device_agent.sync import PassResult
@@ -37,11 +37,11 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _pass(settings: Settings, args: argparse.Namespace, interrupt: Interrupt) -> PassResult:
-    from device_agent.clock import clock_from_settings
-    from device_agent.drain import Drainer
-    from device_agent.outbox import Outbox
+    from device_agent.core.clock import clock_from_settings
+    from device_agent.shipping.drain import Drainer
+    from device_agent.shipping.outbox import Outbox
+    from device_agent.shipping.uploader import Uploader
     from device_agent.sync import SyncLoop
-    from device_agent.uploader import Uploader
 
     clock = clock_from_settings(settings)
     with Outbox.open(settings) as outbox:

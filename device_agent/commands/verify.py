@@ -12,14 +12,14 @@ import json
 from dataclasses import asdict
 
 from device_agent.commands import echo
-from device_agent.config import Settings
+from device_agent.core.config import Settings
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    from device_agent.outbox import Outbox
-    from device_agent.s3keys import display_key
-    from device_agent.uploader import Uploader
-    from device_agent.verify import delivered_items, repair, verify_objects
+    from device_agent.core.s3keys import display_key
+    from device_agent.shipping.outbox import Outbox
+    from device_agent.shipping.uploader import Uploader
+    from device_agent.shipping.verify import delivered_items, repair, verify_objects
 
     with Outbox.open(settings) as outbox:
         expected = delivered_items(outbox)

@@ -16,17 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.capture import capture_package
-from device_agent.clock import clock_from_settings
-from device_agent.config import Settings
-from device_agent.drain import Drainer
-from device_agent.errors import AgentError
+from device_agent.core.clock import clock_from_settings
+from device_agent.core.config import Settings
+from device_agent.core.errors import AgentError
+from device_agent.documents.pdf import measurement_rows
 from device_agent.lab.simulator import BoardSimulator
-from device_agent.outbox import Outbox
-from device_agent.port import SerialReader
-from device_agent.report import measurement_rows
+from device_agent.link.port import SerialReader
+from device_agent.shipping.drain import Drainer
+from device_agent.shipping.outbox import Outbox
+from device_agent.shipping.uploader import Uploader
+from device_agent.shipping.verify import delivered_items, verify_objects
 from device_agent.sync import SyncLoop
-from device_agent.uploader import Uploader
-from device_agent.verify import delivered_items, verify_objects
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from device_agent.core.record import LEAD_ORDER, Record
 from device_agent.lab.wfdb import read_record, to_record
-from device_agent.record import LEAD_ORDER, Record
 
 SKIP, NUM, SUB, CHN, AUX = 59, 60, 61, 62, 63
 # WFDB ecgcodes.h, the codes LUDB uses (others keep their number as text).

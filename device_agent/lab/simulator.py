@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.framing import (
+from device_agent.core.record import ELECTRODES, MEASURED_LEADS
+from device_agent.lab.wfdb import read_record
+from device_agent.link.framing import (
     AT_CHECKSUM,
     AT_COUNTER,
     AT_END,
@@ -48,8 +50,6 @@ from device_agent.framing import (
     START,
     channel_offsets,
 )
-from device_agent.lab.wfdb import read_record
-from device_agent.record import ELECTRODES, MEASURED_LEADS
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def loop_span(counts: np.ndarray, counts_per_mv: float, fs: float = RATE) -> tup
     recording's own, and the mismatch of the two beats' neighbourhoods, each lead in units
     of its largest sample-to-sample step. Without two such beats: the whole record.
     """
-    from device_agent.qrs import detect
+    from device_agent.clinical.qrs import detect
 
     n = counts.shape[0]
     x = counts.astype(np.float64)

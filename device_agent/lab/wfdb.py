@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from device_agent.fsutil import (
+from device_agent.core.fsutil import (
     FileTooLarge,
     NotRegularFile,
     atomic_write,
     open_regular,
     read_regular,
 )
-from device_agent.record import LEAD_ORDER, DeviceInfo, Record
+from device_agent.core.record import LEAD_ORDER, DeviceInfo, Record
 
 INVALID = -32768  # WFDB's invalid-sample value in format 16
 _LIMIT = 32767

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from device_agent.config import Settings
-    from device_agent.record import Record
+    from device_agent.core.config import Settings
+    from device_agent.core.record import Record
     from device_agent.sync import SyncLoop
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,7 +67,7 @@ class StopAt:
 
 
 def settings_for(state: Path, endpoint: str, bucket: str, **extra: str) -> Settings:
-    from device_agent.config import load_settings
+    from device_agent.core.config import load_settings
 
     values = {
         "STATE_DIR": str(state), "REPORTS_DIR": str(state / "reports"),
@@ -84,8 +84,8 @@ def settings_for(state: Path, endpoint: str, bucket: str, **extra: str) -> Setti
 
 def make_record(index: int, serial: str) -> Record:
     """Record `index`: a real recording as the board would deliver it, stamped BASE + index s."""
+    from device_agent.core.record import DeviceInfo
     from device_agent.lab import wfdb
-    from device_agent.record import DeviceInfo
 
     return wfdb.to_record(ECG / f"{RECORDINGS[index % len(RECORDINGS)]}.hea",
                           acquired_at=BASE + timedelta(seconds=index),
@@ -128,11 +128,11 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="agent %(levelname)s %(name)s: %(message)s")
 
     from device_agent.capture import measure_once, package_and_decide
-    from device_agent.clock import clock_from_settings
-    from device_agent.drain import Drainer
-    from device_agent.outbox import Outbox
+    from device_agent.core.clock import clock_from_settings
+    from device_agent.shipping.drain import Drainer
+    from device_agent.shipping.outbox import Outbox
+    from device_agent.shipping.uploader import Uploader
     from device_agent.sync import SyncLoop
-    from device_agent.uploader import Uploader
 
     extra = dict(item.split("=", 1) for item in args.overrides)
     settings = settings_for(args.state, args.endpoint, args.bucket, **extra)

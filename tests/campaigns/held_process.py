@@ -40,11 +40,11 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="agent %(levelname)s %(name)s: %(message)s")
 
     from device_agent.capture import release_held
-    from device_agent.clock import Clock
-    from device_agent.drain import Drainer
-    from device_agent.outbox import Outbox
+    from device_agent.core.clock import Clock
+    from device_agent.shipping.drain import Drainer
+    from device_agent.shipping.outbox import Outbox
+    from device_agent.shipping.uploader import Uploader
     from device_agent.sync import SyncLoop
-    from device_agent.uploader import Uploader
 
     settings = settings_for(args.state, args.endpoint, args.bucket)
     clock = Clock(check="floor", wall=lambda: time.monotonic() + args.offset,

@@ -39,9 +39,9 @@ def main() -> int:
     args = parser.parse_args()
 
     from device_agent.capture import measure_once, package_and_decide
+    from device_agent.core.record import DeviceInfo
     from device_agent.lab import wfdb
-    from device_agent.outbox import Outbox
-    from device_agent.record import DeviceInfo
+    from device_agent.shipping.outbox import Outbox
     from tests.campaigns.agent_process import ECG, settings_for
 
     extra = dict(item.split("=", 1) for item in args.overrides)

@@ -38,8 +38,8 @@ from urllib.parse import unquote, urlparse
 import boto3
 import pytest
 
-from device_agent.outbox import DB_NAME, DELIVERED, Outbox, read_only_stats
-from device_agent.package import DATA_KINDS, file_names
+from device_agent.documents.package import DATA_KINDS, file_names
+from device_agent.shipping.outbox import DB_NAME, DELIVERED, Outbox, read_only_stats
 from tests.campaigns.agent_process import ANNOUNCE, captured_stamps, stamp_of
 from tests.faultproxy import BEFORE_ANSWER, BEFORE_FORWARD, FaultProxy, Sprung
 

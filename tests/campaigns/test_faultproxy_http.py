@@ -17,8 +17,8 @@ import pytest
 from botocore import exceptions as bx
 from botocore.config import Config
 
-from device_agent import transport
-from device_agent.deadline import Deadlines
+from device_agent.shipping import transport
+from device_agent.shipping.deadline import Deadlines
 from tests.faultproxy import BEFORE_ANSWER, BEFORE_FORWARD, FaultProxy
 
 pytestmark = pytest.mark.functional

@@ -27,9 +27,9 @@ import boto3
 import pytest
 
 from device_agent.capture import hold_record, measure_once
-from device_agent.clock import HoldTicket, boot_id, held_dir
-from device_agent.outbox import Outbox
-from device_agent.package import DATA_KINDS, file_names
+from device_agent.core.clock import HoldTicket, boot_id, held_dir
+from device_agent.documents.package import DATA_KINDS, file_names
+from device_agent.shipping.outbox import Outbox
 from tests.campaigns.agent_process import make_record, settings_for
 from tests.campaigns.test_crash_campaign import _read_until_announced
 

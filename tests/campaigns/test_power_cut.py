@@ -41,7 +41,7 @@ from typing import Any
 import boto3
 import pytest
 
-from device_agent.config import Settings
+from device_agent.core.config import Settings
 from tests.campaigns import powercut
 from tests.campaigns.agent_process import ECG, settings_for
 from tests.campaigns.powercut import CrashState, Disk, Image, Op
@@ -226,11 +226,11 @@ class Replayer:
     # one reboot
 
     def _recover(self, crash: CrashState, *, acknowledged: bool) -> Verdict:
-        from device_agent.clock import clock_from_settings
-        from device_agent.drain import Drainer, SynchronousExecutor
-        from device_agent.outbox import DB_NAME, Outbox
+        from device_agent.core.clock import clock_from_settings
+        from device_agent.shipping.drain import Drainer, SynchronousExecutor
+        from device_agent.shipping.outbox import DB_NAME, Outbox
+        from device_agent.shipping.uploader import Uploader
         from device_agent.sync import SyncLoop
-        from device_agent.uploader import Uploader
 
         t = self.traced
         powercut.materialise(crash.image, t.roots)

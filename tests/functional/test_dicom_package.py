@@ -9,12 +9,12 @@ import subprocess
 import numpy as np
 import pytest
 
-from device_agent import ecgdata
 from device_agent.capture import PackageEncoders, measure_once
-from device_agent.config import load_settings
-from device_agent.dicom import MEASUREMENT_CODES
+from device_agent.core.config import load_settings
+from device_agent.documents import ecgdata
+from device_agent.documents.dicom import MEASUREMENT_CODES
+from device_agent.documents.package import load_package
 from device_agent.lab.wfdb import to_record
-from device_agent.package import load_package
 from tests.helpers import PATIENT, build
 from tests.unit.test_dicom import annotations, read, stored_and_uv
 

@@ -10,9 +10,9 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pytest
 
-from device_agent.dicom import DisplayFilter, Equipment, encode_ecg
+from device_agent.core.record import Record
+from device_agent.documents.dicom import DisplayFilter, Equipment, encode_ecg
 from device_agent.lab.wfdb import to_record
-from device_agent.record import Record
 
 pytestmark = [
     pytest.mark.functional,

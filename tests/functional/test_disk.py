@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.disk import ensure_free_space, prune, remove_incomplete
-from device_agent.errors import DiskSpaceError
-from device_agent.fsutil import atomic_write, is_disk_full
-from device_agent.outbox import Outbox
+from device_agent.core.errors import DiskSpaceError
+from device_agent.core.fsutil import atomic_write, is_disk_full
+from device_agent.ops.disk import ensure_free_space, prune, remove_incomplete
+from device_agent.shipping.outbox import Outbox
 from tests.helpers import make_package
 from tests.unit.test_sync import settings_for
 
@@ -205,8 +205,8 @@ def test_the_service_logs_a_full_disk_once_until_it_changes(tiny_fs, tmp_path, c
     one when it ends, one again when it comes back; never a traceback per report."""
     import logging
 
-    from device_agent.clock import Clock
-    from device_agent.notify import Notifier
+    from device_agent.core.clock import Clock
+    from device_agent.ops.notify import Notifier
     from device_agent.service import Service
     from tests.functional.test_service import FakeReader
     from tests.unit.test_sync import Env

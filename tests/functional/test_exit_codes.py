@@ -19,8 +19,8 @@ from urllib.parse import urlparse
 import pytest
 
 from device_agent.commands import main
-from device_agent.config import load_settings
-from device_agent.outbox import Outbox
+from device_agent.core.config import load_settings
+from device_agent.shipping.outbox import Outbox
 from device_agent.sync import drain_lock
 from tests.conftest import wait_until
 from tests.faultproxy import FaultProxy
@@ -172,7 +172,7 @@ def test_sync_once_beside_the_running_service_is_busy_only_mid_pass(
     """docs/operations.md §5: with `run` up, `sync --once` answers busy (4) while one of the
     service's passes holds the outbox (here it hangs on an endpoint that never answers), and
     between its passes runs a pass of its own (exit 0, it delivers)."""
-    from device_agent.status import read_status_file
+    from device_agent.ops.status import read_status_file
 
     state = tmp_path / "state"
     make_package(state / "records", "20260124_121815", seed=1)
@@ -283,7 +283,7 @@ def test_usage_errors_are_2_and_one_line(tmp_path, capsys):
 
 
 def test_report_1_on_a_bad_input_3_on_a_full_disk(tmp_path, capsys):
-    from device_agent import ecgdata
+    from device_agent.documents import ecgdata
     from tests.helpers import make_record
 
     good = tmp_path / "ecg_data_x.json"

@@ -8,9 +8,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from device_agent import ecgdata
 from device_agent.capture import measure_once
 from device_agent.commands import main
+from device_agent.documents import ecgdata
 from device_agent.lab.wfdb import to_record
 
 pytestmark = pytest.mark.functional

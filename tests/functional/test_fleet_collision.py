@@ -11,13 +11,13 @@ import threading
 import boto3
 import pytest
 
-from device_agent.clock import Clock
-from device_agent.config import load_settings
-from device_agent.drain import Drainer
-from device_agent.outbox import Outbox
-from device_agent.package import load_package
+from device_agent.core.clock import Clock
+from device_agent.core.config import load_settings
+from device_agent.documents.package import load_package
+from device_agent.shipping.drain import Drainer
+from device_agent.shipping.outbox import Outbox
+from device_agent.shipping.uploader import Uploader, make_client
 from device_agent.sync import SyncLoop
-from device_agent.uploader import Uploader, make_client
 from tests.helpers import make_package
 
 STAMP = "20260124_121815"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from device_agent.commands import main
-from device_agent.s3keys import display_name
+from device_agent.core.s3keys import display_name
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.functional

@@ -25,10 +25,10 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from device_agent import credentials
-from device_agent.credentials import IotConfig, inspect_certificate, iot_session
-from device_agent.errors import ConfigError, UploadError
-from device_agent.uploader import Uploader
+from device_agent.core.errors import ConfigError, UploadError
+from device_agent.shipping import credentials
+from device_agent.shipping.credentials import IotConfig, inspect_certificate, iot_session
+from device_agent.shipping.uploader import Uploader
 from tests.conftest import wait_until
 from tests.faultproxy import PORTAL_HTML, FaultProxy
 from tests.pki import Issued, TestCA
@@ -299,7 +299,7 @@ def test_malformed_and_stale_answers(pki, provider, s3_endpoint, s3_bucket):
 def test_an_expiration_past_year_9999_pauses_the_queue_with_one_line(
         tmp_path, pki, provider, s3_endpoint, s3_bucket, monkeypatch, capsys):
     from device_agent.commands import main
-    from device_agent.outbox import Outbox
+    from device_agent.shipping.outbox import Outbox
     from tests.helpers import make_package
 
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
@@ -425,7 +425,7 @@ def _agent_flags(tmp_path: Path, url: str, pki: Pki, endpoint: str, bucket: str,
 def test_the_agent_delivers_with_certificate_credentials_and_waits_out_an_outage(
         tmp_path, pki, provider, s3_endpoint, s3_bucket, monkeypatch, capsys):
     from device_agent.commands import main
-    from device_agent.outbox import Outbox
+    from device_agent.shipping.outbox import Outbox
     from tests.helpers import make_package
 
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
@@ -458,8 +458,8 @@ def test_the_agent_delivers_with_certificate_credentials_and_waits_out_an_outage
 
 def test_doctor_checks_the_certificate_and_warns_before_it_expires(tmp_path, pki, provider,
                                                                    s3_endpoint, s3_bucket):
-    from device_agent.config import load_settings
-    from device_agent.doctor import check_identity
+    from device_agent.core.config import load_settings
+    from device_agent.ops.doctor import check_identity
 
     url, _state = provider
 
@@ -485,7 +485,7 @@ def test_doctor_checks_the_certificate_and_warns_before_it_expires(tmp_path, pki
 
 
 def test_certificate_and_static_keys_together_are_refused():
-    from device_agent.config import load_settings
+    from device_agent.core.config import load_settings
 
     with pytest.raises(ConfigError, match=r"AWS_IOT_CREDENTIAL_ENDPOINT.*AWS_ACCESS_KEY_ID"):
         load_settings(environ={}, overrides={

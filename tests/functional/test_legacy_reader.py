@@ -17,14 +17,15 @@ import pydicom
 import pytest
 from pydicom.waveforms.numpy_handler import multiplex_array
 
-from device_agent import ecgdata, report
 from device_agent.capture import capture_record
-from device_agent.clock import Clock
-from device_agent.config import load_settings
-from device_agent.dicom import PADDING_VALUE, Equipment, encode_ecg
+from device_agent.core.clock import Clock
+from device_agent.core.config import load_settings
+from device_agent.core.record import LEAD_ORDER, Record
+from device_agent.documents import ecgdata
+from device_agent.documents import pdf as report
+from device_agent.documents.dicom import PADDING_VALUE, Equipment, encode_ecg
 from device_agent.lab.simulator import BoardSimulator, FaultSpec
-from device_agent.port import SerialReader
-from device_agent.record import LEAD_ORDER, Record
+from device_agent.link.port import SerialReader
 
 SETTINGS = load_settings(env_file=None, environ={}).replace(counts_per_mv=400.0)
 EQUIPMENT = Equipment("Example Medical", "ECG12-PI", "SN-0042", "0.1.0")

@@ -15,13 +15,13 @@ from pathlib import Path
 import boto3
 import pytest
 
-from device_agent.clock import Clock
-from device_agent.config import load_settings
-from device_agent.drain import Drainer
-from device_agent.legacy import LISTED
-from device_agent.outbox import Outbox
+from device_agent.core.clock import Clock
+from device_agent.core.config import load_settings
+from device_agent.shipping.drain import Drainer
+from device_agent.shipping.legacy import LISTED
+from device_agent.shipping.outbox import Outbox
+from device_agent.shipping.uploader import Uploader, make_client
 from device_agent.sync import SyncLoop
-from device_agent.uploader import Uploader, make_client
 from tests import legacy_app
 
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "legacy"

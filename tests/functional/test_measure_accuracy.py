@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from device_agent.clinical.measurements import MEASUREMENT_NAMES
 from device_agent.lab import ludb
-from device_agent.measurements import MEASUREMENT_NAMES
 from tests.conftest import REPO
 from tests.helpers import load_bench
 

@@ -21,10 +21,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from device_agent.clinical.measurements import MEASUREMENT_NAMES
 from device_agent.commands import main
+from device_agent.core.record import LEAD_ORDER
 from device_agent.lab import ludb
-from device_agent.measurements import MEASUREMENT_NAMES
-from device_agent.record import LEAD_ORDER
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.functional
@@ -177,8 +177,8 @@ def test_the_largest_record_the_unit_captures_is_read(tmp_path, capsys):
     """60 s of 12 leads at 2000 Hz, in the unit's own format, fits the input bound."""
     from datetime import UTC, datetime
 
-    from device_agent.ecgdata import dumps
-    from device_agent.record import DeviceInfo, Record
+    from device_agent.core.record import DeviceInfo, Record
+    from device_agent.documents.ecgdata import dumps
 
     rng = np.random.default_rng(24)
     samples = rng.integers(-32000, 32000, (12, 120_000)).astype(np.int32)

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from device_agent.clinical.measurements import measure_record
+from device_agent.core.record import MEASURED_LEADS, Record
 from device_agent.lab import ludb
-from device_agent.measurements import measure_record
-from device_agent.record import MEASURED_LEADS, Record
 from tests.conftest import REPO
 from tests.helpers import load_bench
 from tests.unit.test_measurements import as_board, rebuilt

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import boto3
 import pytest
 
-from device_agent.outbox import Outbox
+from device_agent.shipping.outbox import Outbox
 from tests.conftest import wait_until
 from tests.faultproxy import FaultProxy
 

@@ -13,10 +13,10 @@ import pytest
 
 from device_agent.capture import PackageEncoders, measure_once
 from device_agent.commands import main
-from device_agent.config import load_settings
+from device_agent.core.config import load_settings
+from device_agent.documents.patient import read_patient
 from device_agent.lab.simulator import BoardSimulator
 from device_agent.lab.wfdb import to_record
-from device_agent.patient import read_patient
 from tests.conftest import REPO
 from tests.helpers import build
 from tests.unit.test_dicom import read
@@ -89,7 +89,7 @@ def test_a_lone_surrogate_in_the_patient_file_is_refused_before_the_board_is_rea
 
 def test_report_and_export_read_the_patient_file_through_the_same_gate(
         tmp_path, ecg_data_dir, capsys):
-    from device_agent import ecgdata
+    from device_agent.documents import ecgdata
 
     data = tmp_path / "ecg_data_20261127_093000.json"
     data.write_bytes(ecgdata.dumps(to_record(ecg_data_dir / "HR06000", record_id="pat-2")))

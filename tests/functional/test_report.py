@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from device_agent import report
 from device_agent.commands import main
-from device_agent.record import LEAD_ORDER, ElectrodeOff, Quality, Record
+from device_agent.core.record import LEAD_ORDER, ElectrodeOff, Quality, Record
+from device_agent.documents import pdf as report
 from tests.unit.test_qrs import wfdb_record
 
 DPI = 300

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 from device_agent.capture import PackageEncoders, measure_once
-from device_agent.config import load_settings
+from device_agent.core.config import load_settings
+from device_agent.core.record import Quality, Record
 from device_agent.lab import ludb
 from device_agent.lab.wfdb import to_record
-from device_agent.record import Quality, Record
 from tests.conftest import ECG_DATA, REPO
 from tests.helpers import PATIENT, build
 from tests.unit.test_measurements import as_board, with_noise

@@ -15,9 +15,9 @@ import subprocess
 
 import pytest
 
-from device_agent import dicom
 from device_agent.commands import main
 from device_agent.commands.documents import MEASURED_AT_RENDERING
+from device_agent.documents import dicom
 from device_agent.lab import ludb
 from tests.conftest import REPO
 from tests.functional.test_report_agrees import HEADER, _printed

@@ -17,14 +17,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from device_agent.clock import Clock
 from device_agent.commands.capture import via_service
-from device_agent.config import load_settings
-from device_agent.notify import Notifier
-from device_agent.outbox import Outbox
+from device_agent.core.clock import Clock
+from device_agent.core.config import load_settings
+from device_agent.ops.notify import Notifier
+from device_agent.ops.spool import ServiceLock, Spool, running_pid
+from device_agent.ops.status import collect_status
 from device_agent.service import PackageCapture, Service
-from device_agent.spool import ServiceLock, Spool, running_pid
-from device_agent.status import collect_status
+from device_agent.shipping.outbox import Outbox
 from device_agent.sync import PassResult
 from tests.conftest import wait_until
 
@@ -244,7 +244,7 @@ def test_status_exit_code_says_which_part_is_unavailable(tmp_path: Path, capsys,
 
 
 def test_capture_without_board_is_answered_clearly(tmp_path: Path):
-    from device_agent.spool import Request
+    from device_agent.ops.spool import Request
 
     reader = FakeReader(False)
     cap = PackageCapture(_settings(tmp_path), reader, None, FakeClock())
@@ -254,8 +254,8 @@ def test_capture_without_board_is_answered_clearly(tmp_path: Path):
 
 
 def test_capture_refused_under_the_disk_reserve(tmp_path: Path):
-    from device_agent.errors import DiskSpaceError
-    from device_agent.spool import Request
+    from device_agent.core.errors import DiskSpaceError
+    from device_agent.ops.spool import Request
 
     cap = PackageCapture(_settings(tmp_path, DISK_RESERVE_MB="999999"), FakeReader(True),
                          None, FakeClock())

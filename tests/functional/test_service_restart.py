@@ -23,9 +23,9 @@ from pathlib import Path
 import boto3
 import pytest
 
-from device_agent.fsutil import atomic_write
-from device_agent.outbox import DB_NAME, DELIVERED, Outbox
-from device_agent.spool import NOTHING_KEPT, Request, Spool, record_id_for
+from device_agent.core.fsutil import atomic_write
+from device_agent.ops.spool import NOTHING_KEPT, Request, Spool, record_id_for
+from device_agent.shipping.outbox import DB_NAME, DELIVERED, Outbox
 from tests.conftest import wait_until
 
 PATIENT = {"first_name": "Synthetic", "last_name": "Restartova", "age": 61, "gender": "F",

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from device_agent.capture import capture_record
-from device_agent.clock import Clock
 from device_agent.commands import main
-from device_agent.config import load_settings
-from device_agent.errors import CaptureRejected, SerialLinkError
+from device_agent.core.clock import Clock
+from device_agent.core.config import load_settings
+from device_agent.core.errors import CaptureRejected, SerialLinkError
+from device_agent.core.record import LEAD_ORDER, MEASURED_LEADS, derive_leads
 from device_agent.lab.simulator import MID_SCALE, BoardSimulator, FaultSpec, resample
 from device_agent.lab.wfdb import read_record
-from device_agent.port import SerialReader
-from device_agent.record import LEAD_ORDER, MEASURED_LEADS, derive_leads
+from device_agent.link.port import SerialReader
 from tests.conftest import RECORDS, wait_until
 
 CPM = 400.0
@@ -139,7 +139,7 @@ def test_unplug_and_replug_during_a_capture(ecg_data_dir, tmp_path):
                          faults=FaultSpec(unplug=(3.0, 2.0)), loop=True)
     sim.open()
     settings = SETTINGS.replace(sampling_rate=500)
-    from device_agent.framing import FrameDecoder
+    from device_agent.link.framing import FrameDecoder
 
     # the simulator runs faster than real time, so arrival timing must count frames so too
     reader = SerialReader(str(link), decoder=FrameDecoder(sampling_rate=500 * speed),
@@ -315,7 +315,7 @@ def test_sigterm_to_a_process_that_stops_the_simulator_removes_the_link(ecg_data
 
 @pytest.mark.parametrize("name", RECORDS)
 def test_a_looping_record_keeps_its_rhythm_across_the_seam(ecg_data_dir, tmp_path, name):
-    from device_agent.qrs import detect
+    from device_agent.clinical.qrs import detect
 
     sim = BoardSimulator(ecg_data_dir / name, tmp_path / "board", counts_per_mv=CPM, loop=True)
     x = sim.counts.astype(int)

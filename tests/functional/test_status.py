@@ -14,10 +14,10 @@ from types import SimpleNamespace
 import pytest
 
 from device_agent.commands import main
-from device_agent.config import load_settings
-from device_agent.doctor import Account, port_holders, run_doctor, service_account
-from device_agent.spool import ServiceAlreadyRunning, ServiceLock, Spool, running_pid
-from device_agent.status import collect_status, write_status_file
+from device_agent.core.config import load_settings
+from device_agent.ops.doctor import Account, port_holders, run_doctor, service_account
+from device_agent.ops.spool import ServiceAlreadyRunning, ServiceLock, Spool, running_pid
+from device_agent.ops.status import collect_status, write_status_file
 
 
 class FakeClock:
@@ -49,7 +49,7 @@ def test_service_lock_is_exclusive_and_names_pid(tmp_path: Path):
 
 
 def test_service_lock_dies_with_its_process(tmp_path: Path):
-    code = ("import sys, time; from device_agent.spool import ServiceLock\n"
+    code = ("import sys, time; from device_agent.ops.spool import ServiceLock\n"
             "ServiceLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
                             text=True)
@@ -137,7 +137,7 @@ def test_status_json_when_stopped(tmp_path: Path, capsys):
 
 
 def test_status_reads_outbox_read_only(tmp_path: Path):
-    from device_agent.outbox import Outbox
+    from device_agent.shipping.outbox import Outbox
 
     settings = _settings(tmp_path)
     with Outbox.open(settings) as box:
@@ -245,7 +245,7 @@ def test_doctor_wrong_credentials(tmp_path: Path, s3_endpoint, s3_bucket):
 # --- queue ----------------------------------------------------------------------------------
 
 def test_queue_list_and_retry(tmp_path: Path, capsys):
-    from device_agent.outbox import Outbox
+    from device_agent.shipping.outbox import Outbox
 
     settings = _settings(tmp_path)
     with Outbox.open(settings) as box:

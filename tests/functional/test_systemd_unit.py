@@ -174,7 +174,7 @@ def unit_allowed_syscalls(unit_text: str) -> set[str]:
 
 _UNDER_FILTER = r"""
 import ctypes, json, sys
-from device_agent import clock  # imported first: the filter is for what the check does
+from device_agent.core import clock  # imported first: the filter is for what the check does
 allowed = json.loads(sys.stdin.read())
 lib = ctypes.CDLL("libseccomp.so.2")
 lib.seccomp_init.restype = ctypes.c_void_p
@@ -208,7 +208,7 @@ def _clock_under(allowed: set[str]) -> dict:
 def test_the_clock_check_works_under_the_units_own_seccomp_filter():
     """chrony or ntpd leave no timesyncd flag: the kernel's adjtimex state is the evidence,
     and the sandbox must let the service read it (else every capture is held forever)."""
-    from device_agent.clock import kernel_synced
+    from device_agent.core.clock import kernel_synced
 
     if kernel_synced() is None:
         pytest.skip("adjtimex is not permitted on this machine even without the unit's filter")

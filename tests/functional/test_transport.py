@@ -27,10 +27,10 @@ import pytest
 from botocore import exceptions as bx
 from botocore.config import Config
 
-from device_agent import transport
-from device_agent.deadline import Deadlines
-from device_agent.errors import UploadError
-from device_agent.uploader import Uploader, classify_error
+from device_agent.core.errors import UploadError
+from device_agent.shipping import transport
+from device_agent.shipping.deadline import Deadlines
+from device_agent.shipping.uploader import Uploader, classify_error
 from tests.conftest import wait_until
 from tests.faultproxy import PORTAL_HTML, FaultProxy
 from tests.pki import TestCA

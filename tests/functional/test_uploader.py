@@ -13,13 +13,13 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
-from device_agent import s3keys
-from device_agent.clock import Clock
-from device_agent.config import load_settings
-from device_agent.drain import Drainer, SynchronousExecutor
-from device_agent.errors import UploadError
-from device_agent.outbox import DELIVERED, FAILED, Outbox
-from device_agent.uploader import (
+from device_agent.core import s3keys
+from device_agent.core.clock import Clock
+from device_agent.core.config import load_settings
+from device_agent.core.errors import UploadError
+from device_agent.shipping.drain import Drainer, SynchronousExecutor
+from device_agent.shipping.outbox import DELIVERED, FAILED, Outbox
+from device_agent.shipping.uploader import (
     ALREADY_DELIVERED,
     COLLISION,
     CREATED,
@@ -403,7 +403,7 @@ def test_make_client_uses_standard_retries_and_timeouts(tmp_path):
     config = make_client(settings).meta.config
     assert config.retries == {"mode": "standard", "total_max_attempts": 7}
     assert config.connect_timeout == 2 and config.read_timeout == 5
-    from device_agent.transport import DeadlineSession
+    from device_agent.shipping.transport import DeadlineSession
 
     session = make_client(settings)._endpoint.http_session
     assert isinstance(session, DeadlineSession), "every request has a total deadline"
@@ -436,8 +436,8 @@ def test_boto3_and_numpy_are_not_imported_by_the_light_modules():
     import subprocess
     import sys
 
-    code = ("import sys, device_agent.s3keys, device_agent.patient, device_agent.outbox,"
-            " device_agent.status;"
+    code = ("import sys, device_agent.core.s3keys, device_agent.documents.patient,"
+            " device_agent.shipping.outbox, device_agent.ops.status;"
             "print('boto3' in sys.modules, 'numpy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()

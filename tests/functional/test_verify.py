@@ -9,9 +9,9 @@ import json
 import pytest
 
 from device_agent.commands.verify import run as cmd_verify
-from device_agent.outbox import DELIVERED, Outbox
-from device_agent.uploader import Uploader, make_client
-from device_agent.verify import MISSING, OK, SHA, SIZE, Expected, verify_objects
+from device_agent.shipping.outbox import DELIVERED, Outbox
+from device_agent.shipping.uploader import Uploader, make_client
+from device_agent.shipping.verify import MISSING, OK, SHA, SIZE, Expected, verify_objects
 from tests.functional.test_uploader import PATIENT, _drain, _settings
 from tests.helpers import build, make_record
 

@@ -10,7 +10,7 @@ import boto3
 import pytest
 
 from device_agent.commands import main
-from device_agent.errors import CaptureRejected
+from device_agent.core.errors import CaptureRejected
 from device_agent.lab.simulator import BoardSimulator, FaultSpec
 
 pytestmark = pytest.mark.functional

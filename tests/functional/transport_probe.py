@@ -27,10 +27,10 @@ def run_case(case: str, url: str, extra: list[str]) -> dict[str, object]:
     import boto3
     from botocore.config import Config
 
-    from device_agent import transport
-    from device_agent.credentials import IotConfig, IotCredentialFetcher
-    from device_agent.deadline import Deadlines
-    from device_agent.uploader import Uploader
+    from device_agent.shipping import transport
+    from device_agent.shipping.credentials import IotConfig, IotCredentialFetcher
+    from device_agent.shipping.deadline import Deadlines
+    from device_agent.shipping.uploader import Uploader
 
     deadlines = Deadlines(**DEADLINES)  # type: ignore[arg-type]
     started = time.monotonic()

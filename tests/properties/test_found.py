@@ -89,8 +89,8 @@ def test_a_report_with_a_modification_time_in_the_future_is_delivered(s3_endpoin
 def test_an_age_of_digits_int_cannot_read_is_refused_in_one_line(tmp_path, age):
     """`"²".isdigit()` is true but `int("²")` raises: the patient gate let a ValueError
     out ("unexpected error", exit 1) instead of its one line and exit 2."""
-    from device_agent.errors import PatientDetailsError
-    from device_agent.patient import validate_patient
+    from device_agent.core.errors import PatientDetailsError
+    from device_agent.documents.patient import validate_patient
 
     with pytest.raises(PatientDetailsError, match="'age' must be a whole number 0-150"):
         validate_patient({"first_name": "Synthetic", "age": age})

@@ -25,7 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from device_agent.commands import main
-from device_agent.patient import KNOWN_KEYS
+from device_agent.documents.patient import KNOWN_KEYS
 from tests.properties import strategies as s
 from tests.properties.conftest import examples
 from tests.properties.harness import (
@@ -102,7 +102,7 @@ def _assert_one_refusal(run: Run, written: list[Path]) -> None:
 
 @pytest.fixture(scope="module")
 def stored_record(tmp_path_factory, ecg_data_dir_module) -> Path:
-    from device_agent import ecgdata
+    from device_agent.documents import ecgdata
     from device_agent.lab.wfdb import to_record
 
     path = tmp_path_factory.mktemp("record") / "ecg_data_20261127_093000.json"

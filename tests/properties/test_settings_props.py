@@ -18,7 +18,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from device_agent.config import KEYS
+from device_agent.core.config import KEYS
 from tests.properties import strategies as s
 from tests.properties.conftest import examples
 from tests.properties.harness import Run, Unit, assert_clean, assert_keys_in_layout, distinctive

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from device_agent.capture import capture_package, release_held
-from device_agent.clock import Clock, held_dir
-from device_agent.config import load_settings
-from device_agent.framing import FrameDecoder
+from device_agent.core.clock import Clock, held_dir
+from device_agent.core.config import load_settings
 from device_agent.lab.demo import default_record
 from device_agent.lab.simulator import encode_frames, record_counts
-from device_agent.outbox import Outbox
+from device_agent.link.framing import FrameDecoder
+from device_agent.shipping.outbox import Outbox
 
 BOOT_1970 = 3600.0  # a board without an RTC boots at the epoch
 
@@ -108,7 +108,7 @@ def _epoch(iso: str) -> float:
 def test_a_named_held_record_keeps_its_name_across_a_reboot_and_a_later_clock(tmp_path: Path):
     """Once named (named.json, durable), a held record is packaged under that name even by
     a retry in the next boot or with the clock a second later: never undated, never renamed."""
-    from device_agent.clock import NAME_FILE, TICKET_NAME, name_held
+    from device_agent.core.clock import NAME_FILE, TICKET_NAME, name_held
 
     settings = _settings(tmp_path)
     clock = StepClock(BOOT_1970, synced=False)
@@ -138,7 +138,7 @@ def test_a_named_held_record_keeps_its_name_across_a_reboot_and_a_later_clock(tm
 def test_a_release_cut_while_removing_the_held_copy_is_finished_not_redone(tmp_path: Path):
     """The ticket goes first: a folder left with its name and no ticket is swept, and no
     pass packages it a second time."""
-    from device_agent.clock import NAME_FILE, TICKET_NAME
+    from device_agent.core.clock import NAME_FILE, TICKET_NAME
 
     settings = _settings(tmp_path)
     clock = StepClock(BOOT_1970, synced=False)

@@ -7,8 +7,8 @@ from datetime import datetime
 
 import pytest
 
-from device_agent import clock as clock_mod
-from device_agent.clock import Clock, HoldTicket, hold, ready, stamp_for
+from device_agent.core import clock as clock_mod
+from device_agent.core.clock import Clock, HoldTicket, hold, ready, stamp_for
 
 T2026 = datetime(2026, 11, 27, 12, 0, 0).timestamp()
 

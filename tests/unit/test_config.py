@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.config import load_settings, parse_env_file
-from device_agent.errors import ConfigError
+from device_agent.core.config import load_settings, parse_env_file
+from device_agent.core.errors import ConfigError
 
 
 def test_defaults_without_env_file(tmp_path: Path):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from device_agent.config import load_settings
-from device_agent.deadline import BACKOFF_CAP_S, MIB, Deadlines
-from device_agent.status import collect_status
+from device_agent.core.config import load_settings
+from device_agent.ops.status import collect_status
+from device_agent.shipping.deadline import BACKOFF_CAP_S, MIB, Deadlines
 
 
 def test_a_request_gets_its_body_at_the_minimum_rate_up_to_the_cap():

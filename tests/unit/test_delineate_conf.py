@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
-from device_agent import delineate
-from device_agent.delineate import DEFAULT_CONF, Conf
+from device_agent.clinical import delineate
+from device_agent.clinical.delineate import DEFAULT_CONF, Conf
+from device_agent.clinical.measurements import measure_record
 from device_agent.lab import ludb
-from device_agent.measurements import measure_record
 from tests.conftest import REPO
 
 LUDB = REPO / "tests" / "data" / "ludb"

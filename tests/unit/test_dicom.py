@@ -11,10 +11,10 @@ import pydicom
 import pytest
 from pydicom.waveforms.numpy_handler import multiplex_array
 
-from device_agent import dicom, ecgdata
-from device_agent.dicom import PADDING_VALUE, DisplayFilter, Equipment, encode_ecg
+from device_agent.core.record import LEAD_ORDER, DeviceInfo, Record
+from device_agent.documents import dicom, ecgdata
+from device_agent.documents.dicom import PADDING_VALUE, DisplayFilter, Equipment, encode_ecg
 from device_agent.lab.wfdb import to_record
-from device_agent.record import LEAD_ORDER, DeviceInfo, Record
 
 # pydicom warns (rather than fails) on a value its VR does not allow: make that a failure
 pytestmark = pytest.mark.filterwarnings("error::UserWarning")

@@ -12,9 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from device_agent import ecgdata
-from device_agent.lab.wfdb import read_record, to_record
-from device_agent.record import (
+from device_agent.core.record import (
     LEAD_ORDER,
     AdcInfo,
     DeviceInfo,
@@ -23,6 +21,8 @@ from device_agent.record import (
     Quality,
     Record,
 )
+from device_agent.documents import ecgdata
+from device_agent.lab.wfdb import read_record, to_record
 
 INT16 = (-32768, 32767)
 INT32 = (-(2**31), 2**31 - 1)

@@ -9,7 +9,6 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from device_agent.framing import FRAME_LEN, FrameDecoder, Frames, find_frames
 from device_agent.lab.simulator import (
     FaultSpec,
     Truth,
@@ -17,6 +16,7 @@ from device_agent.lab.simulator import (
     inject,
     verify_payload_sum,
 )
+from device_agent.link.framing import FRAME_LEN, FrameDecoder, Frames, find_frames
 
 
 def _stream(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -260,7 +260,7 @@ def test_find_frames_matches_a_byte_at_a_time_parser():
                                                 ("V1", 9, 5), ("V6", 19, 5)])
 def test_the_layout_table_is_the_spec(electrode, byte, bit):
     """spec/serial-protocol.md: I-high b5 = LA, II-high b5 = RA, II-high b6 = LL, Vn-high b5."""
-    from device_agent.record import ELECTRODES
+    from device_agent.core.record import ELECTRODES
 
     flags = np.ones((1, 9), bool)
     on = encode_frames(np.full((1, 8), 0x0FFF, np.uint16), [3], flags)[0]

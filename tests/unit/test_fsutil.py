@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from device_agent import fsutil
+from device_agent.core import fsutil
 
 
 def test_atomic_write_creates_file_with_content_and_mode(tmp_path):
@@ -72,7 +72,7 @@ def test_new_files_get_the_process_umask(tmp_path):
 
 
 def test_bounded_reads_never_follow_links_block_on_fifos_or_load_huge_files(tmp_path):
-    from device_agent.fsutil import FileTooLarge, NotRegularFile, read_regular
+    from device_agent.core.fsutil import FileTooLarge, NotRegularFile, read_regular
 
     secret = tmp_path / "secret"
     secret.write_bytes(b"s3cret")

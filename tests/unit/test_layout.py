@@ -95,7 +95,7 @@ def test_find_cycle_finds_one_and_only_one():
 def test_imports_are_read_inside_functions_but_not_under_type_checking():
     assert "device_agent.commands" in imports_of("device_agent.__main__")
     # protocols.py names sync's types for mypy only: no run-time edge
-    assert "device_agent.sync" not in imports_of("device_agent.protocols")
+    assert "device_agent.sync" not in imports_of("device_agent.shipping.protocols")
 
 
 def test_no_import_cycle_counting_imports_inside_functions():

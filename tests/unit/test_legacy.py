@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from device_agent.outbox import LEGACY_OUTCOME, Outbox
+from device_agent.shipping.outbox import LEGACY_OUTCOME, Outbox
 
 
 def test_a_queued_report_the_legacy_app_sent_first_is_settled_not_sent(tmp_path):
@@ -53,8 +53,8 @@ def test_the_bucket_is_listed_once_and_only_on_a_unit_with_legacy_history(tmp_pa
     import shutil
     from pathlib import Path
 
-    from device_agent.config import load_settings
-    from device_agent.legacy import Takeover
+    from device_agent.core.config import load_settings
+    from device_agent.shipping.legacy import Takeover
 
     fixtures = Path(__file__).resolve().parents[1] / "data" / "legacy"
     settings = load_settings(environ={}).replace(

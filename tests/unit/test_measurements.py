@@ -9,9 +9,8 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from device_agent import measurements as m
-from device_agent.lab import ludb
-from device_agent.measurements import (
+from device_agent.clinical import measurements as m
+from device_agent.clinical.measurements import (
     MEASUREMENT_NAMES,
     Measurements,
     frontal_axis,
@@ -21,7 +20,8 @@ from device_agent.measurements import (
     qtc_bazett,
     qtc_fridericia,
 )
-from device_agent.record import LEAD_ORDER, MEASURED_LEADS, Record, derive_leads
+from device_agent.core.record import LEAD_ORDER, MEASURED_LEADS, Record, derive_leads
+from device_agent.lab import ludb
 from tests.conftest import REPO
 
 LUDB = REPO / "tests" / "data" / "ludb"
@@ -294,7 +294,7 @@ def test_hum_at_the_other_mains_frequency_names_the_setting():
 
 
 def test_residual_hum_and_hum_frequency_on_a_pure_sine():
-    from device_agent import qrs
+    from device_agent.clinical import qrs
 
     t = np.arange(5000) / 500.0
     for hz in (50.0, 50.3):
@@ -334,7 +334,7 @@ def test_json_block_when_nothing_is_measured():
 # --- the delineation underneath ------------------------------------------------------------
 
 def _delineation(record: Record):
-    from device_agent import delineate, qrs
+    from device_agent.clinical import delineate, qrs
 
     leads = np.stack([record.lead(name) for name in LEAD_ORDER])
     return delineate.delineate(leads, record.sampling_rate, qrs.detect_record(record).beats)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.notify import Notifier, watchdog_interval
+from device_agent.ops.notify import Notifier, watchdog_interval
 
 
 def _receiver(name: str) -> socket.socket:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.outbox import DELIVERED, FAILED, PENDING, Outbox, OutboxVersionError
-from device_agent.package import reconcile_folders
+from device_agent.documents.package import reconcile_folders
+from device_agent.shipping.outbox import DELIVERED, FAILED, PENDING, Outbox, OutboxVersionError
 from tests.helpers import make_package
 
 
@@ -178,8 +178,8 @@ def test_an_outbox_written_by_0_1_0_upgrades_without_losing_a_queued_item(v0_sta
 def test_an_upgraded_outbox_drains(v0_state):
     import threading
 
-    from device_agent.clock import Clock
-    from device_agent.drain import Drainer, SynchronousExecutor
+    from device_agent.core.clock import Clock
+    from device_agent.shipping.drain import Drainer, SynchronousExecutor
     from tests.unit.test_sync import FakeUploader
 
     uploader = FakeUploader()

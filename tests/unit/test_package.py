@@ -7,18 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from device_agent import s3keys
-from device_agent.errors import PatientDetailsError
-from device_agent.fsutil import sha256_file
-from device_agent.outbox import QUEUED, REJECTED, WITHHELD, Outbox
-from device_agent.package import (
+from device_agent.core import s3keys
+from device_agent.core.errors import PatientDetailsError
+from device_agent.core.fsutil import sha256_file
+from device_agent.documents.package import (
     Disposition,
     decide,
     load_package,
     read_disposition,
     reconcile_folders,
 )
-from device_agent.patient import read_patient, validate_patient
+from device_agent.documents.patient import read_patient, validate_patient
+from device_agent.shipping.outbox import QUEUED, REJECTED, WITHHELD, Outbox
 from tests.helpers import PATIENT, FakeEncoders, build, make_record
 
 
@@ -68,7 +68,7 @@ def test_decision_rejected_and_withheld_never_queue():
     assert decide(ok, withheld=True).decision == WITHHELD
     from dataclasses import replace
 
-    from device_agent.record import Quality
+    from device_agent.core.record import Quality
 
     bad = replace(ok, quality=Quality(verdict="rejected", reasons=("lost 9% of samples",)))
     assert decide(bad, withheld=False) == Disposition(REJECTED, "lost 9% of samples")
@@ -186,9 +186,9 @@ def test_validate_patient_accepts_legacy_forms():
 
 def test_real_record_with_real_encoders(tmp_path, ecg_data_dir):
     """The real JSON, PDF and DICOM encoders on a real, measured recording."""
-    from device_agent import ecgdata
     from device_agent.capture import PackageEncoders, measure_once
-    from device_agent.config import load_settings
+    from device_agent.core.config import load_settings
+    from device_agent.documents import ecgdata
 
     settings = load_settings(environ={}, overrides={"STATE_DIR": str(tmp_path)})
     record = measure_once(make_record(ecg_data_dir), mains_hz=50)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import serial
 
-from device_agent.errors import SerialLinkError
+from device_agent.core.errors import SerialLinkError
 from device_agent.lab.simulator import encode_frames
-from device_agent.port import (
+from device_agent.link.port import (
     MIN_INTERVAL_S,
     READ_CHUNK,
     READ_INTERVAL_S,
@@ -79,7 +79,7 @@ def test_reconnects_after_the_adapter_vanishes_and_logs_once(caplog):
             raise SerialLinkError(f"cannot open serial port {url}: not there")
         return _FlakyPort(fail=False)
 
-    caplog.set_level(logging.INFO, logger="device_agent.port")
+    caplog.set_level(logging.INFO, logger="device_agent.link.port")
     reader = SerialReader("/dev/ttyFAKE", opener=opener, retry_min_s=0.01, retry_max_s=0.02)
     reader.start()
     try:
@@ -183,7 +183,7 @@ def test_an_unplugged_pty_is_noticed_and_stop_is_prompt(pty, caplog):
     import os
 
     state, path = pty
-    caplog.set_level(logging.INFO, logger="device_agent.port")
+    caplog.set_level(logging.INFO, logger="device_agent.link.port")
     reader = SerialReader(path, retry_min_s=0.01, retry_max_s=0.02).start(fail_fast=True)
     os.close(state["master"])  # the adapter goes away
     state["master"] = None

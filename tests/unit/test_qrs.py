@@ -9,9 +9,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from device_agent import qrs
+from device_agent.clinical import qrs
+from device_agent.core.record import Record
 from device_agent.lab.wfdb import read_record, to_record
-from device_agent.record import Record
 
 # README reference rates (two detectors agree on these), as (low, high) bpm.
 REFERENCE_BPM = {

@@ -6,8 +6,8 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
-from device_agent.config import load_settings
-from device_agent.record import (
+from device_agent.core.config import load_settings
+from device_agent.core.record import (
     ELECTRODES,
     LEAD_ORDER,
     VERDICT_OK,

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from device_agent import s3keys
+from device_agent.core import s3keys
 
 SAFE_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 

@@ -18,10 +18,10 @@ from device_agent.capture import (
     measure_once,
     package_and_decide,
 )
-from device_agent.clock import HoldTicket, boot_id
-from device_agent.outbox import Outbox
-from device_agent.package import build_package, decide
-from device_agent.spool import NOTHING_KEPT, Spool, record_id_for
+from device_agent.core.clock import HoldTicket, boot_id
+from device_agent.documents.package import build_package, decide
+from device_agent.ops.spool import NOTHING_KEPT, Spool, record_id_for
+from device_agent.shipping.outbox import Outbox
 from tests.campaigns.agent_process import make_record, settings_for
 
 PATIENT = {"first_name": "Synthetic", "last_name": "Kowalczyk-Recover", "age": 50,

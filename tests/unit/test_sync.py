@@ -16,14 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.clock import Clock
-from device_agent.config import Settings, load_settings
-from device_agent.drain import Drainer, SynchronousExecutor, backoff_delay
-from device_agent.errors import OutboxBusy, UploadError
-from device_agent.fsutil import hash_regular
-from device_agent.outbox import DELIVERED, FAILED, Outbox
-from device_agent.sync import SyncLoop, drain_lock
-from device_agent.uploader import (
+from device_agent.core.clock import Clock
+from device_agent.core.config import Settings, load_settings
+from device_agent.core.errors import OutboxBusy, UploadError
+from device_agent.core.fsutil import hash_regular
+from device_agent.shipping.drain import Drainer, SynchronousExecutor, backoff_delay
+from device_agent.shipping.outbox import DELIVERED, FAILED, Outbox
+from device_agent.shipping.uploader import (
     ALREADY_DELIVERED,
     COLLISION,
     CREATED,
@@ -31,6 +30,7 @@ from device_agent.uploader import (
     Head,
     PutResult,
 )
+from device_agent.sync import SyncLoop, drain_lock
 from tests.conftest import wait_until
 from tests.helpers import make_package
 

@@ -1,4 +1,4 @@
-"""The one Unicode gate (device_agent.text) at every edge, and the one "did you mean"."""
+"""The one Unicode gate (device_agent.core.text) at every edge, and the one "did you mean"."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import logging
 
 import pytest
 
-from device_agent import text
 from device_agent.commands import main
-from device_agent.config import closest_key, load_settings
-from device_agent.errors import ConfigError, NotUnicodeText, PatientDetailsError
-from device_agent.patient import KNOWN_KEYS, read_patient, validate_patient
+from device_agent.core import text
+from device_agent.core.config import closest_key, load_settings
+from device_agent.core.errors import ConfigError, NotUnicodeText, PatientDetailsError
+from device_agent.documents.patient import KNOWN_KEYS, read_patient, validate_patient
 from tests.conftest import REPO
 
 LONE = "\ud800x"  # what json.loads makes of "\ud800x"
@@ -61,7 +61,7 @@ def test_closest_is_the_one_did_you_mean_for_settings_and_patient_keys():
 def test_an_unknown_patient_key_is_warned_about_with_the_closest_known_one(tmp_path, caplog):
     path = tmp_path / "p.json"
     path.write_text(json.dumps({"nmae": "Synthetic", "gendr": "F", "weight_kg": 70}))
-    with caplog.at_level(logging.WARNING, logger="device_agent.patient"):
+    with caplog.at_level(logging.WARNING, logger="device_agent.documents.patient"):
         patient = read_patient(path)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 3
@@ -74,7 +74,7 @@ def test_an_unknown_patient_key_is_warned_about_with_the_closest_known_one(tmp_p
 
 def test_the_legacy_patient_file_is_all_known_keys_and_passes(tmp_path, caplog):
     path = REPO / "tests" / "data" / "legacy" / "patient_details.json"
-    with caplog.at_level(logging.WARNING, logger="device_agent.patient"):
+    with caplog.at_level(logging.WARNING, logger="device_agent.documents.patient"):
         patient = validate_patient(read_patient(path))
     assert caplog.records == []
     assert patient == json.loads(path.read_text())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.outbox import UPLOAD_LOG_MAX, Outbox
+from device_agent.shipping.outbox import UPLOAD_LOG_MAX, Outbox
 from tests import legacy_app
 from tests.helpers import make_package
 

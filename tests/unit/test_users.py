@@ -7,8 +7,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from device_agent.errors import NotUnicodeText, UsersFileError
-from device_agent.users import SIGNUP_FIELDS, read_users, signup_document
+from device_agent.core.errors import NotUnicodeText, UsersFileError
+from device_agent.shipping.signups import SIGNUP_FIELDS, read_users, signup_document
 
 USER = {"password": "hunter2-secret", "full_name": "Synthetic Person", "phone": "000",
         "serial_id": "SN-1", "email": "s@example.invalid", "age": 40, "gender": "F",

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta, timezone
 import numpy as np
 import pytest
 
+from device_agent.core.record import LEAD_ORDER, DeviceInfo, Record
 from device_agent.lab.wfdb import INVALID, encode_record, read_record, to_record, write_record
-from device_agent.record import LEAD_ORDER, DeviceInfo, Record
 from tests.conftest import REPO
 
 AT = datetime(2026, 11, 27, 9, 30, tzinfo=timezone(timedelta(hours=1)))

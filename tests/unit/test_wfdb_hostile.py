@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from device_agent.core.record import LEAD_ORDER
 from device_agent.lab.wfdb import MAX_SAMPLES, read_record, to_record
-from device_agent.record import LEAD_ORDER
 
 PEAK_BYTES = 40 << 20  # far under the unit's MemoryMax=300M, far over a 10 s record
 

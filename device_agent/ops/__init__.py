@@ -1,0 +1,1 @@
+"""Keeping the unit running: status, doctor, disk reserve, systemd notify and the capture spool."""

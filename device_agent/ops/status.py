@@ -1,0 +1,206 @@
+"""What the unit is doing, for `status`: from files the service writes, read in a second.
+
+`status` imports nothing heavy (no boto3, numpy, reportlab or serial): it reads the service
+lock, STATE_DIR/status.json (written by the running service every few seconds), the outbox
+SQLite read-only (through outbox.read_only_stats, the same query the service uses), the
+records held for the clock, the clock and the disk. The service is "hung" when its status
+file is older than STALE_AFTER_S or it reports itself wedged; `status` then exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from device_agent.core.clock import Clock, clock_from_settings, held_count, undated_count
+from device_agent.core.config import Settings
+from device_agent.core.errors import UploadError
+from device_agent.core.fsutil import atomic_write, existing_ancestor, free_mb
+from device_agent.ops.spool import running_pid
+from device_agent.shipping.credentials import certificate_der, parse_certificate
+from device_agent.shipping.deadline import Deadlines
+from device_agent.shipping.outbox import DB_NAME, read_only_stats
+
+STATUS_NAME = "status.json"
+# The service rewrites status.json every few seconds; older than this means it is hung.
+STALE_AFTER_S = 30.0
+
+
+def write_status_file(state_dir: Path, doc: dict[str, Any]) -> None:
+    """Atomically replace STATE_DIR/status.json (the service calls this)."""
+    atomic_write(Path(state_dir) / STATUS_NAME, json.dumps(doc, indent=1).encode())
+
+
+def read_status_file(state_dir: Path) -> dict[str, Any] | None:
+    """The last status.json the service wrote, or None (never written, or unreadable)."""
+    try:
+        doc = json.loads((Path(state_dir) / STATUS_NAME).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="seconds")
+
+
+def port_present(port: str) -> bool | None:
+    """Whether a device path exists; None for URLs (loop://, socket://) that have no file."""
+    if "://" in port:
+        return None
+    return os.path.exists(port)
+
+
+def disk_summary(path: Path, reserve_mb: int) -> dict[str, Any]:
+    """Free space where STATE_DIR lives, against the configured reserve."""
+    probe = existing_ancestor(path)
+    free = int(free_mb(probe))
+    return {"path": str(probe), "free_mb": free, "reserve_mb": reserve_mb,
+            "ok": free >= reserve_mb}
+
+
+def clock_summary(clock: Clock) -> dict[str, Any]:
+    """Whether the wall clock may name records, and the evidence (clock.py)."""
+    try:
+        state = clock.state()
+    except OSError as exc:
+        return {"synced": None, "reason": f"cannot tell: {exc}"}
+    return {"synced": bool(state.synced), "reason": state.reason}
+
+
+def outbox_summary(state_dir: Path, *, now: float) -> dict[str, Any]:
+    """The outbox's numbers for status, read-only."""
+    try:
+        stats = read_only_stats(Path(state_dir), now=now)
+    except Exception as exc:  # a damaged database is reported, never a traceback
+        return {"present": True, "error": f"cannot read {Path(state_dir) / DB_NAME}: {exc}"}
+    if stats is None:
+        return {"present": False, "pending": 0, "failed": 0, "delivered": 0, "withheld": 0,
+                "rejected": 0, "problems": 0, "oldest_pending_age_s": None,
+                "last_upload_at": None, "last_error": None, "paused_until": None,
+                "pause_reason": None, "last_package_stamp": None,
+                "last_package_disposition": None, "last_package_at": None}
+    doc = asdict(stats)
+    doc["present"] = True
+    doc["last_upload_at"] = iso(doc.pop("last_delivered_at"))
+    doc["paused_until"] = iso(doc["paused_until"])
+    doc["last_package_at"] = iso(doc["last_package_at"])
+    if doc["oldest_pending_age_s"] is not None:
+        doc["oldest_pending_age_s"] = round(doc["oldest_pending_age_s"], 1)
+    return doc
+
+
+def credentials_summary(settings: Settings, live: dict[str, Any] | None) -> dict[str, Any]:
+    """Where S3 credentials come from and when they expire (never the secrets)."""
+    if not settings.cloud_upload_enabled:
+        return {"source": "upload disabled", "expires_at": None, "certificate_expires": None}
+    if settings.iot_endpoint:
+        source = f"AWS IoT certificate (thing {settings.thing_name})"
+    elif settings.aws_access_key_id:
+        source = "static keys (AWS_ACCESS_KEY_ID)"
+    elif settings.aws_profile:
+        source = f"profile {settings.aws_profile}"
+    else:
+        source = "boto3 default chain"
+    summary: dict[str, Any] = {"source": source, "expires_at": (live or {}).get("expires_at"),
+                               "certificate_expires": None}
+    if settings.iot_cert_file:
+        try:
+            der = certificate_der(str(settings.iot_cert_file))
+            summary["certificate_expires"] = parse_certificate(der)[1].isoformat()
+        except (UploadError, ValueError) as exc:
+            summary["certificate_error"] = str(exc)
+    return summary
+
+
+def service_state(pid: int | None, doc: dict[str, Any], now: float) -> tuple[str, bool]:
+    """(state, healthy): stopped, starting, hung, wedged, or the phase the service reports."""
+    if pid is None:
+        return "stopped", False
+    age = now - doc["updated_at"] if "updated_at" in doc else None
+    if age is None:
+        return "starting", False
+    if age > STALE_AFTER_S:
+        return "hung", False
+    if doc.get("stuck"):
+        return "wedged", False
+    return str(doc.get("phase", "running")), True
+
+
+def unavailable(s: dict[str, Any]) -> list[str]:
+    """The external parts a healthy service lacks (status exits 3 for any): uploads paused
+    (wrong credentials, endpoint or bucket down), the board absent or not connected, the
+    clock not synchronised, free disk under DISK_RESERVE_MB (captures are refused)."""
+    if not s["service"]["healthy"]:
+        return []  # the service itself is the problem (exit 1)
+    parts = []
+    box, port = s["outbox"], s["port"]
+    if box.get("pause_reason"):
+        parts.append("uploads paused")
+    if port["present"] is False or port["connected"] is False:
+        parts.append("board absent")
+    if s["clock"]["synced"] is False:
+        parts.append("clock not synchronised")
+    if not s["disk"]["ok"]:
+        parts.append("disk under DISK_RESERVE_MB")
+    return parts
+
+
+def collect_status(settings: Settings, *, clock: Clock | None = None,
+                   now: float | None = None) -> dict[str, Any]:
+    """Everything `status` shows, as one JSON-ready dict."""
+    now = time.time() if now is None else now
+    state_dir = Path(settings.state_dir)
+    pid = running_pid(state_dir)
+    doc = read_status_file(state_dir) or {}
+    state, healthy = service_state(pid, doc, now)
+    fresh = healthy or state == "wedged"
+    age = now - doc["updated_at"] if "updated_at" in doc else None
+    live_port = doc.get("port", {}) if fresh else {}
+    last_byte_age = live_port.get("last_byte_age_s")
+    flowing = bool(live_port.get("connected")) and (
+        last_byte_age is not None and last_byte_age < 2.0)
+    own_clock = clock_summary(clock or clock_from_settings(settings))
+    return {
+        "service": {
+            "running": pid is not None,
+            "healthy": healthy,
+            "pid": pid,
+            "state": state,
+            "status_age_s": None if age is None else round(age, 1),
+            "started_at": doc.get("started_at") if pid is not None else None,
+            "status": doc.get("status") if fresh else None,
+            "stuck": doc.get("stuck") if fresh else None,
+        },
+        "port": {
+            "path": settings.serial_port,
+            "present": port_present(settings.serial_port),
+            "connected": bool(live_port.get("connected")) if fresh else None,
+            "frames_flowing": flowing if fresh else None,
+            "frames": live_port.get("frames"),
+            "reconnects": live_port.get("reconnects"),
+            "last_byte_age_s": last_byte_age,
+            "error": live_port.get("error"),
+        },
+        "last_capture": doc.get("last_capture"),
+        "held": held_count(state_dir),
+        "undated": undated_count(state_dir),
+        "outbox": outbox_summary(state_dir, now=now),
+        "last_sync": doc.get("last_sync"),
+        # inside its sandbox the service may see the clock differently: its view wins
+        "clock": doc.get("clock") if fresh and doc.get("clock") else own_clock,
+        "clock_source": "service" if fresh and doc.get("clock") else "this command",
+        "disk": disk_summary(state_dir, settings.disk_reserve_mb),
+        "credentials": credentials_summary(settings, doc.get("credentials") if fresh else None),
+        # what the transport and the watchdog allow each request (deadline.py, one formula)
+        "deadlines": Deadlines.from_settings(settings).describe(),
+        "device_serial": settings.device_serial,
+        "checked_at": iso(now),
+    }

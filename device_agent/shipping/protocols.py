@@ -1,0 +1,108 @@
+"""The typed seams where stages meet: what the drainer and the service need of their parts.
+
+A test fake is checked against the same Protocol as the real part (mypy), so a fake that
+drifts from the real thing fails lint, not production.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from device_agent.link.framing import FrameDecoder, Frames
+    from device_agent.link.port import LinkState
+    from device_agent.shipping.outbox import Item, Stats
+    from device_agent.shipping.uploader import Head, PutResult
+    from device_agent.sync import PassResult
+
+
+
+@dataclass
+class FindResult:
+    """What one look by a finder (reports folder, users file) queued, skipped, and met."""
+
+    queued: int = 0
+    skipped: int = 0
+    errors: list[str] = field(default_factory=list)
+
+class Uploader(Protocol):
+    """Conditional, proven puts into one bucket (uploader.Uploader)."""
+
+    bucket: str
+
+    def put_new(self, key: str, body: bytes, *, sha256: str, metadata: Mapping[str, str],
+                content_type: str, ours: Collection[str] = ()) -> PutResult: ...
+
+    def replace(self, key: str, body: bytes, *, sha256: str, metadata: Mapping[str, str],
+                content_type: str, if_match: str, ours: Collection[str] = ()) -> PutResult: ...
+
+    def head(self, key: str) -> Head | None: ...
+
+    def list_prefix(self, prefix: str) -> dict[str, tuple[str, int]]: ...
+
+    def max_duration_s(self, size: int) -> float: ...
+
+
+class Queue(Protocol):
+    """The outbox as the drainer uses it (outbox.Outbox)."""
+
+    def due(self, now: float | None = None, *, limit: int = 1000) -> list[Item]: ...
+
+    def mark_delivered(self, item_id: int, *, etag: str | None, final_key: str,
+                       outcome: str) -> None: ...
+
+    def mark_failed(self, item_id: int, *, retryable: bool, error: str,
+                    next_at: float | None = None) -> None: ...
+
+    def note_attempt(self, item_id: int, error: str) -> None: ...
+
+    def defer(self, item_id: int, next_at: float) -> None: ...
+
+    def pause(self, until: float, reason: str) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def paused(self, now: float | None = None) -> tuple[float, str] | None: ...
+
+    def package_items(self, package: str) -> list[Item]: ...
+
+    def update_content(self, item_id: int, *, sha256: str, size: int) -> None: ...
+
+    def created_at(self) -> float: ...
+
+    def stats(self, now: float | None = None) -> Stats: ...
+
+
+class Reader(Protocol):
+    """The board link as a capture and the service use it (port.SerialReader)."""
+
+    url: str
+    decoder: FrameDecoder
+
+    def start(self, *, fail_fast: bool = False) -> Reader: ...
+
+    def stop(self, timeout: float = 2.0) -> None: ...
+
+    def get(self, timeout: float) -> Frames | None: ...
+
+    def clear(self) -> int: ...
+
+    @property
+    def state(self) -> LinkState: ...
+
+
+class SyncRunner(Protocol):
+    """The sync loop as the service supervises it (sync.SyncLoop)."""
+
+    def run(self, *, on_pass: object = None) -> None: ...
+
+    def stuck(self, now: float | None = None) -> str | None: ...
+
+    def run_once(self, *, wait: bool = True) -> PassResult: ...
+
+
+class HasStatePath(Protocol):
+    state_dir: Path
