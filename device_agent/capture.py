@@ -42,6 +42,10 @@ from device_agent.core.fsutil import fsync_dir, make_dirs
 from device_agent.core.record import VERDICT_REJECTED, DeviceInfo, Record, build_record
 from device_agent.documents import dicom, ecgdata, pdf
 from device_agent.documents.package import (
+    DISPOSITIONS,
+    QUEUED,
+    REJECTED,
+    WITHHELD,
     Disposition,
     PackageInfo,
     build_package,
@@ -54,7 +58,7 @@ from device_agent.documents.package import (
 from device_agent.link.framing import Frames
 from device_agent.link.port import SerialReader
 from device_agent.ops.disk import ensure_free_space
-from device_agent.shipping.outbox import DELIVERED, DISPOSITIONS, QUEUED, REJECTED, WITHHELD, Outbox
+from device_agent.shipping.outbox import DELIVERED, Outbox
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from device_agent import __version__
 from device_agent.capture import capture_package, find_capture, kept_answer, rejection_message
@@ -38,7 +38,8 @@ from device_agent.core.config import Settings
 from device_agent.core.errors import AgentError
 from device_agent.core.fsutil import storage_condition, storage_message
 from device_agent.documents.patient import validate_patient
-from device_agent.link.port import SerialReader
+from device_agent.link.framing import FrameDecoder, Frames
+from device_agent.link.port import LinkState, SerialReader
 from device_agent.ops.notify import Notifier
 from device_agent.ops.spool import Request, Spool, record_id_for
 from device_agent.ops.status import write_status_file
@@ -54,6 +55,34 @@ READY_GRACE_S = 3.0     # how long READY waits for the port before saying "waiti
 RESULT_KEEP_S = 3600.0  # unread capture results are deleted after this
 
 CaptureFn = Callable[[Request], dict[str, Any]]
+
+
+class Reader(Protocol):
+    """The board link as a capture and the service use it (port.SerialReader)."""
+
+    url: str
+    decoder: FrameDecoder
+
+    def start(self, *, fail_fast: bool = False) -> Reader: ...
+
+    def stop(self, timeout: float = 2.0) -> None: ...
+
+    def get(self, timeout: float) -> Frames | None: ...
+
+    def clear(self) -> int: ...
+
+    @property
+    def state(self) -> LinkState: ...
+
+
+class SyncRunner(Protocol):
+    """The sync loop as the service supervises it (sync.SyncLoop)."""
+
+    def run(self, *, on_pass: object = None) -> None: ...
+
+    def stuck(self, now: float | None = None) -> str | None: ...
+
+    def run_once(self, *, wait: bool = True) -> PassResult: ...
 
 
 def release_memory() -> None:

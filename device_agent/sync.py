@@ -5,7 +5,7 @@ One pass, under the drain lock (STATE_DIR/outbox.lock: one drainer per unit):
    when another writer changed it, the bucket once on the first start);
 1. finders queue work, each on its own and each entry on its own:
    held captures the clock can now name (capture.release_held), complete package folders
-   the outbox does not know (package.reconcile_folders), reports dropped in REPORTS_DIR
+   the outbox does not know (enqueue.reconcile_folders), reports dropped in REPORTS_DIR
    (reports.ReportsFinder), new users in USERS_FILE (users.SignupsFinder);
 2. the drainer ships what is due (drain.Drainer);
 3. housekeeping: the legacy upload_log.json view, retention pruning, compaction of old
@@ -30,10 +30,10 @@ from device_agent.core.clock import Clock
 from device_agent.core.config import Settings
 from device_agent.core.errors import AgentError, OutboxBusy
 from device_agent.core.fsutil import FileLock, storage_condition, storage_message
-from device_agent.documents.package import reconcile_folders
 from device_agent.ops.disk import prune, remove_incomplete
 from device_agent.shipping.drain import Drainer
 from device_agent.shipping.dropped_reports import ReportsFinder
+from device_agent.shipping.enqueue import reconcile_folders
 from device_agent.shipping.legacy import Takeover
 from device_agent.shipping.outbox import UPLOAD_LOG_NAME, Outbox, retention_cutoff
 from device_agent.shipping.signups import SignupsFinder

@@ -149,7 +149,7 @@ def queue(settings: Settings, args: argparse.Namespace) -> int:
                 echo(f"skipped       {p['source']} {p['ref']}: {p['reason']}")
             return 0
         if args.queue_command == "add":
-            from device_agent.documents.package import queue_folder
+            from device_agent.shipping.enqueue import queue_folder
 
             info = queue_folder(args.folder, box)
             echo(f"package {info.stamp} queued for upload (the next sync pass sends it)")

@@ -6,9 +6,8 @@
 never uploaded) and last `manifest_{stamp}.json` (key, size and SHA-256 of each data file).
 A folder with a manifest is complete and carries its decision; one without is the remains of
 a crash and is removed after INCOMPLETE_GRACE_H. Only folders whose decision is "queued" are
-ever put in the outbox, by the capture or, after a crash between the manifest and the queue,
-by `reconcile_folders`. A manifest is settled (`settle_manifest`) just before it is sent, so
-it lists the keys its files really landed under.
+queued for upload, by the capture or, after a crash between the manifest and the queue, by
+shipping.enqueue.reconcile_folders; this module knows nothing of the queue.
 """
 
 from __future__ import annotations
@@ -25,15 +24,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from device_agent.core import s3keys
-from device_agent.core.errors import AgentError
 from device_agent.core.fsutil import atomic_write, fsync_dir, make_dirs, sha256_file
 from device_agent.core.record import VERDICT_REJECTED, Record
 from device_agent.documents.patient import validate_patient
-from device_agent.shipping.outbox import DISPOSITIONS, QUEUED, REJECTED, WITHHELD, Item, Outbox
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "device_agent.manifest/1"
+# what was decided for a package (disposition.json, and the outbox's record of it)
+QUEUED = "queued"
+WITHHELD = "withheld"
+REJECTED = "rejected"
+DISPOSITIONS = (QUEUED, WITHHELD, REJECTED)
 DISPOSITION_NAME = "disposition.json"
 REQUIRED_KINDS = ("ecg_report_pdf", "patient_details", "ecg_12lead_data")
 DATA_KINDS = (*REQUIRED_KINDS, "ecg_dicom")
@@ -302,82 +304,3 @@ def has_manifest(folder: Path) -> bool:
         return any(n.startswith("manifest_") and n.endswith(".json") for n in os.listdir(folder))
     except OSError:
         return False
-
-
-def reconcile_folders(records_root: Path, outbox: Outbox) -> list[Path]:
-    """Queue complete package folders the outbox does not know whose decision is "queued".
-
-    A folder without a manifest is a capture that never finished (or is being written now):
-    left alone. A withheld or rejected folder is remembered as such and never uploaded; a
-    folder from an older agent with no decision recorded is not uploaded either, and is
-    named once as a problem (`device-agent queue add FOLDER` sends it).
-    """
-    queued: list[Path] = []
-    if not records_root.is_dir():
-        return queued
-    root = records_root.resolve()
-    # a plain subfolder of the resolved root is its own real path: no resolve() per folder
-    # (a month of captures is hundreds of them); a link is resolved as before
-    folders = {str(root / f.name if not f.is_symlink() else f.resolve()): f
-               for f in package_folders(records_root)}
-    known = outbox.known_packages(folders)
-    for real, folder in sorted(folders.items(), key=lambda kv: kv[1].name):
-        if real in known or not has_manifest(folder):
-            continue
-        try:
-            info = load_package(folder)
-            decision = read_disposition(folder)
-        except (OSError, ValueError) as exc:  # a damaged folder must not stop the others
-            if outbox.note_problem("records", folder.name, f"cannot be loaded: {exc}"):
-                log.error("package folder %s cannot be loaded (%s); it stays on disk, not "
-                          "queued: inspect or remove it", folder, exc)
-            continue
-        if decision is None:
-            if outbox.note_problem("records", folder.name, "no upload decision recorded"):
-                log.error("package folder %s has no upload decision recorded (written by an "
-                          "older agent); not uploaded: `device-agent queue add %s` sends it",
-                          folder, folder)
-            continue
-        if not decision.uploads:
-            outbox.record_package(folder, stamp=info.stamp, record_id=info.record_id,
-                                  disposition=decision.decision, reason=decision.reason,
-                                  verdict=None)
-            continue
-        outbox.add_package(info)
-        queued.append(folder)
-    return queued
-
-
-def queue_folder(folder: Path, outbox: Outbox) -> PackageInfo:
-    """The operator's choice to send a withheld (or older) package: record it, queue it."""
-    info = load_package(folder)
-    row = outbox.package_row(folder)
-    decision = read_disposition(folder)
-    if (row is not None and row.disposition == REJECTED) or (
-            decision is not None and decision.decision == REJECTED):
-        raise AgentError(f"{folder} holds a rejected capture; it is never uploaded: capture "
-                         "again")
-    write_disposition(folder, Disposition(QUEUED, "queued by the operator (queue add)"))
-    if row is not None and row.disposition != QUEUED:
-        outbox.set_disposition(folder, QUEUED, "queued by the operator (queue add)")
-    outbox.add_package(info)
-    return info
-
-
-def settle_manifest(manifest: Item, siblings: Sequence[Item]) -> bytes | None:
-    """The manifest rewritten to list where its package's files really landed, or None.
-
-    Two units of a fleet can stamp a capture in the same second; the later one's files then
-    land under disambiguated keys (If-None-Match + SHA-256 compare), and a manifest still
-    naming the plain keys would vouch for the other unit's files. The rewrite is a pure
-    function of the delivered rows, so a crash anywhere in it is redone alike.
-    """
-    files = [s for s in siblings if s.kind != "manifest" and s.final_key]
-    if all(s.final_key == s.key for s in files):
-        return None
-    landed = {s.filename: s.final_key for s in files}
-    doc = json.loads(manifest.path.read_bytes())
-    for entry in doc["files"]:
-        entry["key"] = landed.get(entry["name"], entry["key"])
-    body = json.dumps(doc, indent=2).encode("ascii")
-    return None if hashlib.sha256(body).hexdigest() == manifest.sha256 else body

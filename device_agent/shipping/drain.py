@@ -32,7 +32,7 @@ from device_agent.core import s3keys
 from device_agent.core.clock import Clock
 from device_agent.core.errors import UploadError
 from device_agent.core.fsutil import FileTooLarge, NotRegularFile, atomic_write, read_regular
-from device_agent.documents.package import settle_manifest
+from device_agent.shipping.enqueue import settle_manifest
 from device_agent.shipping.outbox import Item, Outbox
 from device_agent.shipping.protocols import Uploader
 from device_agent.shipping.uploader import ALREADY_DELIVERED, PutResult, classify_error

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 from device_agent.core.errors import AgentError
 from device_agent.core.fsutil import atomic_extend, atomic_write, make_dirs
 from device_agent.core.s3keys import content_type
+from device_agent.documents.package import DISPOSITIONS, REJECTED, WITHHELD
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,6 @@ PENDING = "pending"
 DELIVERED = "delivered"
 FAILED = "failed"
 STATES = (PENDING, DELIVERED, FAILED)
-
-# What was decided for a package folder: only QUEUED ones are ever uploaded.
-QUEUED = "queued"
-WITHHELD = "withheld"
-REJECTED = "rejected"
-DISPOSITIONS = (QUEUED, WITHHELD, REJECTED)
 
 DB_NAME = "outbox.sqlite3"
 SCHEMA_VERSION = 2

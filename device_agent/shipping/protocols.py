@@ -1,4 +1,4 @@
-"""The typed seams where stages meet: what the drainer and the service need of their parts.
+"""The typed seams of shipping: what the drainer and the finders need of their parts.
 
 A test fake is checked against the same Protocol as the real part (mypy), so a fake that
 drifts from the real thing fails lint, not production.
@@ -12,11 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from device_agent.link.framing import FrameDecoder, Frames
-    from device_agent.link.port import LinkState
     from device_agent.shipping.outbox import Item, Stats
     from device_agent.shipping.uploader import Head, PutResult
-    from device_agent.sync import PassResult
 
 
 
@@ -74,34 +71,6 @@ class Queue(Protocol):
     def created_at(self) -> float: ...
 
     def stats(self, now: float | None = None) -> Stats: ...
-
-
-class Reader(Protocol):
-    """The board link as a capture and the service use it (port.SerialReader)."""
-
-    url: str
-    decoder: FrameDecoder
-
-    def start(self, *, fail_fast: bool = False) -> Reader: ...
-
-    def stop(self, timeout: float = 2.0) -> None: ...
-
-    def get(self, timeout: float) -> Frames | None: ...
-
-    def clear(self) -> int: ...
-
-    @property
-    def state(self) -> LinkState: ...
-
-
-class SyncRunner(Protocol):
-    """The sync loop as the service supervises it (sync.SyncLoop)."""
-
-    def run(self, *, on_pass: object = None) -> None: ...
-
-    def stuck(self, now: float | None = None) -> str | None: ...
-
-    def run_once(self, *, wait: bool = True) -> PassResult: ...
 
 
 class HasStatePath(Protocol):

@@ -1,7 +1,19 @@
-"""The package's layout holds: no import cycle, one command layer, a library that never prints.
+"""The package's layout holds: the folders' rules, no import cycle (not even one mypy alone
+sees), one command layer, a library that never prints.
 
-Imports are read from the source (ast), inside functions too; only `if TYPE_CHECKING:` blocks
-are left out, as they never run.
+Imports are read from the source (ast), inside functions and inside `if TYPE_CHECKING:`
+blocks: a type-only import is still a dependency a reader has to follow.
+
+The house, as the folders say it (README, "How a byte travels"):
+
+    core/       the record, settings, errors, files, S3 keys, clock, text: imports only itself
+    link/       the serial port and its frames: the core only
+    clinical/   beats, waves, intervals, axes: the core only
+    documents/  record JSON, PDF, DICOM, patient file, package folder: the core and clinical
+    shipping/   outbox, drain, uploader, transport, finders: the core and documents
+    ops/        status, doctor, disk, notify, spool: the core, documents and shipping
+    capture.py, sync.py, service.py, assemble.py: the orchestrators, which wire the stages
+    commands/   the command line: the only layer that prints; lab/ only from here
 """
 
 from __future__ import annotations
@@ -43,10 +55,11 @@ def _resolve(name: str) -> str | None:
     return None
 
 
-def imports_of(module: str) -> set[str]:
-    """The project modules `module` imports at run time, wherever the import statement is."""
+def imports_of(module: str, *, typing: bool = True) -> set[str]:
+    """The project modules `module` imports, wherever the import statement is; with
+    typing=False, the ones it imports at run time (not under `if TYPE_CHECKING:`)."""
     tree = ast.parse(MODULES[module].read_text())
-    skip = _type_checking_nodes(tree)
+    skip = set() if typing else _type_checking_nodes(tree)
     found: set[str] = set()
     for node in ast.walk(tree):
         if id(node) in skip:
@@ -92,15 +105,62 @@ def test_find_cycle_finds_one_and_only_one():
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
 
 
-def test_imports_are_read_inside_functions_but_not_under_type_checking():
+def test_imports_are_read_inside_functions_and_under_type_checking():
     assert "device_agent.commands" in imports_of("device_agent.__main__")
-    # protocols.py names sync's types for mypy only: no run-time edge
-    assert "device_agent.sync" not in imports_of("device_agent.shipping.protocols")
+    # shipping.protocols names the outbox's types for mypy only: an edge, not a run-time one
+    assert "device_agent.shipping.outbox" in imports_of("device_agent.shipping.protocols")
+    assert "device_agent.shipping.outbox" not in imports_of("device_agent.shipping.protocols",
+                                                            typing=False)
 
 
-def test_no_import_cycle_counting_imports_inside_functions():
+def test_no_import_cycle_counting_imports_inside_functions_and_for_typing():
     graph = {module: imports_of(module) for module in MODULES}
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+ORCHESTRATORS = ("capture", "sync", "service", "assemble")
+# folder -> the folders (and top-level modules) it may import; "" is the package itself
+MAY_IMPORT = {
+    "core": {"", "core"},
+    "link": {"", "core", "link"},
+    "clinical": {"", "core", "clinical"},
+    "documents": {"", "core", "clinical", "documents"},
+    "shipping": {"", "core", "documents", "shipping"},
+    "ops": {"", "core", "documents", "shipping", "ops"},
+}
+
+
+def _place(module: str) -> str:
+    """The folder a module stands in ("" for the package's __init__, the name for a top file)."""
+    parts = module.split(".")[1:]
+    return parts[0] if parts else ""
+
+
+def test_every_module_stands_in_a_known_place():
+    places = {_place(m) for m in MODULES}
+    assert places <= {*MAY_IMPORT, *ORCHESTRATORS, "", "__main__", "commands", "lab"}, places
+
+
+@pytest.mark.parametrize("folder", sorted(MAY_IMPORT))
+def test_a_stage_imports_only_the_stages_under_it(folder: str):
+    offenders = {f"{module} -> {target}"
+                 for module in MODULES if _place(module) == folder
+                 for target in imports_of(module)
+                 if _place(target) not in MAY_IMPORT[folder]}
+    assert not offenders, sorted(offenders)
+
+
+def test_the_rules_can_fail():
+    # the documents knowing the queue was the last such edge (package.py -> outbox)
+    assert _place("device_agent.shipping.outbox") not in MAY_IMPORT["documents"]
+    assert _place("device_agent.capture") not in MAY_IMPORT["ops"]
+
+
+def test_only_the_command_layer_and_the_lab_import_the_lab():
+    offenders = {f"{module} -> {target}" for module in MODULES
+                 if _place(module) not in ("commands", "lab")
+                 for target in imports_of(module) if _place(target) == "lab"}
+    assert not offenders, sorted(offenders)
 
 
 LIBRARY = sorted(m for m in MODULES

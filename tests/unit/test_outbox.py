@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.documents.package import reconcile_folders
+from device_agent.shipping.enqueue import reconcile_folders
 from device_agent.shipping.outbox import DELIVERED, FAILED, PENDING, Outbox, OutboxVersionError
 from tests.helpers import make_package
 

@@ -11,6 +11,9 @@ from device_agent.core import s3keys
 from device_agent.core.errors import PatientDetailsError
 from device_agent.core.fsutil import sha256_file
 from device_agent.documents.package import (
+    QUEUED,
+    REJECTED,
+    WITHHELD,
     Disposition,
     decide,
     load_package,
@@ -18,7 +21,7 @@ from device_agent.documents.package import (
     reconcile_folders,
 )
 from device_agent.documents.patient import read_patient, validate_patient
-from device_agent.shipping.outbox import QUEUED, REJECTED, WITHHELD, Outbox
+from device_agent.shipping.outbox import Outbox
 from tests.helpers import PATIENT, FakeEncoders, build, make_record
 
 
