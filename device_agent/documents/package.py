@@ -21,12 +21,14 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from device_agent.core import s3keys
 from device_agent.core.fsutil import atomic_write, fsync_dir, make_dirs, sha256_file
-from device_agent.core.record import VERDICT_REJECTED, Record
 from device_agent.documents.patient import validate_patient
+
+if TYPE_CHECKING:  # the record brings numpy, which status and sync never need
+    from device_agent.core.record import Record
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,8 @@ def file_names(stamp: str) -> dict[str, str]:
 
 def decide(record: Record, *, withheld: bool) -> Disposition:
     """The one rule: a rejected capture and a withheld one never leave the unit."""
+    from device_agent.core.record import VERDICT_REJECTED
+
     if record.quality.verdict == VERDICT_REJECTED:
         return Disposition(REJECTED, "; ".join(record.quality.reasons) or "rejected")
     if withheld:

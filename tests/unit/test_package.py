@@ -18,9 +18,9 @@ from device_agent.documents.package import (
     decide,
     load_package,
     read_disposition,
-    reconcile_folders,
 )
 from device_agent.documents.patient import read_patient, validate_patient
+from device_agent.shipping.enqueue import reconcile_folders
 from device_agent.shipping.outbox import Outbox
 from tests.helpers import PATIENT, FakeEncoders, build, make_record
 
