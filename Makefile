@@ -24,6 +24,7 @@ install-dev: $(VENV)/.installed-test
 lint: $(VENV)/.installed-test
 	@$(BIN)/ruff check device_agent tests bench
 	@$(BIN)/mypy
+	@$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit/test_layout.py  # the folders' rules
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
