@@ -26,12 +26,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import serial
 
 from device_agent.core.errors import SerialLinkError
 from device_agent.link.framing import FrameDecoder, Frames
+
+if TYPE_CHECKING:
+    from device_agent.core.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +160,8 @@ class SerialReader:
         self._ever_connected = False
 
     @classmethod
-    def from_settings(cls, settings: Any, url: str | None = None, **kwargs: Any) -> SerialReader:
+    def from_settings(cls, settings: Settings, url: str | None = None,
+                      **kwargs: Any) -> SerialReader:
         """A reader for settings.serial_port (or `url`) decoding with the configured byte order."""
         decoder = kwargs.pop("decoder", None) or FrameDecoder(
             byte_order=settings.byte_order, sampling_rate=settings.sampling_rate)
