@@ -102,10 +102,6 @@ class Record:
         return int(self.samples.shape[1])
 
     @property
-    def duration_s(self) -> float:
-        return self.n_samples / self.sampling_rate
-
-    @property
     def stamp(self) -> str:
         """`YYYYMMDD_HHMMSS` in the acquisition's local time: every name derives from it."""
         return self.acquired_at.strftime("%Y%m%d_%H%M%S")
