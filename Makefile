@@ -24,6 +24,7 @@ install-dev: $(VENV)/.installed-test
 lint: $(VENV)/.installed-test
 	@$(BIN)/ruff check device_agent tests bench
 	@$(BIN)/mypy
+	@$(BIN)/vulture
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
