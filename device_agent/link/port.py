@@ -117,6 +117,20 @@ def waiting_is_exact(port: Any) -> bool:
     return isinstance(port, serial.Serial) or type(port).__module__.endswith("protocol_loop")
 
 
+class FrameSource(Protocol):
+    """What a capture reads frames from: a SerialReader, or a test's recording."""
+
+    url: str
+    decoder: FrameDecoder  # its resyncs count bad frames; its sampling_rate times the first
+
+    def get(self, timeout: float) -> Frames | None: ...
+
+    def clear(self) -> int: ...
+
+    @property
+    def state(self) -> LinkState: ...
+
+
 class SerialReader:
     """Drains one serial port on its own thread into a bounded queue of decoded frames."""
 
