@@ -8,7 +8,7 @@ import json
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -21,11 +21,19 @@ from device_agent.documents.package import (
     manifest_doc,
 )
 
+T = TypeVar("T")
+
 IST = timezone(timedelta(hours=5, minutes=30))
 # A synthetic patient: no real person's identity is ever used in fixtures.
 PATIENT = {"first_name": "Test", "last_name": "Patient-7", "age": "45", "gender": "F",
            "doctor": "Dr. Synthetic", "Org.": "Demo Clinic", "patient_name": "Test Patient-7",
            "date_time": "2026-01-24 12:18:15"}
+
+
+def present(value: T | None) -> T:
+    """`value`, which the test expects to be there: a look-up's None fails the test here."""
+    assert value is not None, "expected a value, got None"
+    return value
 
 
 def make_record(ecg_data_dir: Path | None = None, *, when: datetime | None = None,
