@@ -300,7 +300,7 @@ def test_missing_leads_are_labelled_not_invented(hr06000):
 
 @pytest.mark.functional
 def test_cli_report_rerenders_from_stored_files(hr06000, tmp_path, capsys):
-    from device_agent import ecgdata
+    from device_agent.documents import ecgdata
 
     data = tmp_path / "ecg_data_20261127_093000.json"
     data.write_bytes(ecgdata.dumps(hr06000))
