@@ -15,6 +15,7 @@ import numpy as np
 from device_agent.core.record import DeviceInfo, Record
 from device_agent.documents.package import (
     Disposition,
+    Encoders,
     PackageFile,
     PackageInfo,
     build_package,
@@ -70,7 +71,8 @@ class FakeEncoders:
 
 
 def build(record: Record, patient: Mapping[str, Any] | None, out_root: Path, *,
-          disposition: Disposition | None = None, encoders: Any = None) -> PackageInfo:
+          disposition: Disposition | None = None, encoders: Encoders | None = None
+          ) -> PackageInfo:
     """build_package with fake encoders and the test device serial."""
     kwargs: dict[str, Any] = {}
     if disposition is not None:
