@@ -22,8 +22,9 @@ $(VENV)/.installed-%: pyproject.toml constraints.txt | $(BIN)/python
 install-dev: $(VENV)/.installed-test
 
 lint: $(VENV)/.installed-test
-	@$(BIN)/ruff check device_agent tests bench
+	@$(BIN)/ruff check device_agent tests bench vulture_whitelist.py
 	@$(BIN)/mypy
+	@$(BIN)/vulture
 	@$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit/test_layout.py  # the folders' rules
 
 test: lint

@@ -56,7 +56,7 @@ from device_agent.documents.package import (
     read_disposition,
 )
 from device_agent.link.framing import Frames
-from device_agent.link.port import SerialReader
+from device_agent.link.port import FrameSource
 from device_agent.ops.disk import ensure_free_space
 from device_agent.shipping.outbox import DELIVERED, Outbox
 
@@ -69,7 +69,7 @@ HELD_WARNING = ("the clock is not synchronised, so the record cannot be named ye
 
 
 def capture_record(
-    reader: SerialReader,
+    reader: FrameSource,
     settings: Settings,
     *,
     clock: Clock,
@@ -224,7 +224,7 @@ def package_and_decide(record: Record, patient: Mapping[str, Any] | None, settin
 
 
 def capture_package(
-    reader: SerialReader,
+    reader: FrameSource,
     settings: Settings,
     patient: Mapping[str, Any] | None,
     *,

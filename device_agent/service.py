@@ -319,7 +319,7 @@ class PackageCapture:
     """Serves one spool request: capture from the shared reader, build the package, decide."""
 
     settings: Settings
-    reader: SerialReader
+    reader: Reader
     outbox: Outbox
     clock: Clock
 

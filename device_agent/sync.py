@@ -130,7 +130,6 @@ class SyncLoop:
         self._last_housekeeping = -HOUSEKEEPING_EVERY_S
         self._step: tuple[str, float] | None = None
         self.conditions = ConditionLog()  # a full disk is logged once, not once per pass
-        self.last_pass_at: float | None = None  # monotonic, when a pass last completed
 
     def close(self) -> None:
         """End the drainer's executor (an upload in flight is retried on the next start)."""
@@ -207,7 +206,6 @@ class SyncLoop:
             if not self.stop.is_set():  # an interrupted pass says nothing about what ended
                 self.conditions.update("sync", conditions)
             result.pending = self.outbox.stats().pending
-            self.last_pass_at = time.monotonic()
             return result
         finally:
             self.lock.release()

@@ -184,7 +184,7 @@ class FaultProxy:
         sock.listen(64)
         sock.settimeout(0.05)
         self._listener = sock
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
     def set_mode(self, mode: str) -> None:
         """Switch fault mode and drop open connections."""

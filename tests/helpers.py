@@ -8,24 +8,33 @@ import json
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from device_agent.core.record import DeviceInfo, Record
 from device_agent.documents.package import (
     Disposition,
+    Encoders,
     PackageFile,
     PackageInfo,
     build_package,
     manifest_doc,
 )
 
+T = TypeVar("T")
+
 IST = timezone(timedelta(hours=5, minutes=30))
 # A synthetic patient: no real person's identity is ever used in fixtures.
 PATIENT = {"first_name": "Test", "last_name": "Patient-7", "age": "45", "gender": "F",
            "doctor": "Dr. Synthetic", "Org.": "Demo Clinic", "patient_name": "Test Patient-7",
            "date_time": "2026-01-24 12:18:15"}
+
+
+def present(value: T | None) -> T:
+    """`value`, which the test expects to be there: a look-up's None fails the test here."""
+    assert value is not None, "expected a value, got None"
+    return value
 
 
 def make_record(ecg_data_dir: Path | None = None, *, when: datetime | None = None,
@@ -62,7 +71,8 @@ class FakeEncoders:
 
 
 def build(record: Record, patient: Mapping[str, Any] | None, out_root: Path, *,
-          disposition: Disposition | None = None, encoders: Any = None) -> PackageInfo:
+          disposition: Disposition | None = None, encoders: Encoders | None = None
+          ) -> PackageInfo:
     """build_package with fake encoders and the test device serial."""
     kwargs: dict[str, Any] = {}
     if disposition is not None:

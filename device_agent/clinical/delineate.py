@@ -276,11 +276,6 @@ def noise_uv(notched_uv: np.ndarray) -> float:
     return float(np.median(sigma))
 
 
-def filter_leads(leads_uv: np.ndarray, fs: float, mains_hz: float = 50.0) -> np.ndarray:
-    """Lost samples bridged, mains notched, 0.5-30 Hz zero-phase band-pass (leads x samples)."""
-    return _band(notched(leads_uv, fs, mains_hz), fs)
-
-
 def _band(x: np.ndarray, fs: float, low_pass_hz: float = LOW_PASS_HZ) -> np.ndarray:
     n = x.shape[1]
     pad = min(n - 1, int(fs))

@@ -31,7 +31,7 @@ from types import FrameType
 from typing import Any
 
 from device_agent import __version__
-from device_agent.core.errors import AgentError, ConfigError
+from device_agent.core.errors import AgentError
 from device_agent.core.fsutil import storage_condition, storage_message
 
 log = logging.getLogger("device_agent")
@@ -331,8 +331,3 @@ def _report(args: argparse.Namespace, exc: BaseException, message: str) -> None:
         log.error("%s", message, exc_info=exc)
     else:
         log.error("%s", message)
-
-
-def usage_error(message: str) -> ConfigError:
-    """A usage mistake as the one-line, exit-2 error every command gives."""
-    return ConfigError(message)

@@ -15,7 +15,7 @@ import logging
 import re
 import stat
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -533,16 +533,3 @@ def _check_combinations(values: Mapping[str, Any], sources: Mapping[str, str]) -
         if missing:
             raise ConfigError("AWS_IOT_CREDENTIAL_ENDPOINT is set but " + ", ".join(missing)
                               + " is not: set them in the env file (docs/fleet-identity.md)")
-
-
-def setting_key(attr: str) -> str:
-    """The environment key of a Settings attribute (for messages)."""
-    for key in KEYS:
-        if key.attr == attr:
-            return key.env
-    raise KeyError(attr)
-
-
-def settings_fields() -> tuple[str, ...]:
-    """Every Settings attribute name (tests compare them with KEYS)."""
-    return tuple(f.name for f in fields(Settings) if f.name != "sources")

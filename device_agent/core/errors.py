@@ -45,12 +45,6 @@ class DiskSpaceError(AgentError, OSError):
     exit_code = 3
 
 
-class ClockNotSynced(AgentError):
-    """The wall clock is not synchronised yet, so a record cannot be named."""
-
-    exit_code = 3
-
-
 class UploadError(AgentError):
     """An S3 operation failed; `retryable` says whether trying later can help.
 
@@ -83,12 +77,6 @@ class UsersFileError(AgentError, ValueError):
 
 class PatientDetailsError(AgentError, ValueError):
     """The patient block of a capture request is malformed; nothing was written."""
-
-    exit_code = 2
-
-
-class InputRefused(AgentError, ValueError):
-    """A file the agent was asked to read is not a bounded regular file (link, FIFO, huge)."""
 
     exit_code = 2
 

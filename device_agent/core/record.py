@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from device_agent.core.config import Settings
 
 MEASURED_LEADS = ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6")
 DERIVED_LEADS = ("III", "aVR", "aVL", "aVF")
@@ -99,10 +102,6 @@ class Record:
         return int(self.samples.shape[1])
 
     @property
-    def duration_s(self) -> float:
-        return self.n_samples / self.sampling_rate
-
-    @property
     def stamp(self) -> str:
         """`YYYYMMDD_HHMMSS` in the acquisition's local time: every name derives from it."""
         return self.acquired_at.strftime("%Y%m%d_%H%M%S")
@@ -178,7 +177,7 @@ def build_record(
     *,
     n_samples: int,
     acquired_at: datetime,
-    settings: Any,
+    settings: Settings,
     device: DeviceInfo | None = None,
     record_id: str | None = None,
     bad_frames: int = 0,
@@ -226,7 +225,7 @@ def build_record(
 
 def _quality(
     samples: np.ndarray, received: np.ndarray, flags: np.ndarray, counts: np.ndarray, *,
-    rate: int, settings: Any, bad_frames: int,
+    rate: int, settings: Settings, bad_frames: int,
 ) -> Quality:
     n = received.size
     lost = n - int(received.sum())

@@ -27,7 +27,6 @@ KINDS = (
 )
 CONTENT_TYPES = {".pdf": "application/pdf", ".json": "application/json",
                  ".dcm": "application/dicom"}
-KEY_MAX_BYTES = 1024  # S3's limit on a key, in UTF-8 bytes
 USERNAME_MAX = 64
 
 _DATE_PREFIX_RE = re.compile(r"^\d{4}/\d{2}/\d{2}$")

@@ -291,7 +291,6 @@ class FrameDecoder:
         self.frames_lost = 0
         self.frames_rejected = 0  # counter fits neither neighbour (see `impostors`)
         self.garbage_bytes = 0
-        self.bytes_fed = 0
         self.wraps_from_timing = 0
         self.resyncs = 0  # runs of bytes that formed no frame (bad frames, junk), rejected frames
         self._in_junk = False
@@ -303,7 +302,6 @@ class FrameDecoder:
 
     def feed(self, data: bytes | bytearray | memoryview, arrival: float | None = None) -> Frames:
         """Place every complete frame in tail + data; keep an incomplete end for next time."""
-        self.bytes_fed += len(data)
         chunk = np.frombuffer(data, np.uint8)
         buf = np.concatenate((self._tail, chunk)) if self._tail.size else chunk
         rows = _aligned(buf, self.verify)

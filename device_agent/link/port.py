@@ -26,12 +26,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import serial
 
 from device_agent.core.errors import SerialLinkError
 from device_agent.link.framing import FrameDecoder, Frames
+
+if TYPE_CHECKING:
+    from device_agent.core.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +117,20 @@ def waiting_is_exact(port: Any) -> bool:
     return isinstance(port, serial.Serial) or type(port).__module__.endswith("protocol_loop")
 
 
+class FrameSource(Protocol):
+    """What a capture reads frames from: a SerialReader, or a test's recording."""
+
+    url: str
+    decoder: FrameDecoder  # its resyncs count bad frames; its sampling_rate times the first
+
+    def get(self, timeout: float) -> Frames | None: ...
+
+    def clear(self) -> int: ...
+
+    @property
+    def state(self) -> LinkState: ...
+
+
 class SerialReader:
     """Drains one serial port on its own thread into a bounded queue of decoded frames."""
 
@@ -157,7 +174,8 @@ class SerialReader:
         self._ever_connected = False
 
     @classmethod
-    def from_settings(cls, settings: Any, url: str | None = None, **kwargs: Any) -> SerialReader:
+    def from_settings(cls, settings: Settings, url: str | None = None,
+                      **kwargs: Any) -> SerialReader:
         """A reader for settings.serial_port (or `url`) decoding with the configured byte order."""
         decoder = kwargs.pop("decoder", None) or FrameDecoder(
             byte_order=settings.byte_order, sampling_rate=settings.sampling_rate)

@@ -36,13 +36,6 @@ def ensure_free_space(path: Path, reserve_mb: int) -> None:
             "(retention then prunes them) or free space on the SD card")
 
 
-def disk_full_error(path: Path | str) -> DiskSpaceError:
-    """The one-line message for a write that hit a full disk."""
-    return DiskSpaceError(
-        f"disk full while writing under {path}: nothing already stored was lost and the write "
-        "will be retried; free space on the SD card or lower RETENTION_DAYS")
-
-
 @dataclass(frozen=True)
 class PruneResult:
     folders: tuple[Path, ...]

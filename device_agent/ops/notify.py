@@ -50,10 +50,6 @@ class Notifier:
         """Build from the process environment (call at the process edge only)."""
         return cls(environ.get("NOTIFY_SOCKET"), watchdog_s=watchdog_interval(environ))
 
-    @property
-    def enabled(self) -> bool:
-        return self.socket_name is not None
-
     def send(self, *fields: str) -> bool:
         """Send one datagram of `KEY=VALUE` lines; False (logged once per failure) if it failed."""
         if not self.socket_name:

@@ -157,7 +157,6 @@ class Drainer:
         self._flights_lock = threading.Lock()
         self._pauses = 0
         self._listings: dict[str, dict[str, tuple[str, int]] | None] = {}
-        self.last_progress = time.monotonic()
 
     def close(self) -> None:
         """End the executor; an upload still in flight is abandoned (retried next start)."""
@@ -188,7 +187,6 @@ class Drainer:
         paused = self.outbox.paused(self.clock.time())
         if paused is not None:
             result.paused = paused[1]
-            self.last_progress = time.monotonic()
             return result
         tried: set[int] = set()
         for _ in range(2):
@@ -197,7 +195,6 @@ class Drainer:
                 break
             tried.update(i.id for i in items)
             self._ship_all(items, result)
-        self.last_progress = time.monotonic()
         return result
 
     def _ship_all(self, items: list[Item], result: DrainResult) -> None:
@@ -255,7 +252,6 @@ class Drainer:
                 outcome = UploadError(f"unexpected {type(exc).__name__}: {exc}",
                                       retryable=True, code=type(exc).__name__)
             self._record(item, outcome, result)
-            self.last_progress = time.monotonic()
 
     def _limit(self, item: Item) -> float:
         assert self.uploader is not None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -71,7 +70,3 @@ class Queue(Protocol):
     def created_at(self) -> float: ...
 
     def stats(self, now: float | None = None) -> Stats: ...
-
-
-class HasStatePath(Protocol):
-    state_dir: Path

@@ -44,7 +44,6 @@ CREATED = "created"
 ALREADY_DELIVERED = "already_delivered"
 COLLISION = "collision"
 REPLACED = "replaced"
-OUTCOMES = (CREATED, ALREADY_DELIVERED, COLLISION, REPLACED)
 OWNER_TAG = "device"
 
 _QUEUE_HINT_RETRY = "; the queue waits and retries"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from device_agent.lab.demo import bucket_tree
+from tests.helpers import present
 
 SPEC = Path(__file__).resolve().parents[2] / "docs" / "s3-layout.md"
 
@@ -40,7 +41,7 @@ def test_demo_runs_end_to_end_and_prints_todays_layout(tmp_path: Path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
-    stamp = re.search(r"package (\d{8}_\d{6}) written", out).group(1)
+    stamp = present(re.search(r"package (\d{8}_\d{6}) written", out)).group(1)
     date = f"{stamp[:4]}/{stamp[4:6]}/{stamp[6:8]}"
     keys = [f"ecg-reports/{date}/{stamp}/{n}_{stamp}.{e}" for n, e in (
         ("ECG_Report", "pdf"), ("patient_details", "json"), ("ecg_data", "json"),
@@ -55,6 +56,6 @@ def test_demo_runs_end_to_end_and_prints_todays_layout(tmp_path: Path):
     example = example.replace("└── ecg_data", "├── ecg_data")  # two more files come after
     assert example in out, f"expected\n{example}\nin\n{out}"
     assert "5 intact, 0 missing or different" in out
-    pdf = tmp_path / Path(re.search(r"report \(PDF\): (\S+)", out).group(1))
+    pdf = tmp_path / Path(present(re.search(r"report \(PDF\): (\S+)", out)).group(1))
     assert pdf.read_bytes().startswith(b"%PDF")
     assert not (tmp_path / "demo" / "board-tty").exists(), "the simulator's link was left behind"

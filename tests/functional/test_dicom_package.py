@@ -16,7 +16,7 @@ from device_agent.documents.dicom import MEASUREMENT_CODES
 from device_agent.documents.package import load_package
 from device_agent.lab.wfdb import to_record
 from tests.helpers import PATIENT, build
-from tests.unit.test_dicom import annotations, read, stored_and_uv
+from tests.unit.test_dicom import numeric_annotations, read, stored_and_uv
 
 pytestmark = pytest.mark.functional
 
@@ -40,7 +40,7 @@ def test_the_package_carries_a_valid_dicom_ecg_equal_to_its_json(tmp_path, ecg_d
     _raw, step, uv = stored_and_uv(ds)
     error = np.abs(uv - js.samples)
     assert np.all(error <= step[:, None] / 2 + 1e-9), "every sample within one step"
-    got = annotations(ds)
+    got = numeric_annotations(ds)
     for key, (scheme, code, _meaning, _unit) in MEASUREMENT_CODES.items():
         value = js.measurements.get(key)
         if value is None and key == "rr_ms":

@@ -191,7 +191,7 @@ def test_the_largest_record_the_unit_captures_is_read(tmp_path, capsys):
     assert rc == 0 and "error" not in json.loads(out)
 
 
-_VALUE = st.one_of(
+_VALUE: st.SearchStrategy[object] = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True, width=64),
     st.integers(-(10**30), 10**30),
     st.sampled_from(["a", "", None, True, [], {}, [1.0]]),

@@ -86,7 +86,7 @@ def test_outage_refused_slowdown_reset_then_everything_once(tmp_path, s3_endpoin
         items = box.items()
         after = box.stats()
     numbers = {"attempts": sum(i.attempts for i in items), "objects": len(objects), **counts,
-               "outcomes": sorted({i.outcome for i in items})}
+               "outcomes": sorted({str(i.outcome) for i in items})}
     with capsys.disabled():
         print(f"\nnetwork faults: {numbers}")
     assert during.delivered < 5 * RECORDS, "the outage must have blocked delivery"

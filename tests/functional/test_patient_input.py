@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,7 +28,7 @@ LEGACY_PATIENT = REPO / "tests" / "data" / "legacy" / "patient_details.json"
 CPM = 400.0
 
 
-def _package(tmp_path: Path, ecg_data_dir: Path, patient: dict):
+def _package(tmp_path: Path, ecg_data_dir: Path, patient: Mapping[str, Any] | None):
     s = load_settings(environ={}, overrides={"STATE_DIR": str(tmp_path)})
     record = measure_once(to_record(ecg_data_dir / "HR06000", record_id="pat-1"), mains_hz=50)
     info = build(record, patient, tmp_path / "records", encoders=PackageEncoders(s))

@@ -3,6 +3,7 @@ captures handed over through the spool, and (functional) the whole thing end to 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -11,15 +12,16 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from device_agent.commands.capture import via_service
 from device_agent.core.clock import Clock
 from device_agent.core.config import load_settings
+from device_agent.core.errors import AgentError
+from device_agent.link.framing import FrameDecoder, Frames
+from device_agent.link.port import LinkState
 from device_agent.ops.notify import Notifier
 from device_agent.ops.spool import ServiceLock, Spool, running_pid
 from device_agent.ops.status import collect_status
@@ -31,27 +33,36 @@ from tests.conftest import wait_until
 REPO = Path(__file__).resolve().parents[2]
 
 
-@dataclass
-class FakeLink:
-    connected: bool
-    last_byte_at: float | None = None
-    frames_decoded: int = 0
-    reconnects: int = 0
-    last_error: str | None = None
-
-
 class FakeReader:
+    """The board link's shape (service.Reader): connected or not, and no frames ever."""
+
+    url = "fake://board"
+
     def __init__(self, connected: bool) -> None:
-        self.state = FakeLink(connected, time.monotonic() if connected else None, 1234, 0,
-                              None if connected else "No such file or directory")
+        self.connected = connected
+        self.last_byte_at = time.monotonic() if connected else None
+        self.frames_decoded = 1234
+        self.last_error = None if connected else "No such file or directory"
+        self.decoder = FrameDecoder(byte_order="high-first", sampling_rate=500)
         self.started = self.stopped = False
 
-    def start(self):
+    def start(self, *, fail_fast: bool = False) -> FakeReader:
         self.started = True
         return self
 
-    def stop(self):
+    def stop(self, timeout: float = 2.0) -> None:
         self.stopped = True
+
+    def get(self, timeout: float) -> Frames | None:
+        return None
+
+    def clear(self) -> int:
+        return 0
+
+    @property
+    def state(self) -> LinkState:
+        return LinkState(self.url, self.connected, self.last_byte_at, 0, self.frames_decoded,
+                         0, 0, 0, 0, self.last_error)
 
 
 class FakeSync:
@@ -146,7 +157,7 @@ def test_ready_watchdog_status_in_order_and_stop(tmp_path: Path, monkeypatch):
     with Harness(tmp_path, connected=True) as h:
         wait_until(lambda: sum(m == "WATCHDOG=1" for m in h.received()) >= 3, timeout=10,
                    what="three watchdog pings")
-        h.reader.state.frames_decoded = 99999  # not in STATUS; the queue depth is
+        h.reader.frames_decoded = 99999  # not in STATUS; the queue depth is
         box = Path(h.settings.state_dir) / "spool"
         assert box.is_dir()
         h.stop.set()
@@ -246,9 +257,11 @@ def test_status_exit_code_says_which_part_is_unavailable(tmp_path: Path, capsys,
 def test_capture_without_board_is_answered_clearly(tmp_path: Path):
     from device_agent.ops.spool import Request
 
-    reader = FakeReader(False)
-    cap = PackageCapture(_settings(tmp_path), reader, None, FakeClock())
-    out = cap(Request(id="x", seconds=1, patient=None, no_upload=True, deadline=time.time() + 9))
+    settings = _settings(tmp_path)
+    with Outbox.open(settings) as outbox:
+        cap = PackageCapture(settings, FakeReader(False), outbox, FakeClock())
+        out = cap(Request(id="x", seconds=1, patient=None, no_upload=True,
+                          deadline=time.time() + 9))
     assert out["ok"] is False and out["exit_code"] == 3
     assert "not connected" in out["error"] and "USB cable" in out["error"]
 
@@ -257,22 +270,21 @@ def test_capture_refused_under_the_disk_reserve(tmp_path: Path):
     from device_agent.core.errors import DiskSpaceError
     from device_agent.ops.spool import Request
 
-    cap = PackageCapture(_settings(tmp_path, DISK_RESERVE_MB="999999"), FakeReader(True),
-                         None, FakeClock())
-    with pytest.raises(DiskSpaceError, match="DISK_RESERVE_MB"):
-        cap(Request(id="x", seconds=1, patient=None, no_upload=True,
-                    deadline=time.time() + 9))
+    settings = _settings(tmp_path, DISK_RESERVE_MB="999999")
+    with Outbox.open(settings) as outbox, pytest.raises(DiskSpaceError, match="DISK_RESERVE_MB"):
+        PackageCapture(settings, FakeReader(True), outbox, FakeClock())(
+            Request(id="x", seconds=1, patient=None, no_upload=True, deadline=time.time() + 9))
 
 
 def test_capture_via_service_prints_folder_and_maps_errors(tmp_path: Path, capsys):
     failing = {"ok": False, "exit_code": 3, "error": "the board is not connected on /dev/x"}
     with Harness(tmp_path, connected=True, capture=lambda r: failing) as h:
         wait_until(lambda: h.received(), what="READY")
-        args = SimpleNamespace(out=None, no_upload=True)
-        with pytest.raises(Exception, match="not connected") as info:
+        args = argparse.Namespace(out=None, no_upload=True)
+        with pytest.raises(AgentError, match="not connected") as info:
             via_service(h.settings, args, None)
         assert info.value.exit_code == 3
-    assert via_service(h.settings, SimpleNamespace(out=None, no_upload=False), None) is None, \
+    assert via_service(h.settings, argparse.Namespace(out=None, no_upload=False), None) is None, \
         "no service: the caller captures itself"
 
 
@@ -345,6 +357,7 @@ def test_capture_while_run_is_active_goes_through_the_service(
     cli = [sys.executable, "-m", "device_agent", "--env-file", str(env_file)]
     service = subprocess.Popen([*cli, "run"], env=env, cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert service.stdout is not None and service.stderr is not None
     try:
         wait_until(lambda: any(m.startswith("READY=1") for m in drain()), timeout=30,
                    what="READY=1 from the service")

@@ -41,12 +41,12 @@ def _counts(record) -> np.ndarray:
     """The board counts a record holds (samples back through its adc baseline), (n, 8)."""
     base = np.array(record.adc.baseline)
     uv = np.stack([record.samples[LEAD_ORDER.index(k)] for k in MEASURED_LEADS]).T
-    return np.rint(uv / STEP + base).astype(int)
+    return np.asarray(np.rint(uv / STEP + base).astype(int))
 
 
 def _stream(sim: BoardSimulator, first: int, n: int) -> np.ndarray:
     """The counts the simulator streams as frames first..first+n-1 (through its loop seam)."""
-    return sim.counts[sim.source_index(first + np.arange(n))].astype(int)
+    return np.asarray(sim.counts[sim.source_index(first + np.arange(n))].astype(int))
 
 
 def _align(sim: BoardSimulator, got: np.ndarray, arrived: np.ndarray | None = None) -> int:
@@ -301,6 +301,7 @@ def test_sigterm_to_a_process_that_stops_the_simulator_removes_the_link(ecg_data
         "    signal.pause()",
     ])
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
     try:
         assert proc.stdout.readline().strip() == "ready"
         assert os.readlink(link).startswith("/dev/pts/")

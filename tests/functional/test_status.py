@@ -9,24 +9,21 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from device_agent.commands import main
+from device_agent.core.clock import Clock
 from device_agent.core.config import load_settings
 from device_agent.ops.doctor import Account, port_holders, run_doctor, service_account
 from device_agent.ops.spool import ServiceAlreadyRunning, ServiceLock, Spool, running_pid
 from device_agent.ops.status import collect_status, write_status_file
+from tests.helpers import present
 
 
-class FakeClock:
-    def __init__(self, synced: bool) -> None:
-        self._synced = synced
-
-    def state(self):
-        reason = "test says so" if self._synced else "kernel reports no NTP sync"
-        return SimpleNamespace(synced=self._synced, reason=reason)
+def synced_clock(synced: bool) -> Clock:
+    """The real clock, with the NTP evidence (the kernel's answer) the test decides."""
+    return Clock(check="ntp", kernel=lambda: synced, timesyncd=lambda: False)
 
 
 def _settings(tmp_path: Path, **env: str):
@@ -53,6 +50,7 @@ def test_service_lock_dies_with_its_process(tmp_path: Path):
             "ServiceLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
                             text=True)
+    assert proc.stdout is not None
     try:
         assert proc.stdout.readline().strip() == "locked"
         assert running_pid(tmp_path) == proc.pid
@@ -146,7 +144,7 @@ def test_status_reads_outbox_read_only(tmp_path: Path):
         box.add_file(f, kind="ecg_report_pdf", key="ecg-reports/a.pdf", sha256="0" * 64, size=1)
     db = Path(settings.state_dir) / "outbox.sqlite3"
     before = db.read_bytes()
-    s = collect_status(settings, clock=FakeClock(True), now=time.time() + 90)
+    s = collect_status(settings, clock=synced_clock(True), now=time.time() + 90)
     assert s["outbox"]["pending"] == 1
     assert 85 <= s["outbox"]["oldest_pending_age_s"] <= 95
     assert db.read_bytes() == before
@@ -157,7 +155,7 @@ def test_status_stale_file_means_hung(tmp_path: Path):
     with ServiceLock(settings.state_dir):
         write_status_file(settings.state_dir, {"updated_at": time.time() - 600,
                                                "phase": "running", "port": {"connected": True}})
-        s = collect_status(settings, clock=FakeClock(True))
+        s = collect_status(settings, clock=synced_clock(True))
     assert s["service"]["running"] is True and s["service"]["state"] == "hung"
     assert s["port"]["connected"] is None, "a stale file's port state is not reported as live"
 
@@ -169,7 +167,7 @@ def _by_name(checks):
 
 
 def test_doctor_absent_port_and_unsynced_clock(tmp_path: Path):
-    checks = _by_name(run_doctor(_settings(tmp_path), clock=FakeClock(False)))
+    checks = _by_name(run_doctor(_settings(tmp_path), clock=synced_clock(False)))
     assert not checks["port"].ok and "plug in" in checks["port"].message
     assert not checks["clock"].ok and "timedatectl" in checks["clock"].message
     assert checks["s3"].ok  # upload disabled
@@ -177,7 +175,7 @@ def test_doctor_absent_port_and_unsynced_clock(tmp_path: Path):
 
 def test_doctor_all_ok_and_cli_exit_codes(tmp_path: Path, capsys):
     settings = _settings(tmp_path, ECG_SERIAL_PORT="loop://")
-    assert all(c.ok for c in run_doctor(settings, clock=FakeClock(True)))
+    assert all(c.ok for c in run_doctor(settings, clock=synced_clock(True)))
     env = tmp_path / ".env"
     env.write_text(f"STATE_DIR={tmp_path}\nECG_SERIAL_PORT={tmp_path / 'gone'}\n"
                    "CLOUD_UPLOAD_ENABLED=false\nDISK_RESERVE_MB=0\n")
@@ -198,7 +196,7 @@ def test_doctor_port_owned_by_another_process(tmp_path: Path):
         try:
             assert any(pid == holder.pid for pid, _ in port_holders(path))
             checks = _by_name(run_doctor(_settings(tmp_path, ECG_SERIAL_PORT=path),
-                                         clock=FakeClock(True)))
+                                         clock=synced_clock(True)))
             assert not checks["port"].ok
             assert f"pid {holder.pid}" in checks["port"].message
             assert "stop that program" in checks["port"].message
@@ -206,7 +204,7 @@ def test_doctor_port_owned_by_another_process(tmp_path: Path):
             os.write(master, b"\n")
             holder.wait(timeout=10)
         checks = _by_name(run_doctor(_settings(tmp_path, ECG_SERIAL_PORT=path),
-                                     clock=FakeClock(True)))
+                                     clock=synced_clock(True)))
         assert checks["port"].ok, checks["port"].message
     finally:
         os.close(master)
@@ -222,10 +220,10 @@ def _s3_settings(tmp_path: Path, endpoint: str, bucket: str, **env: str):
 @pytest.mark.functional
 def test_doctor_bucket_ok_and_missing(tmp_path: Path, s3_endpoint, s3_bucket):
     ok = _by_name(run_doctor(_s3_settings(tmp_path, s3_endpoint, s3_bucket),
-                             clock=FakeClock(True)))
+                             clock=synced_clock(True)))
     assert ok["s3"].ok, ok["s3"].message
     missing = _by_name(run_doctor(_s3_settings(tmp_path, s3_endpoint, s3_bucket + "-nope"),
-                                  clock=FakeClock(True)))
+                                  clock=synced_clock(True)))
     assert not missing["s3"].ok
     assert "does not exist" in missing["s3"].message and "AWS_S3_BUCKET" in missing["s3"].message
 
@@ -236,7 +234,7 @@ def test_doctor_wrong_credentials(tmp_path: Path, s3_endpoint, s3_bucket):
 
     settings = _s3_settings(tmp_path, s3_endpoint, s3_bucket)
     with enable_iam_authentication():  # moto's server then checks keys against its IAM
-        checks = _by_name(run_doctor(settings, clock=FakeClock(True)))
+        checks = _by_name(run_doctor(settings, clock=synced_clock(True)))
     bad = checks.get("credentials")
     assert bad is not None and not bad.ok, [c.message for c in checks.values()]
     assert "AWS_SECRET_ACCESS_KEY" in bad.message and "testing" not in bad.message
@@ -264,7 +262,7 @@ def test_queue_list_and_retry(tmp_path: Path, capsys):
     assert main(["--env-file", str(env), "queue", "retry", "--failed"]) == 0
     assert "1 failed item(s)" in capsys.readouterr().out
     with Outbox.open(settings) as box:
-        assert box.get(item_id).state == "pending"
+        assert present(box.get(item_id)).state == "pending"
 
 
 # --- doctor judges permissions as the service user, whoever runs it -------------------------
@@ -280,7 +278,7 @@ def test_doctor_as_root_still_sees_what_the_service_user_cannot(tmp_path: Path):
     os.chmod(tty, 0o600)  # a root-only port, as /dev/ttyS0 is without dialout
     try:
         checks = _by_name(run_doctor(_settings(tmp_path, ECG_SERIAL_PORT=tty),
-                                     clock=FakeClock(True), account=SERVICE))
+                                     clock=synced_clock(True), account=SERVICE))
     finally:
         os.close(slave)
         os.close(master)
@@ -290,13 +288,13 @@ def test_doctor_as_root_still_sees_what_the_service_user_cannot(tmp_path: Path):
     if os.geteuid() == 0:  # as root itself everything would look fine: the bug this fixes
         root = Account("root", 0, frozenset({0}), True)
         checks = _by_name(run_doctor(_settings(tmp_path, ECG_SERIAL_PORT="loop://"),
-                                     clock=FakeClock(True), account=root))
+                                     clock=synced_clock(True), account=root))
         assert checks["state"].ok
 
 
 def test_doctor_says_dev_null_is_not_a_serial_port_and_blames_no_process(tmp_path: Path):
     checks = _by_name(run_doctor(_settings(tmp_path, ECG_SERIAL_PORT="/dev/null"),
-                                 clock=FakeClock(True), account=SERVICE))
+                                 clock=synced_clock(True), account=SERVICE))
     assert not checks["port"].ok and "not a serial port" in checks["port"].message
     assert "kill" not in checks["port"].message and "pid" not in checks["port"].message
 

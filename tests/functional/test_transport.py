@@ -33,6 +33,7 @@ from device_agent.shipping.deadline import Deadlines
 from device_agent.shipping.uploader import Uploader, classify_error
 from tests.conftest import wait_until
 from tests.faultproxy import PORTAL_HTML, FaultProxy
+from tests.helpers import present
 from tests.pki import TestCA
 
 pytestmark = pytest.mark.functional
@@ -111,7 +112,7 @@ def test_uploader_conditional_puts_work_through_the_session(s3_endpoint, s3_buck
     again = uploader.put_new("ecg-reports/a.pdf", body, sha256=sha, metadata={},
                              content_type="application/pdf")
     assert (first.outcome, again.outcome) == ("created", "already_delivered")  # 412 path
-    assert uploader.head("ecg-reports/a.pdf").sha256 == sha
+    assert present(uploader.head("ecg-reports/a.pdf")).sha256 == sha
 
 
 def test_moto_in_process_mock_keeps_answering(monkeypatch):
@@ -404,16 +405,32 @@ def test_a_huge_credentials_answer_ends_bounded(tmp_path):
 
 # --- HTTP details on a small local server -----------------------------------------------------
 
+class _Server(ThreadingHTTPServer):
+    """The test server, with what the handler counts and the stop its slow answers watch."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
+        self.connections = 0
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, name="test-http-server")
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a client hanging up is no news
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 5
+    server: _Server
 
     def log_message(self, format: str, *args: object) -> None:  # quiet
         pass
 
     def setup(self) -> None:
         super().setup()
-        self.server.connections += 1  # type: ignore[attr-defined]
+        self.server.connections += 1
 
     def _body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -442,11 +459,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_PUT(self) -> None:
         body = self._body()
-        self.server.requests.append((dict(self.headers), body))  # type: ignore[attr-defined]
+        self.server.requests.append((dict(self.headers), body))
         self._answer(hashlib.sha256(body).hexdigest().encode())
 
     def do_GET(self) -> None:
-        stop: threading.Event = self.server.stop  # type: ignore[attr-defined]
+        stop = self.server.stop
         if self.path == "/chunked":
             self.send_response(200)
             self.send_header("Transfer-Encoding", "chunked")
@@ -480,25 +497,18 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def http_server(request) -> Iterator[ThreadingHTTPServer]:
+def http_server(request) -> Iterator[_Server]:
     """A keep-alive HTTP/1.1 server on 127.0.0.1; `server.tls` may wrap it before use."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.connections = 0  # type: ignore[attr-defined]
-    server.requests = []  # type: ignore[attr-defined]
-    server.stop = threading.Event()  # type: ignore[attr-defined]
-    server.handle_error = lambda request, address: None  # a client hanging up is no news
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              name="test-http-server")
-    server.thread = thread  # type: ignore[attr-defined]
+    server = _Server(_Handler)
     yield server
-    server.stop.set()  # type: ignore[attr-defined]
-    if thread.is_alive():
+    server.stop.set()
+    if server.thread.is_alive():
         server.shutdown()
     server.server_close()
 
 
-def _start(server: ThreadingHTTPServer) -> str:
-    server.thread.start()  # type: ignore[attr-defined]
+def _start(server: _Server) -> str:
+    server.thread.start()
     return f"http://127.0.0.1:{server.server_address[1]}"
 
 

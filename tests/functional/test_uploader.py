@@ -29,7 +29,7 @@ from device_agent.shipping.uploader import (
     make_client,
 )
 from tests.faultproxy import FaultProxy
-from tests.helpers import FakeEncoders, build, make_record
+from tests.helpers import FakeEncoders, build, make_record, present
 
 LAYOUT = Path(__file__).resolve().parents[2] / "docs" / "s3-layout.md"
 IST = timezone(timedelta(hours=5, minutes=30))
@@ -77,7 +77,7 @@ def _layout_package_keys(date_prefix: str, stamp: str) -> list[str]:
     example = layout.split("### Example 2", 1)[1].split("###", 1)[0]
     names = re.findall(r"[\w.]+_20260124_121815\.\w+", example)
     assert len(names) == 3, names
-    manifest = re.search(r"`(manifest_\{stamp\}\.json)`", layout).group(1)
+    manifest = present(re.search(r"`(manifest_\{stamp\}\.json)`", layout)).group(1)
     names.append(manifest.replace("{stamp}", "20260124_121815"))
     return sorted(
         f"ecg-reports/2026/01/24/20260124_121815/{n}"
@@ -130,7 +130,7 @@ def test_package_lands_with_exact_layout_and_clean_metadata(tmp_path, settings, 
 def test_a_captive_portal_200_is_never_taken_as_delivery(tmp_path, s3_endpoint, s3_bucket,
                                                          s3_env):
     """An endpoint answering 200 OK with an HTML page stores nothing and proves nothing."""
-    port = int(MOTO_PORT.search(s3_endpoint)[1])
+    port = int(present(MOTO_PORT.search(s3_endpoint))[1])
     with FaultProxy(port) as proxy:
         proxy.set_mode("portal")
         settings = _settings(tmp_path, proxy.url, AWS_S3_BUCKET=s3_bucket,
@@ -153,7 +153,7 @@ def test_a_captive_portal_200_is_never_taken_as_delivery(tmp_path, s3_endpoint, 
 @pytest.mark.functional
 def test_a_dripping_answer_ends_at_the_deadline_and_delivers_later(tmp_path, s3_endpoint,
                                                                    s3_bucket, s3_env):
-    port = int(MOTO_PORT.search(s3_endpoint)[1])
+    port = int(present(MOTO_PORT.search(s3_endpoint))[1])
     with FaultProxy(port, drip_interval_s=0.5) as proxy:
         proxy.set_mode("drip")
         settings = _settings(tmp_path, proxy.url, AWS_S3_BUCKET=s3_bucket,
@@ -427,7 +427,9 @@ def test_one_deadline_value_for_the_transport_and_the_watchdog(tmp_path):
                       stop=threading.Event(), executor=SynchronousExecutor())
     try:
         item = types.SimpleNamespace(size=mib)
-        assert drainer._limit(item) == uploader.max_duration_s(mib) + 30  # the watchdog's
+        # _limit reads only the item's size
+        limit = drainer._limit(item)  # type: ignore[arg-type]
+        assert limit == uploader.max_duration_s(mib) + 30  # the watchdog's
     finally:
         drainer.close()
 

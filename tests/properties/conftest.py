@@ -10,14 +10,16 @@ database written into the checkout.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
 SLOW_FACTOR = 10
-_BASE = dict(deadline=None, derandomize=True, database=None, print_blob=True,
-             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                    HealthCheck.filter_too_much])
+_BASE: dict[str, Any] = dict(
+    deadline=None, derandomize=True, database=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                           HealthCheck.filter_too_much])
 if os.environ.get("PROPS_SHRINK") == "0":  # while developing: report the first failure fast
     _BASE["phases"] = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target]
 settings.register_profile("props-ci", **_BASE)

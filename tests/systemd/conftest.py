@@ -25,7 +25,7 @@ CHECKOUT = ("pyproject.toml", "README.md", "constraints.txt", "Makefile", "devic
 TIMINGS: dict[str, float] = {}
 
 
-def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+def pytest_terminal_summary(terminalreporter) -> None:
     if TIMINGS:
         terminalreporter.write_line("nspawn tier timings: " + ", ".join(
             f"{k} {v:.1f} s" for k, v in TIMINGS.items()))

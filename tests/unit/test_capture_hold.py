@@ -12,7 +12,8 @@ from device_agent.core.clock import Clock, held_dir
 from device_agent.core.config import load_settings
 from device_agent.lab.demo import default_record
 from device_agent.lab.simulator import encode_frames, record_counts
-from device_agent.link.framing import FrameDecoder
+from device_agent.link.framing import FrameDecoder, Frames
+from device_agent.link.port import LinkState
 from device_agent.shipping.outbox import Outbox
 
 BOOT_1970 = 3600.0  # a board without an RTC boots at the epoch
@@ -32,8 +33,14 @@ class FramesReader:
     def clear(self) -> int:
         return 0
 
-    def get(self, timeout: float):
+    def get(self, timeout: float) -> Frames | None:
         return self.batches.pop(0) if self.batches else None
+
+    @property
+    def state(self) -> LinkState:
+        d = self.decoder
+        return LinkState(self.url, True, None, 0, d.frames_decoded, d.frames_lost,
+                         d.garbage_bytes, 0, 0, None)
 
 
 class StepClock(Clock):
@@ -89,6 +96,7 @@ def test_capture_held_in_an_earlier_boot_is_never_guessed(tmp_path: Path, monkey
     with Outbox.open(settings) as outbox:
         outcome = capture_package(FramesReader(settings), settings, None, outbox=outbox,
                                   clock=clock)
+        assert outcome.held is not None
         ticket = outcome.held / "held.json"
         data = json.loads(ticket.read_text())
         ticket.write_text(json.dumps({**data, "boot_id": "an-earlier-boot"}))
@@ -116,6 +124,7 @@ def test_a_named_held_record_keeps_its_name_across_a_reboot_and_a_later_clock(tm
         outcome = capture_package(FramesReader(settings), settings, None, outbox=outbox,
                                   clock=clock)
         folder = outcome.held
+        assert folder is not None and outcome.record.record_id is not None
         from datetime import datetime
 
         first = name_held(folder, datetime.fromtimestamp(1_800_000_000.9995).astimezone(),
@@ -147,7 +156,7 @@ def test_a_release_cut_while_removing_the_held_copy_is_finished_not_redone(tmp_p
                                   clock=clock)
         clock.wall, clock.is_synced = 1_800_000_000.0, True
         released = release_held(settings, outbox=outbox, clock=clock)
-        assert len(released) == 1
+        assert len(released) == 1 and outcome.held is not None
         pending = outbox.stats().pending
         # what a cut after the ticket's unlink leaves: the rest of the folder
         leftover = outcome.held.parent / "cut-part-way"

@@ -66,7 +66,7 @@ def stored_and_uv(ds: pydicom.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return raw, step, raw * step[:, None] + base[:, None]
 
 
-def annotations(ds: pydicom.Dataset) -> dict[tuple[str, str], tuple[float, str]]:
+def numeric_annotations(ds: pydicom.Dataset) -> dict[tuple[str, str], tuple[float, str]]:
     """(scheme, code) -> (numeric value, UCUM unit) for each numeric annotation."""
     out = {}
     for item in ds.get("WaveformAnnotationSequence", []):
@@ -135,7 +135,7 @@ def test_a_lead_beyond_int16_is_stored_in_coarser_steps_within_one_step(json_rec
 
 def test_measurements_are_annotations_with_their_codes_and_units(json_record):
     ds = read(encode_ecg(json_record, None, equipment=EQUIPMENT))
-    got = annotations(ds)
+    got = numeric_annotations(ds)
     assert got == {
         ("MDC", "2:16016"): (68.6, "/min"),
         ("MDC", "2:16168"): (875.0, "ms"),
@@ -162,7 +162,7 @@ def test_no_measurements_means_no_annotation_module(json_record):
 def test_the_older_rr_mean_ms_key_is_the_rr_interval(json_record):
     older = dataclasses.replace(json_record, measurements={"heart_rate_bpm": 70.0,
                                                            "rr_mean_ms": 857})
-    got = annotations(read(encode_ecg(older, None, equipment=EQUIPMENT)))
+    got = numeric_annotations(read(encode_ecg(older, None, equipment=EQUIPMENT)))
     assert got == {("MDC", "2:16016"): (70.0, "/min"), ("MDC", "2:16168"): (857.0, "ms")}
 
 

@@ -94,7 +94,7 @@ def test_checksum_verifier_is_pluggable():
     arr[4, 4] ^= 0xFF  # a bad checksum on frame 4
 
     def verify(frames: np.ndarray) -> np.ndarray:
-        return frames[:, 4] == (frames[:, 5:21].sum(axis=1) & 0xFF)
+        return np.asarray(frames[:, 4] == (frames[:, 5:21].sum(axis=1) & 0xFF))
 
     frames, _ = _decode(arr.tobytes(), verify=verify)
     assert 4 not in frames.position.tolist() and len(frames) == 19
@@ -263,9 +263,9 @@ def test_the_layout_table_is_the_spec(electrode, byte, bit):
     from device_agent.core.record import ELECTRODES
 
     flags = np.ones((1, 9), bool)
-    on = encode_frames(np.full((1, 8), 0x0FFF, np.uint16), [3], flags)[0]
+    on = encode_frames(np.full((1, 8), 0x0FFF, np.uint16), np.array([3]), flags)[0]
     flags[0, ELECTRODES.index(electrode)] = False
-    off = encode_frames(np.full((1, 8), 0x0FFF, np.uint16), [3], flags)[0]
+    off = encode_frames(np.full((1, 8), 0x0FFF, np.uint16), np.array([3]), flags)[0]
     changed = np.flatnonzero(on[5:] != off[5:]) + 5  # (the checksum changes too)
     assert changed.tolist() == [byte]  # high-first: channel c at bytes 5 + 2c, 6 + 2c
     assert on[byte] ^ off[byte] == 1 << bit

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from device_agent.shipping.outbox import LEGACY_OUTCOME, Outbox
+from tests.helpers import present
 
 
 def test_a_queued_report_the_legacy_app_sent_first_is_settled_not_sent(tmp_path):
@@ -18,7 +19,7 @@ def test_a_queued_report_the_legacy_app_sent_first_is_settled_not_sent(tmp_path)
         assert outbox.adopt_report(report, kind="ecg_report_pdf", key="legacy/k",
                                    sha256="a" * 64, size=14)
         assert outbox.due() == []
-        assert outbox.get(item).outcome == LEGACY_OUTCOME
+        assert present(outbox.get(item)).outcome == LEGACY_OUTCOME
         assert not outbox.adopt_report(report, kind="ecg_report_pdf", key="legacy/k",
                                        sha256="a" * 64, size=14), "once"
 
@@ -31,7 +32,7 @@ def test_a_queued_signup_the_legacy_app_sent_first_is_settled_not_sent(tmp_path)
                                  size=2)
         assert item is not None
         assert outbox.adopt_user("ptr", "2026-01-24")
-        assert outbox.due() == [] and outbox.get(item).outcome == LEGACY_OUTCOME
+        assert outbox.due() == [] and present(outbox.get(item)).outcome == LEGACY_OUTCOME
         assert outbox.adopt_user("someone", "2026-01-24") and "someone" in outbox.known_users()
         assert not outbox.adopt_user("someone", "2026-01-24")
 

@@ -65,7 +65,7 @@ def test_ready_then_watchdog_then_status_in_order(socket_name: str):
 
 def test_no_socket_is_a_noop():
     notifier = Notifier.from_environ({})
-    assert not notifier.enabled
+    assert notifier.socket_name is None
     assert not notifier.ready()
     assert not notifier.watchdog()
     assert not notifier.status("x")

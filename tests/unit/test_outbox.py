@@ -12,7 +12,7 @@ import pytest
 
 from device_agent.shipping.enqueue import reconcile_folders
 from device_agent.shipping.outbox import DELIVERED, FAILED, PENDING, Outbox, OutboxVersionError
-from tests.helpers import make_package
+from tests.helpers import make_package, present
 
 
 @pytest.fixture
@@ -108,7 +108,7 @@ def test_state_survives_reopen(tmp_path):
         item = box.due()[0]
         box.mark_delivered(item.id, etag='"x"', final_key=item.key, outcome="created")
     with Outbox(db) as box:
-        assert box.get(item.id).state == DELIVERED
+        assert present(box.get(item.id)).state == DELIVERED
         assert box.stats().pending == 3
         assert box.stats().delivered == 1
 
@@ -164,7 +164,7 @@ def test_an_outbox_written_by_0_1_0_upgrades_without_losing_a_queued_item(v0_sta
         stats = box.stats()
         assert (stats.pending, stats.failed, stats.delivered) == (6, 1, 5)
         # the replaced report still carries the ETag it must match, and knows its v1
-        v2 = box.get(10)
+        v2 = present(box.get(10))
         assert v2.if_match == '"r1"' and v2.prior_sha256 == ()
         assert box.user_stamp("synthetic_user") == "2026-11-19T08:00:00+05:30"
         # both known packages are remembered as queued (0.1.0 queued every folder)

@@ -22,7 +22,7 @@ from device_agent.documents.package import (
 from device_agent.documents.patient import read_patient, validate_patient
 from device_agent.shipping.enqueue import reconcile_folders
 from device_agent.shipping.outbox import Outbox
-from tests.helpers import PATIENT, FakeEncoders, build, make_record
+from tests.helpers import PATIENT, FakeEncoders, build, make_record, present
 
 
 def test_package_has_layout_names_and_manifest_vouches_for_files(tmp_path):
@@ -86,7 +86,7 @@ def test_reconcile_never_queues_a_withheld_or_rejected_folder(tmp_path, decision
     with Outbox(tmp_path / "outbox.sqlite3") as box:
         assert reconcile_folders(root, box) == []
         assert box.due() == []
-        assert box.package_row(info.folder).disposition == decision
+        assert present(box.package_row(info.folder)).disposition == decision
         assert reconcile_folders(root, box) == []  # and on every later pass
 
 

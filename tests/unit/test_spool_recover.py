@@ -7,6 +7,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,9 +21,10 @@ from device_agent.capture import (
 )
 from device_agent.core.clock import HoldTicket, boot_id
 from device_agent.documents.package import build_package, decide
-from device_agent.ops.spool import NOTHING_KEPT, Spool, record_id_for
+from device_agent.ops.spool import NOTHING_KEPT, Request, Spool, record_id_for
 from device_agent.shipping.outbox import Outbox
 from tests.campaigns.agent_process import make_record, settings_for
+from tests.helpers import present
 
 PATIENT = {"first_name": "Synthetic", "last_name": "Kowalczyk-Recover", "age": 50,
            "gender": "F", "patient_id": "SYN-778812"}
@@ -33,7 +35,7 @@ class Cut(Exception):
     """Stands for the process dying at a checkpoint."""
 
 
-def _claimed(settings) -> tuple[Spool, object, str]:
+def _claimed(settings) -> tuple[Spool, Request, str]:
     spool = Spool(settings.state_dir).ensure()
     request = spool.submit(seconds=1.0, patient=PATIENT, no_upload=False, timeout_s=60)
     assert spool.claim() == request
@@ -46,7 +48,7 @@ def _record(settings, record_id: str):
                         mains_hz=settings.mains_hz)
 
 
-def _recover(settings, outbox, spool, request) -> dict:
+def _recover(settings, outbox, spool: Spool, request: Request) -> dict[str, Any]:
     def kept(rid: str):
         found = find_capture(settings, outbox, rid)
         return None if found is None else kept_answer(found)
@@ -73,10 +75,10 @@ def test_queued_package_is_answered_kept_with_its_record(unit):
                                  out_root=Path(settings.state_dir) / "records", withheld=False)
     answer = _recover(settings, outbox, spool, request)
     assert answer["ok"] is True and answer["exit_code"] == 0 and answer["recovered"]
-    assert answer["record_id"] == rid and answer["stamp"] == outcome.info.stamp
+    assert answer["record_id"] == rid and answer["stamp"] == present(outcome.info).stamp
     assert answer["state"] == "queued" and answer["queued"] and not answer["delivered"]
     assert "capture again" not in json.dumps(answer)
-    assert f"kept as record {rid} ({outcome.info.stamp})" in answer["warnings"][0]
+    assert f"kept as record {rid} ({present(outcome.info).stamp})" in answer["warnings"][0]
 
 
 def test_uploaded_package_is_answered_kept_and_uploaded(unit):
@@ -84,11 +86,12 @@ def test_uploaded_package_is_answered_kept_and_uploaded(unit):
     spool, request, rid = _claimed(settings)
     outcome = package_and_decide(_record(settings, rid), PATIENT, settings, outbox,
                                  out_root=Path(settings.state_dir) / "records", withheld=False)
-    for item in outbox.package_items(str(outcome.info.folder.resolve())):
+    for item in outbox.package_items(str(present(outcome.info).folder.resolve())):
         outbox.mark_delivered(item.id, etag='"e"', final_key=item.key, outcome="created")
     answer = _recover(settings, outbox, spool, request)
     assert answer["ok"] and answer["state"] == "delivered" and answer["delivered"]
-    assert "uploaded" in answer["warnings"][0] and outcome.info.stamp in answer["warnings"][0]
+    warning = answer["warnings"][0]
+    assert "uploaded" in warning and present(outcome.info).stamp in warning
 
 
 def test_manifest_written_not_yet_queued_is_kept(unit):
@@ -155,7 +158,7 @@ def test_a_rejected_capture_names_its_record_and_says_capture_again(unit):
                                  out_root=Path(settings.state_dir) / "records", withheld=False)
     answer = _recover(settings, outbox, spool, request)
     assert answer["ok"] is False and answer["exit_code"] == 1
-    assert answer["record_id"] == rid and answer["stamp"] == outcome.info.stamp
+    assert answer["record_id"] == rid and answer["stamp"] == present(outcome.info).stamp
     assert "rejected (lead II flat)" in answer["error"] and "capture again" in answer["error"]
 
 

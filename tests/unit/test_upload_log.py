@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,7 +25,7 @@ def outbox(tmp_path):
     box.close()
 
 
-def legacy_history(n: int) -> list[dict]:
+def legacy_history(n: int) -> list[dict[str, Any]]:
     """n entries in the legacy shapes of tests/data/legacy/upload_log.json (a real unit's
     log had 2,460)."""
     shapes = json.loads((FIXTURES / "upload_log.json").read_text())
@@ -150,8 +151,12 @@ def test_after_many_appends_the_log_is_rebuilt_so_old_package_files_age_out(outb
     with pytest.MonkeyPatch.context() as mp:
         calls = []
         real = Outbox.rebuild_upload_log
-        mp.setattr(Outbox, "rebuild_upload_log",
-                   lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+
+        def counted(self, *a, **k):
+            calls.append(1)
+            return real(self, *a, **k)
+
+        mp.setattr(Outbox, "rebuild_upload_log", counted)
         path = outbox.write_upload_log(reports, **BUCKET)
     assert calls == [1]
     assert len(json.loads(path.read_text())) == 5
