@@ -103,7 +103,7 @@ def _row(metric: str, value: float, baseline: float, note: str) -> dict:
 
 
 if __name__ == "__main__":
-    from run_all import _machine
+    from _common import machine
 
-    print(f"Machine: {_machine()}")
+    print(f"Machine: {machine()}")
     print_rows(run())
