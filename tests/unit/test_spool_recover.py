@@ -84,8 +84,8 @@ def test_uploaded_package_is_answered_kept_and_uploaded(unit):
     spool, request, rid = _claimed(settings)
     outcome = package_and_decide(_record(settings, rid), PATIENT, settings, outbox,
                                  out_root=Path(settings.state_dir) / "records", withheld=False)
-    for item in outbox.package_items(str(outcome.info.folder.resolve())):
-        outbox.mark_delivered(item.id, etag='"e"', final_key=item.key, outcome="created")
+    for item in outbox.items.of_package(str(outcome.info.folder.resolve())):
+        outbox.items.mark_delivered(item.id, etag='"e"', final_key=item.key, outcome="created")
     answer = _recover(settings, outbox, spool, request)
     assert answer["ok"] and answer["state"] == "delivered" and answer["delivered"]
     assert "uploaded" in answer["warnings"][0] and outcome.info.stamp in answer["warnings"][0]
