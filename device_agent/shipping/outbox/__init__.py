@@ -23,28 +23,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-from device_agent.shipping.outbox.db import DB_NAME, SCHEMA_VERSION, Database, OutboxVersionError
+from device_agent.shipping.outbox.db import DB_NAME, Database, OutboxVersionError
 from device_agent.shipping.outbox.hashes import Hashes
 from device_agent.shipping.outbox.items import (
     DELIVERED,
     FAILED,
     LEGACY_OUTCOME,
     PENDING,
-    STATES,
     Item,
     Items,
     retention_cutoff,
 )
-from device_agent.shipping.outbox.packages import PackageLike, PackageRow, Packages
+from device_agent.shipping.outbox.packages import PackageRow, Packages
 from device_agent.shipping.outbox.pause import Pause
 from device_agent.shipping.outbox.problems import Problem, Problems
 from device_agent.shipping.outbox.stats import Stats, read_only_stats, read_stats
 from device_agent.shipping.outbox.users import Users
 
 __all__ = [
-    "DB_NAME", "DELIVERED", "FAILED", "LEGACY_OUTCOME", "PENDING", "SCHEMA_VERSION", "STATES",
-    "Database", "Item", "Outbox", "OutboxVersionError", "PackageLike", "PackageRow", "Problem",
-    "Stats", "read_only_stats", "retention_cutoff",
+    "DB_NAME", "DELIVERED", "FAILED", "LEGACY_OUTCOME", "PENDING", "Item", "Outbox",
+    "OutboxVersionError", "PackageRow", "Problem", "Stats", "read_only_stats", "retention_cutoff",
 ]
 
 

@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 PENDING = "pending"
 DELIVERED = "delivered"
 FAILED = "failed"
-STATES = (PENDING, DELIVERED, FAILED)
 LEGACY_OUTCOME = "legacy"  # a row for what the legacy app delivered (legacy.py adopts it)
 
 
