@@ -281,7 +281,7 @@ def release_held(settings: Settings, *, outbox: Outbox, clock: Clock,
 
     Idempotent across crashes: the name (time and record id) is made durable in the held
     folder before any file is written under it, and a retry reuses it, whatever the clock
-    reads by then; build_package reuses the folder of the same record id and add_package
+    reads by then; build_package reuses the folder of the same record id and outbox.packages.add
     ignores a package it already has; the held copy goes only after both.
     Records held in an earlier boot and never named can never be dated from the monotonic
     clock: they move to STATE_DIR/undated/ for a person to decide, never named from a guess.
