@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
+from device_agent.core.config import Settings
 from device_agent.shipping.outbox.db import DB_NAME, Database, OutboxVersionError
 from device_agent.shipping.outbox.hashes import Hashes
 from device_agent.shipping.outbox.items import (
@@ -60,7 +60,7 @@ class Outbox:
         self.pause = Pause(self.db)
 
     @classmethod
-    def open(cls, settings: Any) -> Outbox:
+    def open(cls, settings: Settings) -> Outbox:
         """The outbox of these settings (STATE_DIR/outbox.sqlite3)."""
         return cls(Path(settings.state_dir) / DB_NAME, backoff_cap_s=settings.retry_max_backoff_s)
 
