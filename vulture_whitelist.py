@@ -70,6 +70,6 @@ _.SyncRunner
 # result (a delineation's P consistency, the link's dropped batches, a prune's freed bytes,
 # a drain's list skips, a HEAD's encryption, a fold's axis cuts) that nothing reports yet.
 # Use or delete each, then drop it here.
-_.STATES, _.add_file, _.user_stamp, _._iso
+
 _.p_consistency, _.dropped_batches, _.freed_bytes, _.skipped_by_list
 _.server_side_encryption, _.axis_cuts

@@ -62,7 +62,7 @@ def _one_record(settings, data: bytes, out: Path) -> float:
     info = build_package(record, PATIENT, out, device_serial=settings.device_serial,
                          encoders=PackageEncoders(settings))
     with Outbox.open(settings) as outbox:
-        outbox.add_package(info)
+        outbox.packages.add(info)
     return time.process_time() - started
 
 

@@ -5,7 +5,7 @@ Two state folders are measured side by side in one run:
 - year: what the agent holds after a year of BENCH_YEAR_N (10,000) delivered captures and
   BENCH_YEAR_N reports dropped in REPORTS_DIR, with RETENTION_DAYS=30 applied as the code
   applies it: captures delivered before the cutoff are pruned from disk (their rows folded
-  into the `daily` counts by Outbox.compact), the last 30 days' package folders are on disk
+  into the `daily` counts by outbox.items.compact), the last 30 days' package folders are on disk
   with their delivered rows, every report keeps its newest delivered row (compaction keeps
   it for If-Match) and its content hash in `file_hashes`, every package its `packages` row.
 

@@ -214,12 +214,12 @@ def package_and_decide(record: Record, patient: Mapping[str, Any] | None, settin
                          encoders=PackageEncoders(settings), disposition=decision,
                          checkpoint=checkpoint)
     if decision.uploads:
-        outbox.add_package(info)
+        outbox.packages.add(info)
         checkpoint("capture.queued")
     else:
-        outbox.record_package(info.folder, stamp=info.stamp, record_id=info.record_id,
-                              disposition=decision.decision, reason=decision.reason,
-                              verdict=record.quality.verdict)
+        outbox.packages.record(info.folder, stamp=info.stamp, record_id=info.record_id,
+                               disposition=decision.decision, reason=decision.reason,
+                               verdict=record.quality.verdict)
     return CaptureOutcome(record, decision, info=info)
 
 
@@ -281,7 +281,7 @@ def release_held(settings: Settings, *, outbox: Outbox, clock: Clock,
 
     Idempotent across crashes: the name (time and record id) is made durable in the held
     folder before any file is written under it, and a retry reuses it, whatever the clock
-    reads by then; build_package reuses the folder of the same record id and add_package
+    reads by then; build_package reuses the folder of the same record id and outbox.packages.add
     ignores a package it already has; the held copy goes only after both.
     Records held in an earlier boot and never named can never be dated from the monotonic
     clock: they move to STATE_DIR/undated/ for a person to decide, never named from a guess.
@@ -341,19 +341,19 @@ def find_capture(settings: Settings, outbox: Outbox, record_id: str) -> KeptCapt
     the manifest); a folder without one is the remains of a crash and does not. A record held
     for the clock (or undated) counts too: it is kept and will be (or can be) named.
     """
-    rows = outbox.packages_of_record(record_id)
+    rows = outbox.packages.of_record(record_id)
     if rows:  # the first package built for it (a crash can have made a second)
         row = rows[0]
         state = row.disposition
         if state == QUEUED:
-            items = outbox.package_items(row.folder)
+            items = outbox.items.of_package(row.folder)
             if items and all(i.state == DELIVERED for i in items):
                 state = DELIVERED
         return KeptCapture(record_id, row.stamp, state, Path(row.folder), row.reason)
     records = Path(settings.state_dir) / "records"
     if records.is_dir():
         folders = package_folders(records)
-        known = outbox.known_packages(str(f.resolve()) for f in folders)
+        known = outbox.packages.known(str(f.resolve()) for f in folders)
         for folder in reversed(folders):  # newest first: the capture was the latest
             if str(folder.resolve()) in known or not has_manifest(folder):
                 continue

@@ -35,8 +35,9 @@ from device_agent.shipping.drain import Drainer
 from device_agent.shipping.dropped_reports import ReportsFinder
 from device_agent.shipping.enqueue import reconcile_folders
 from device_agent.shipping.legacy import Takeover
-from device_agent.shipping.outbox import UPLOAD_LOG_NAME, Outbox, retention_cutoff
+from device_agent.shipping.outbox import Outbox, retention_cutoff
 from device_agent.shipping.signups import SignupsFinder
+from device_agent.shipping.upload_log import UPLOAD_LOG_NAME, UploadLog
 
 log = logging.getLogger(__name__)
 
@@ -263,9 +264,8 @@ class SyncLoop:
         result.errors.extend(e for e in drained.errors if e != drained.paused)
         if drained.delivered or not (Path(self.settings.reports_dir) / UPLOAD_LOG_NAME
                                      ).exists():
-            self.outbox.write_upload_log(self.settings.reports_dir,
-                                         bucket=self.settings.s3_bucket or "",
-                                         region=self.settings.s3_region or "")
+            UploadLog(self.outbox.db, self.settings.reports_dir).write(
+                bucket=self.settings.s3_bucket or "", region=self.settings.s3_region or "")
 
     def _housekeeping(self, result: PassResult) -> None:
         if time.monotonic() - self._last_housekeeping < HOUSEKEEPING_EVERY_S:
@@ -273,6 +273,6 @@ class SyncLoop:
         self._last_housekeeping = time.monotonic()
         cutoff = retention_cutoff(self.settings.retention_days, self.clock.time())
         prune(self.outbox, self.settings.state_dir, cutoff=cutoff)
-        self.outbox.compact(before=cutoff)
+        self.outbox.items.compact(before=cutoff)
         remove_incomplete(self.records_root, grace_s=self.settings.incomplete_grace_h * 3600,
                           now=self.clock.time())

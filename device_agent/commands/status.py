@@ -115,7 +115,7 @@ def queue(settings: Settings, args: argparse.Namespace) -> int:
 
     with Outbox.open(settings) as box:
         if args.queue_command == "list":
-            items = box.items() if args.all else box.undelivered()
+            items = box.items.all() if args.all else box.items.undelivered()
             from device_agent.core.s3keys import display_key
 
             # a report's key may carry its patient's name, a signup's its user's: a hash
@@ -126,11 +126,11 @@ def queue(settings: Settings, args: argparse.Namespace) -> int:
                      "last_error": i.last_error} for i in items
                     if args.all or i.state != DELIVERED]
             kept = [{"folder": p.folder, "stamp": p.stamp, "disposition": p.disposition,
-                     "reason": p.reason} for p in box.recent_packages(200)
+                     "reason": p.reason} for p in box.packages.recent(200)
                     if p.disposition != "queued"]
             skipped = [{"source": p.source, "ref": p.ref, "reason": p.reason,
-                        "since": iso(p.first_seen)} for p in box.problems()]
-            paused = box.paused()
+                        "since": iso(p.first_seen)} for p in box.problems.all()]
+            paused = box.pause.current()
             if args.json:
                 echo(json.dumps({"items": rows, "not_uploaded": kept, "skipped": skipped,
                                  "paused": None if paused is None else
@@ -155,12 +155,12 @@ def queue(settings: Settings, args: argparse.Namespace) -> int:
             echo(f"package {info.stamp} queued for upload (the next sync pass sends it)")
             return 0
         if args.failed:
-            echo(f"{box.retry_failed()} failed item(s) queued again")
+            echo(f"{box.items.retry_failed()} failed item(s) queued again")
             return 0
         if args.id is None:
             echo("queue retry needs an ID (see `device-agent queue list`) or --failed", err=True)
             return 2
-        if not box.retry(args.id):
+        if not box.items.retry(args.id):
             echo(f"no undelivered outbox item {args.id} (see `device-agent queue list`; for "
                  "a delivered object that verify found missing, use `verify --repair`)",
                  err=True)

@@ -50,7 +50,7 @@ def prune(outbox: Outbox, state_dir: Path, *, cutoff: float) -> PruneResult:
     paths: dict[int, Path] = {}
     ready: dict[str, bool] = {}
     singles = []
-    for item in outbox.prunable(cutoff):
+    for item in outbox.items.prunable(cutoff):
         old = item.state == "delivered" and item.delivered_at is not None and (
             item.delivered_at <= cutoff)
         if item.package:
@@ -88,7 +88,7 @@ def prune(outbox: Outbox, state_dir: Path, *, cutoff: float) -> PruneResult:
             item.path.unlink()
         pruned_ids.append(item.id)
     if pruned_ids:
-        outbox.mark_pruned(pruned_ids)
+        outbox.items.mark_pruned(pruned_ids)
         log.info("retention: pruned %d delivered files (%d packages, %.1f MB)",
                  files, len(folders), freed / _MB)
     return PruneResult(tuple(folders), files, freed)

@@ -33,8 +33,8 @@ from device_agent.core.clock import Clock
 from device_agent.core.errors import UploadError
 from device_agent.core.fsutil import FileTooLarge, NotRegularFile, atomic_write, read_regular
 from device_agent.shipping.enqueue import settle_manifest
-from device_agent.shipping.outbox import Item, Outbox
-from device_agent.shipping.protocols import Uploader
+from device_agent.shipping.outbox import Item
+from device_agent.shipping.protocols import Queue, Uploader
 from device_agent.shipping.uploader import ALREADY_DELIVERED, PutResult, classify_error
 
 log = logging.getLogger(__name__)
@@ -136,13 +136,13 @@ class _Flight:
 class Drainer:
     """Ships the outbox; `drain()` is one pass, `close()` ends its executor."""
 
-    def __init__(self, outbox: Outbox, uploader: Uploader | None, *, clock: Clock,
+    def __init__(self, outbox: Queue, uploader: Uploader | None, *, clock: Clock,
                  stop: threading.Event, backoff_base_s: float = 2.0,
                  backoff_cap_s: float = 900.0, workers: int = 3,
                  executor: Executor | None = None, rng: random.Random | None = None,
                  checkpoint: Callable[[str], None] = lambda name: None,
                  report_max_bytes: int = 64 << 20) -> None:
-        self.outbox = outbox
+        self.queue = outbox
         self.uploader = uploader
         self.clock = clock
         self.stop = stop
@@ -184,13 +184,13 @@ class Drainer:
         self._listings = {}
         if self.uploader is None:  # CLOUD_UPLOAD_ENABLED=false: everything stays queued
             return result
-        paused = self.outbox.paused(self.clock.time())
+        paused = self.queue.pause.current(self.clock.time())
         if paused is not None:
             result.paused = paused[1]
             return result
         tried: set[int] = set()
         for _ in range(2):
-            items = [i for i in self.outbox.due(self.clock.time()) if i.id not in tried]
+            items = [i for i in self.queue.items.due(self.clock.time()) if i.id not in tried]
             if not items or result.paused or self.stop.is_set():
                 break
             tried.update(i.id for i in items)
@@ -262,11 +262,11 @@ class Drainer:
     def _prepare(self, item: Item, result: DrainResult) -> Item | None:
         """Settle a manifest, or skip an item the bucket already holds; None: nothing to send."""
         if item.kind == "manifest" and item.package:
-            body = settle_manifest(item, self.outbox.package_items(item.package))
+            body = settle_manifest(item, self.queue.items.of_package(item.package))
             if body is not None:
                 atomic_write(item.path, body)
                 sha = hashlib.sha256(body).hexdigest()
-                self.outbox.update_content(item.id, sha256=sha, size=len(body))
+                self.queue.items.update_content(item.id, sha256=sha, size=len(body))
                 log.warning("package %s shares its stamp with another in the bucket; its files "
                             "were kept under distinct keys and its manifest now lists them",
                             item.package)
@@ -279,7 +279,7 @@ class Drainer:
 
     def _already_there(self, item: Item) -> bool:
         """After lost state: does one LIST of the item's day folder show it is delivered?"""
-        created = self.outbox.created_at()
+        created = self.queue.created_at()
         if created <= 0 or item.attempts or item.if_match or item.prior_sha256:
             return False
         try:
@@ -305,8 +305,8 @@ class Drainer:
         md5 = hashlib.md5(item.path.read_bytes(), usedforsecurity=False).hexdigest()
         if size != item.size or etag.strip('"') != md5 or not self._sha_matches(item):
             return False
-        self.outbox.mark_delivered(item.id, etag=etag, final_key=item.key,
-                                   outcome=ALREADY_DELIVERED)
+        self.queue.items.mark_delivered(item.id, etag=etag, final_key=item.key,
+                                        outcome=ALREADY_DELIVERED)
         log.info("%s already in the bucket (LIST after lost state); not sent again",
                  s3keys.display_name(item.filename))
         return True
@@ -363,17 +363,17 @@ class Drainer:
         name = s3keys.display_name(item.filename)
         now = self.clock.time()
         if outcome is None:
-            self.outbox.defer(item.id, now + STABLE_AGE_S)
+            self.queue.items.defer(item.id, now + STABLE_AGE_S)
             return
         if isinstance(outcome, PutResult):
             self.checkpoint("drain.put_answered")
-            self.outbox.mark_delivered(item.id, etag=outcome.etag, final_key=outcome.key,
-                                       outcome=outcome.outcome)
+            self.queue.items.mark_delivered(item.id, etag=outcome.etag, final_key=outcome.key,
+                                            outcome=outcome.outcome)
             self.checkpoint("drain.committed")
             result.delivered += 1
             if self._pauses and not result.paused:  # the endpoint answers again
                 self._pauses = 0
-                self.outbox.resume()
+                self.queue.pause.lift()
             log.info("delivered %s (%s)", s3keys.display_name(outcome.key.rsplit("/", 1)[-1]),
                      outcome.outcome)
             return
@@ -384,19 +384,20 @@ class Drainer:
                 self._pauses += 1
                 delay = backoff_delay(self._pauses, base_s=self.backoff_base_s,
                                       cap_s=self.backoff_cap_s, rng=self.rng)
-                self.outbox.pause(now + delay, message)
+                self.queue.pause.hold(now + delay, message)
                 result.paused = message
                 log.warning("uploads paused for %.0f s: %s", delay, message)
-            self.outbox.note_attempt(item.id, message)
+            self.queue.items.note_attempt(item.id, message)
             result.retrying += 1
         elif outcome.retryable:
             delay = backoff_delay(item.attempts + 1, base_s=self.backoff_base_s,
                                   cap_s=self.backoff_cap_s, rng=self.rng)
-            self.outbox.mark_failed(item.id, retryable=True, error=message, next_at=now + delay)
+            self.queue.items.mark_failed(item.id, retryable=True, error=message,
+                                         next_at=now + delay)
             result.retrying += 1
             log.warning("upload of %s failed, retry in %.0f s: %s", name, delay, message)
         else:
-            self.outbox.mark_failed(item.id, retryable=False, error=message)
+            self.queue.items.mark_failed(item.id, retryable=False, error=message)
             result.failed += 1
             log.error("upload of %s failed for good (`device-agent queue retry %d` after "
                       "fixing it): %s", name, item.id, message)

@@ -62,7 +62,7 @@ class ReportsFinder:
         problems: set[str] = set()
         # entries are plain names in one folder: paths by concatenation, not os.path.join
         folder = os.path.join(self.reports_dir, "")
-        settled = self.outbox.settled_reports(folder, os.path.join(self.reports_dir.resolve(), ""))
+        settled = self.outbox.hashes.settled(folder, os.path.join(self.reports_dir.resolve(), ""))
         unchanged = self._unchanged(folder, settled, names)
         for entry in entries:
             if not entry.lower().endswith(".pdf"):
@@ -91,11 +91,11 @@ class ReportsFinder:
                     ref = s3keys.display_name(name)
                     problems.add(ref)
                     result.skipped += 1
-                    if self.outbox.note_problem(SOURCE, ref, problem):
+                    if self.outbox.problems.note(SOURCE, ref, problem):
                         log.warning("report %s skipped: %s", ref, problem)
-        self.outbox.clear_problems(SOURCE, keep=problems)
-        if self.outbox.hash_count() != len(unchanged & present):  # else all are still here
-            self.outbox.forget_hashes(present, folder=folder)
+        self.outbox.problems.clear(SOURCE, keep=problems)
+        if self.outbox.hashes.count() != len(unchanged & present):  # else all are still here
+            self.outbox.hashes.forget(present, folder=folder)
         self._seen = {p: sig for p, sig in self._seen.items()
                       if p.startswith(folder) and p[len(folder):] in present}
         return result
@@ -141,8 +141,8 @@ class ReportsFinder:
         self._seen[key] = sig
         if previous != sig and -FUTURE_SLACK_S < now - st.st_mtime < STABLE_AGE_S:
             return None  # still being written? look again next pass
-        sha = self.outbox.cached_hash(key, size=st.st_size, mtime_ns=st.st_mtime_ns,
-                                      ino=st.st_ino)
+        sha = self.outbox.hashes.cached(key, size=st.st_size, mtime_ns=st.st_mtime_ns,
+                                        ino=st.st_ino)
         if sha is None:
             try:
                 sha, st = self.hasher(path, max_bytes=self.max_bytes)
@@ -150,8 +150,8 @@ class ReportsFinder:
                 return None
             except (NotRegularFile, FileTooLarge) as exc:
                 return f"{exc.strerror}; not uploaded"
-            self.outbox.remember_hash(key, size=st.st_size, mtime_ns=st.st_mtime_ns,
-                                      ino=st.st_ino, sha256=sha)
+            self.outbox.hashes.remember(key, size=st.st_size, mtime_ns=st.st_mtime_ns,
+                                        ino=st.st_ino, sha256=sha)
         try:
             mtime: datetime | None = datetime.fromtimestamp(st.st_mtime).astimezone()
         except (OverflowError, OSError, ValueError):  # a time datetime cannot hold
@@ -163,7 +163,7 @@ class ReportsFinder:
         if note:  # once: the next pass knows the file and does not look at it again
             log.warning("report %s: %s", s3keys.display_name(path.name), note)
         s3_key = s3keys.report_key(path.name, when)
-        if self.outbox.track_report(path, kind=kind, key=s3_key, sha256=sha,
-                                    size=st.st_size) is not None:
+        if self.outbox.items.track_report(path, kind=kind, key=s3_key, sha256=sha,
+                                          size=st.st_size) is not None:
             result.queued += 1
         return None

@@ -47,7 +47,7 @@ def reconcile_folders(records_root: Path, outbox: Outbox) -> list[Path]:
     # (a month of captures is hundreds of them); a link is resolved as before
     folders = {str(root / f.name if not f.is_symlink() else f.resolve()): f
                for f in package_folders(records_root)}
-    known = outbox.known_packages(folders)
+    known = outbox.packages.known(folders)
     for real, folder in sorted(folders.items(), key=lambda kv: kv[1].name):
         if real in known or not has_manifest(folder):
             continue
@@ -55,22 +55,22 @@ def reconcile_folders(records_root: Path, outbox: Outbox) -> list[Path]:
             info = load_package(folder)
             decision = read_disposition(folder)
         except (OSError, ValueError) as exc:  # a damaged folder must not stop the others
-            if outbox.note_problem("records", folder.name, f"cannot be loaded: {exc}"):
+            if outbox.problems.note("records", folder.name, f"cannot be loaded: {exc}"):
                 log.error("package folder %s cannot be loaded (%s); it stays on disk, not "
                           "queued: inspect or remove it", folder, exc)
             continue
         if decision is None:
-            if outbox.note_problem("records", folder.name, "no upload decision recorded"):
+            if outbox.problems.note("records", folder.name, "no upload decision recorded"):
                 log.error("package folder %s has no upload decision recorded (written by an "
                           "older agent); not uploaded: `device-agent queue add %s` sends it",
                           folder, folder)
             continue
         if not decision.uploads:
-            outbox.record_package(folder, stamp=info.stamp, record_id=info.record_id,
-                                  disposition=decision.decision, reason=decision.reason,
-                                  verdict=None)
+            outbox.packages.record(folder, stamp=info.stamp, record_id=info.record_id,
+                                   disposition=decision.decision, reason=decision.reason,
+                                   verdict=None)
             continue
-        outbox.add_package(info)
+        outbox.packages.add(info)
         queued.append(folder)
     return queued
 
@@ -78,7 +78,7 @@ def reconcile_folders(records_root: Path, outbox: Outbox) -> list[Path]:
 def queue_folder(folder: Path, outbox: Outbox) -> PackageInfo:
     """The operator's choice to send a withheld (or older) package: record it, queue it."""
     info = load_package(folder)
-    row = outbox.package_row(folder)
+    row = outbox.packages.row(folder)
     decision = read_disposition(folder)
     if (row is not None and row.disposition == REJECTED) or (
             decision is not None and decision.decision == REJECTED):
@@ -86,8 +86,8 @@ def queue_folder(folder: Path, outbox: Outbox) -> PackageInfo:
                          "again")
     write_disposition(folder, Disposition(QUEUED, "queued by the operator (queue add)"))
     if row is not None and row.disposition != QUEUED:
-        outbox.set_disposition(folder, QUEUED, "queued by the operator (queue add)")
-    outbox.add_package(info)
+        outbox.packages.set_disposition(folder, QUEUED, "queued by the operator (queue add)")
+    outbox.packages.add(info)
     return info
 
 

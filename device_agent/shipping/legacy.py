@@ -31,8 +31,9 @@ from device_agent.core import s3keys
 from device_agent.core.config import Settings
 from device_agent.core.errors import AgentError, UsersFileError
 from device_agent.core.fsutil import hash_regular
-from device_agent.shipping.outbox import Outbox, is_ours, legacy_successes
+from device_agent.shipping.outbox import Outbox
 from device_agent.shipping.signups import read_users
+from device_agent.shipping.upload_log import UploadLog, is_ours, legacy_successes
 
 log = logging.getLogger(__name__)
 
@@ -92,29 +93,29 @@ class Takeover:
         self.outbox = outbox
         self.uploader = uploader
         self.reports_dir = Path(settings.reports_dir)
+        self.upload_log = UploadLog(outbox.db, self.reports_dir)
 
     def run_once(self) -> None:
         """Read the log if another writer changed it; on a unit the legacy app synced, LIST
         the bucket once (AgentError if that fails: the finders wait for it)."""
-        changed = not self.outbox.upload_log_current(self.reports_dir)
+        changed = not self.upload_log.current()
         # with uploads off, the bucket is asked on the first start that has them on
-        need_list = self.uploader is not None and self.outbox.get_meta(LISTED) is None
+        need_list = self.uploader is not None and self.outbox.db.get_meta(LISTED) is None
         if not changed and not need_list:
             return
-        foreign = [e for e in self.outbox.read_upload_log(self.reports_dir) if not is_ours(e)]
+        foreign = [e for e in self.upload_log.read() if not is_ours(e)]
         if need_list:
             if foreign:  # else there is no legacy history to take over
                 self._list_bucket()
                 changed = True  # what the bucket showed goes into the log too
-            self.outbox.set_meta(LISTED, "1")
+            self.outbox.db.set_meta(LISTED, "1")
         if changed:
             found = self._adopt(_from_log(foreign), "upload_log.json")
             if found.reports or found.users:
                 log.info("legacy upload_log.json: %d reports and %d users were delivered by "
                          "the legacy app; not sent again", found.reports, found.users)
-            self.outbox.rebuild_upload_log(self.reports_dir, foreign,
-                                           bucket=self.settings.s3_bucket or "",
-                                           region=self.settings.s3_region or "")
+            self.upload_log.rebuild(foreign, bucket=self.settings.s3_bucket or "",
+                                    region=self.settings.s3_region or "")
 
     def _list_bucket(self) -> None:
         assert self.uploader is not None
@@ -157,12 +158,12 @@ class Takeover:
                 sha, st = hash_regular(path, max_bytes=self.settings.report_max_bytes)
             except (OSError, ValueError):
                 continue  # the reports finder meets it too, and says why
-            self.outbox.remember_hash(str(path), size=st.st_size, mtime_ns=st.st_mtime_ns,
-                                      ino=st.st_ino, sha256=sha)
+            self.outbox.hashes.remember(str(path), size=st.st_size, mtime_ns=st.st_mtime_ns,
+                                        ino=st.st_ino, sha256=sha)
             key = key or s3keys.report_key(name, datetime.fromtimestamp(st.st_mtime)
                                            .astimezone())
-            if self.outbox.adopt_report(path, kind=kind, key=key, sha256=sha,
-                                        size=st.st_size):
+            if self.outbox.items.adopt_report(path, kind=kind, key=key, sha256=sha,
+                                              size=st.st_size):
                 count += 1
         return count
 
@@ -175,7 +176,7 @@ class Takeover:
         count = 0
         for user in users:
             name = user["username"]
-            if name in usernames and self.outbox.adopt_user(
+            if name in usernames and self.outbox.users.adopt(
                     name, str(user.get("signup_date") or user.get("registration_date") or "")):
                 count += 1
         return count

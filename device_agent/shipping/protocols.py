@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from device_agent.shipping.outbox import Item, Stats
+    from device_agent.shipping.outbox import Item
     from device_agent.shipping.uploader import Head, PutResult
 
 
@@ -42,8 +42,8 @@ class Uploader(Protocol):
     def max_duration_s(self, size: int) -> float: ...
 
 
-class Queue(Protocol):
-    """The outbox as the drainer uses it (outbox.Outbox)."""
+class ItemQueue(Protocol):
+    """The queue of items as the drainer works it (outbox.items.Items)."""
 
     def due(self, now: float | None = None, *, limit: int = 1000) -> list[Item]: ...
 
@@ -57,16 +57,29 @@ class Queue(Protocol):
 
     def defer(self, item_id: int, next_at: float) -> None: ...
 
-    def pause(self, until: float, reason: str) -> None: ...
-
-    def resume(self) -> None: ...
-
-    def paused(self, now: float | None = None) -> tuple[float, str] | None: ...
-
-    def package_items(self, package: str) -> list[Item]: ...
+    def of_package(self, package: str) -> list[Item]: ...
 
     def update_content(self, item_id: int, *, sha256: str, size: int) -> None: ...
 
-    def created_at(self) -> float: ...
 
-    def stats(self, now: float | None = None) -> Stats: ...
+class QueuePause(Protocol):
+    """The queue-wide pause the drainer holds and lifts (outbox.pause.Pause)."""
+
+    def hold(self, until: float, reason: str) -> None: ...
+
+    def lift(self) -> None: ...
+
+    def current(self, now: float | None = None) -> tuple[float, str] | None: ...
+
+
+class Queue(Protocol):
+    """The outbox as the drainer uses it (outbox.Outbox): its items, its pause, and when
+    it was created (files older than it may already be in the bucket)."""
+
+    @property
+    def items(self) -> ItemQueue: ...
+
+    @property
+    def pause(self) -> QueuePause: ...
+
+    def created_at(self) -> float: ...

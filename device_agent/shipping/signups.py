@@ -219,16 +219,16 @@ class SignupsFinder:
         try:
             users = read_users(self.users_file, max_bytes=self.max_bytes, skipped=skipped)
         except UsersFileError as exc:
-            if self.outbox.note_problem(SOURCE, "users.json", str(exc)):
+            if self.outbox.problems.note(SOURCE, "users.json", str(exc)):
                 log.error("%s", exc)  # once per distinct problem, not every pass
             result.errors.append(str(exc))
             return result
-        known = self.outbox.known_users()
+        known = self.outbox.users.known()
         problems: set[str] = set()
         for ref, reason in skipped:  # entries that are not users: one line each, once
             problems.add(ref)
             result.skipped += 1
-            if self.outbox.note_problem(SOURCE, ref, reason):
+            if self.outbox.problems.note(SOURCE, ref, reason):
                 log.warning("users file %s: %s %s", self.users_file, ref, reason)
         for user in users:
             username = user["username"]
@@ -243,10 +243,10 @@ class SignupsFinder:
                 problems.add(ref)
                 result.skipped += 1
                 reason = f"cannot make its signup ({type(exc).__name__}); fix the entry"
-                if self.outbox.note_problem(SOURCE, ref, reason):
+                if self.outbox.problems.note(SOURCE, ref, reason):
                     log.warning("users file %s: %s %s", self.users_file, ref, reason)
         # what is still wrong stays noted (and logged once); what was fixed is forgotten
-        self.outbox.clear_problems(SOURCE, keep=problems)
+        self.outbox.problems.clear(SOURCE, keep=problems)
         return result
 
     def _queue(self, user: Mapping[str, Any]) -> bool:
@@ -257,6 +257,6 @@ class SignupsFinder:
         make_dirs(self.signups_dir)
         local = self.signups_dir / key.rsplit("/", 1)[-1]  # one file per user: injective
         atomic_write(local, doc)  # durable before its row
-        return self.outbox.add_signup(username, registered.isoformat() if registered else "",
-                                      local, key=key, sha256=hashlib.sha256(doc).hexdigest(),
-                                      size=len(doc)) is not None
+        return self.outbox.users.add_signup(username, registered.isoformat() if registered else "",
+                                            local, key=key, sha256=hashlib.sha256(doc).hexdigest(),
+                                            size=len(doc)) is not None

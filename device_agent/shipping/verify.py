@@ -94,7 +94,7 @@ def delivered_items(outbox: Outbox) -> list[Expected]:
     beside another writer's object).
     """
     latest: dict[str, Expected] = {}
-    for row in sorted(outbox.delivered(), key=lambda r: r.id):
+    for row in sorted(outbox.items.delivered(), key=lambda r: r.id):
         latest[row.key] = Expected(row.final_key or row.key, row.size, row.sha256, row.id)
     return list(latest.values())
 
@@ -106,7 +106,7 @@ def repair(outbox: Outbox, findings: Sequence[Finding]) -> tuple[list[int], list
     for f in findings:
         if f.ok or f.item_id is None:
             continue
-        new_id = outbox.resend(f.item_id)
+        new_id = outbox.items.resend(f.item_id)
         if new_id is None:
             lost.append(f)
             log.error("cannot send %s again: its local copy was pruned or deleted", f.key)

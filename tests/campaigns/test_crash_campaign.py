@@ -350,7 +350,7 @@ def _check(state: Path, objects: dict[str, bytes], records: int) -> dict[str, li
     finally:
         db.close()
     with Outbox(state / "outbox.sqlite3") as box:
-        items = box.items()
+        items = box.items.all()
     packages = Counter(i.package for i in items)
     if len(packages) != records or set(packages.values()) != {FILES_PER_RECORD}:
         problems["outbox"].append(f"{len(packages)} packages queued, files {packages.values()}")
@@ -384,7 +384,7 @@ def _campaign(tmp_path: Path, endpoint: str, bucket: str, *, records: int, hits:
     objects = _bucket(endpoint, bucket)
     problems = _check(campaign.state, objects, records)
     with Outbox(campaign.state / "outbox.sqlite3") as box:
-        outcomes = Counter(i.outcome for i in box.items())
+        outcomes = Counter(i.outcome for i in box.items.all())
     numbers = {**campaign.tally.summary(), "records": records,
                "captured_under_kills": captured_under_kills, "objects": len(objects),
                "outcomes": dict(outcomes), "proxy_requests": proxy_counts["http_requests"],

@@ -121,7 +121,7 @@ def test_kill_between_naming_and_queuing_then_retry_1ms_later_delivers_once(
         local = sorted(json.loads(p.read_bytes())["stamp"]
                        for p in (state / "records").glob("*/manifest_*.json"))
         with Outbox(state / "outbox.sqlite3") as box:
-            rows = [r for r in box.recent_packages(100) if r.record_id == record_id]
+            rows = [r for r in box.packages.recent(100) if r.record_id == record_id]
         found = {"manifests": len(manifests), "stamps": sorted(stamps),
                  "record_ids": sorted(record_ids), "objects": len(objects),
                  "local_packages": local, "outbox_rows": len(rows),

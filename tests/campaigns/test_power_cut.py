@@ -245,13 +245,13 @@ class Replayer:
             return Verdict([*problems, f"the outbox does not open: {exc!r}"], "outbox lost")
         with outbox:
             problems += self._integrity(t.state / DB_NAME)
-            for item in outbox.delivered():
+            for item in outbox.items.delivered():
                 obj = t.reference.get(item.final_key or "")
                 if item.final_key not in crash.landed or obj is None or \
                         obj.sha256 != item.sha256:
                     problems.append(f"the outbox committed {item.final_key} as delivered but "
                                     "the bucket does not hold it")
-            committed = {i.id for i in outbox.delivered()}
+            committed = {i.id for i in outbox.items.delivered()}
             stop = threading.Event()
             clock = clock_from_settings(settings)
             uploader = Uploader.from_settings(settings, client=self.client)
@@ -270,7 +270,7 @@ class Replayer:
                         break
             finally:
                 loop.close()
-            items = outbox.items()
+            items = outbox.items.all()
         problems += [f"recovery pass error: {e}" for e in errors]
         problems += [f"item {i.filename} left {i.state} after recovery ({i.last_error})"
                      for i in items if i.state != "delivered"]

@@ -48,22 +48,22 @@ def test_prune_deletes_only_old_delivered_packages(tmp_path):
     recent = make_package(records, "20260101_000003", seed=3)
     with Outbox.open(settings) as box:
         for pkg in (old, pending, recent):
-            box.add_package(pkg)
-        for item in box.items():
+            box.packages.add(pkg)
+        for item in box.items.all():
             if item.package != str(pending.folder.resolve()) or item.kind != "manifest":
-                box.mark_delivered(item.id, etag='"e"', final_key=item.key, outcome="created")
+                box.items.mark_delivered(item.id, etag='"e"', final_key=item.key, outcome="created")
         now = time.time()
         # 'old' was delivered 31 days ago from the pruner's point of view
         result = prune(box, settings.state_dir, cutoff=now + 86400)
         assert set(result.folders) == {old.folder.resolve(), recent.folder.resolve()}
         assert pending.folder.exists(), "an undelivered record must never be pruned"
         assert result.files == 10  # 4 delivered files and the disposition, per folder
-        assert all(i.pruned_at for i in box.items() if i.package
+        assert all(i.pruned_at for i in box.items.all() if i.package
                    == str(old.folder.resolve()))
         again = make_package(records, "20260101_000004", seed=4)
-        box.add_package(again)
-        for item in box.due():
-            box.mark_delivered(item.id, etag=None, final_key=item.key, outcome="created")
+        box.packages.add(again)
+        for item in box.items.due():
+            box.items.mark_delivered(item.id, etag=None, final_key=item.key, outcome="created")
         assert prune(box, settings.state_dir, cutoff=now - 86400).folders == ()  # too recent
         assert again.folder.exists()
 

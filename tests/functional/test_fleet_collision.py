@@ -37,7 +37,7 @@ def _deliver(settings, seed):
     stop = threading.Event()
     clock = Clock(check="floor")
     with Outbox.open(settings) as outbox:
-        outbox.add_package(load_package(pkg.folder))
+        outbox.packages.add(load_package(pkg.folder))
         drainer = Drainer(outbox, Uploader.from_settings(settings, make_client(settings)),
                           clock=clock, stop=stop, rng=random.Random(1))
         loop = SyncLoop(settings, outbox=outbox, drainer=drainer, stop=stop, clock=clock)

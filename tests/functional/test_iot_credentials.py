@@ -439,7 +439,7 @@ def test_the_agent_delivers_with_certificate_credentials_and_waits_out_an_outage
         assert "CredentialsUnavailable" in capsys.readouterr().err
         with Outbox(tmp_path / "state" / "outbox.sqlite3") as box:
             assert box.stats().pending == 4 and box.stats().failed == 0
-            box.resume()
+            box.pause.lift()
         state.mode = "ok"
         assert main([*flags, "sync", "--once"]) == 0
         assert "delivered 4" in capsys.readouterr().out

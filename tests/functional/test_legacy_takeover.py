@@ -69,7 +69,7 @@ def _pass(settings) -> None:
         finally:
             loop.close()
         assert not result.errors, result.errors
-        assert outbox.get_meta(LISTED) is not None
+        assert outbox.db.get_meta(LISTED) is not None
 
 
 def _keys(s3, bucket) -> set[str]:

@@ -53,7 +53,7 @@ def test_outage_refused_slowdown_reset_then_everything_once(tmp_path, s3_endpoin
             box = Outbox(state / "outbox.sqlite3")
 
             def paused_by(code: str) -> bool:
-                paused = box.paused()
+                paused = box.pause.current()
                 return paused is not None and code in paused[1]
 
             proxy.set_mode("refuse")
@@ -83,7 +83,7 @@ def test_outage_refused_slowdown_reset_then_everything_once(tmp_path, s3_endpoin
     objects = _bucket_objects(s3_endpoint, s3_bucket)
     shas = [hashlib.sha256(body).hexdigest() for body in objects.values()]
     with Outbox(state / "outbox.sqlite3") as box:
-        items = box.items()
+        items = box.items.all()
         after = box.stats()
     numbers = {"attempts": sum(i.attempts for i in items), "objects": len(objects), **counts,
                "outcomes": sorted({str(i.outcome) for i in items})}

@@ -238,8 +238,8 @@ def test_status_exit_code_says_which_part_is_unavailable(tmp_path: Path, capsys,
     if condition == "clock not synchronised":  # the service's own view of the clock wins
         h.service.clock = Clock(check="ntp", kernel=lambda: False, timesyncd=lambda: False)
     if condition == "uploads paused":  # what the drainer records on a 403 or a dead endpoint
-        h.outbox.pause(time.time() + 600, "s3://b/ecg-reports/x: AccessDenied (HTTP 403): "
-                                          "check the keys")
+        h.outbox.pause.hold(time.time() + 600, "s3://b/ecg-reports/x: AccessDenied (HTTP 403): "
+                                               "check the keys")
     with h:
         wait_until(lambda: h.received(), what="READY")
         rc, out = _status_cli(h.settings, capsys,

@@ -101,7 +101,7 @@ def _delivered(state: Path) -> bool:
     """Every item in the outbox delivered (the one package and its manifest)."""
     box = Outbox(state / DB_NAME)
     try:
-        items = [i for row in box.recent_packages() for i in box.package_items(row.folder)]
+        items = [i for row in box.packages.recent() for i in box.items.of_package(row.folder)]
         return bool(items) and all(i.state == DELIVERED for i in items)
     finally:
         box.close()

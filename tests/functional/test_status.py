@@ -141,7 +141,7 @@ def test_status_reads_outbox_read_only(tmp_path: Path):
     with Outbox.open(settings) as box:
         f = tmp_path / "a.pdf"
         f.write_bytes(b"x")
-        box.add_file(f, kind="ecg_report_pdf", key="ecg-reports/a.pdf", sha256="0" * 64, size=1)
+        box.items.add(f, kind="ecg_report_pdf", key="ecg-reports/a.pdf", sha256="0" * 64, size=1)
     db = Path(settings.state_dir) / "outbox.sqlite3"
     before = db.read_bytes()
     s = collect_status(settings, clock=synced_clock(True), now=time.time() + 90)
@@ -249,10 +249,10 @@ def test_queue_list_and_retry(tmp_path: Path, capsys):
     with Outbox.open(settings) as box:
         f = tmp_path / "a.pdf"
         f.write_bytes(b"x")
-        (item_id,) = [box.add_file(f, kind="ecg_report_pdf", key="ecg-reports/a.pdf",
-                                   sha256="0" * 64, size=1)]
-        box.mark_failed(item_id, retryable=False, error="AccessDenied on bucket b",
-                        next_at=None)
+        (item_id,) = [box.items.add(f, kind="ecg_report_pdf", key="ecg-reports/a.pdf",
+                                    sha256="0" * 64, size=1)]
+        box.items.mark_failed(item_id, retryable=False, error="AccessDenied on bucket b",
+                              next_at=None)
     env = tmp_path / ".env"
     env.write_text(f"STATE_DIR={settings.state_dir}\n")
     assert main(["--env-file", str(env), "queue", "list", "--json"]) == 0
@@ -262,7 +262,7 @@ def test_queue_list_and_retry(tmp_path: Path, capsys):
     assert main(["--env-file", str(env), "queue", "retry", "--failed"]) == 0
     assert "1 failed item(s)" in capsys.readouterr().out
     with Outbox.open(settings) as box:
-        assert present(box.get(item_id)).state == "pending"
+        assert present(box.items.get(item_id)).state == "pending"
 
 
 # --- doctor judges permissions as the service user, whoever runs it -------------------------

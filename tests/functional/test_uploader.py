@@ -92,7 +92,7 @@ def _drain(tmp_path, uploader, info=None):
 
     box = Outbox(tmp_path / "outbox.sqlite3")
     if info is not None:
-        box.add_package(info)
+        box.packages.add(info)
     drainer = Drainer(box, uploader, clock=Clock(check="floor"), stop=threading.Event(),
                       executor=SynchronousExecutor())
     for _ in range(3):
@@ -107,7 +107,7 @@ def test_package_lands_with_exact_layout_and_clean_metadata(tmp_path, settings, 
     info = build(make_record(when=when, record_id="rec-1"), PATIENT, tmp_path / "r")
     box = _drain(tmp_path, uploader, info)
     assert _listed(client, s3_bucket) == _layout_package_keys("2026/11/27", "20261127_090503")
-    items = sorted(box.items(), key=lambda i: i.delivered_at)
+    items = sorted(box.items.all(), key=lambda i: i.delivered_at)
     assert {i.outcome for i in items} == {CREATED} and {i.state for i in items} == {DELIVERED}
     assert items[-1].kind == "manifest", "the manifest goes last"
 
@@ -139,12 +139,12 @@ def test_a_captive_portal_200_is_never_taken_as_delivery(tmp_path, s3_endpoint, 
                      encoders=FakeEncoders(dicom=True))
         box = _drain(tmp_path, Uploader.from_settings(settings), info)
         assert proxy.counts["portals"] >= 1
-        assert box.stats().delivered == 0 and not box.items(DELIVERED)
-        assert not box.items(FAILED), "nothing is given up: the queue waits"
-        _, reason = box.paused()
+        assert box.stats().delivered == 0 and not box.items.all(DELIVERED)
+        assert not box.items.all(FAILED), "nothing is given up: the queue waits"
+        _, reason = box.pause.current()
         assert "Unproven" in reason and "captive portal" in reason
         proxy.set_mode("pass")  # the network is fixed: everything goes, once
-        box.resume()
+        box.pause.lift()
         box = _drain(tmp_path, Uploader.from_settings(settings))
         assert box.stats().delivered == 5 and box.stats().pending == 0
         assert len(_listed(make_client(settings), s3_bucket)) == 5
@@ -286,7 +286,7 @@ def test_manifest_not_sent_when_a_data_file_fails(tmp_path, settings, client, up
     pdf = next(f for f in info.files if f.kind == "ecg_report_pdf")
     pdf.path.write_bytes(b"%PDF tampered after packaging")
     box = _drain(tmp_path, uploader, info)
-    failed = box.items(FAILED)
+    failed = box.items.all(FAILED)
     assert [i.kind for i in failed] == ["ecg_report_pdf"]
     assert "no longer matches" in failed[0].last_error
     listed = _listed(client, s3_bucket)

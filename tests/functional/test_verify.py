@@ -87,7 +87,7 @@ def test_cmd_verify_checks_what_the_outbox_delivered(tmp_path, settings, uploade
     assert uploader.client.get_object(Bucket=s3_bucket, Key=info.key(pdf))["Body"].read() \
         == pdf.path.read_bytes()
     with Outbox.open(settings) as box:
-        resent = [i for i in box.items(DELIVERED) if i.id > len(info.all_files)]
+        resent = [i for i in box.items.all(DELIVERED) if i.id > len(info.all_files)]
         assert sorted(str(i.outcome) for i in resent) == ["collision", "created"]
 
 

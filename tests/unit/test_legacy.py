@@ -11,30 +11,31 @@ def test_a_queued_report_the_legacy_app_sent_first_is_settled_not_sent(tmp_path)
         report = tmp_path / "reports" / "ECG_Report_20260124_121815.pdf"
         report.parent.mkdir()
         report.write_bytes(b"%PDF synthetic")
-        item = outbox.track_report(report, kind="ecg_report_pdf", key="k", sha256="a" * 64,
-                                   size=14)
-        assert item is not None and [i.id for i in outbox.due()] == [item]
-        assert not outbox.adopt_report(report, kind="ecg_report_pdf", key="legacy/k",
-                                       sha256="b" * 64, size=14), "other content: ours goes"
-        assert outbox.adopt_report(report, kind="ecg_report_pdf", key="legacy/k",
-                                   sha256="a" * 64, size=14)
-        assert outbox.due() == []
-        assert present(outbox.get(item)).outcome == LEGACY_OUTCOME
-        assert not outbox.adopt_report(report, kind="ecg_report_pdf", key="legacy/k",
-                                       sha256="a" * 64, size=14), "once"
+        item = outbox.items.track_report(report, kind="ecg_report_pdf", key="k", sha256="a" * 64,
+                                         size=14)
+        assert item is not None and [i.id for i in outbox.items.due()] == [item]
+        assert not outbox.items.adopt_report(report, kind="ecg_report_pdf", key="legacy/k",
+                                             sha256="b" * 64, size=14), "other content: ours goes"
+        assert outbox.items.adopt_report(report, kind="ecg_report_pdf", key="legacy/k",
+                                         sha256="a" * 64, size=14)
+        assert outbox.items.due() == []
+        assert present(outbox.items.get(item)).outcome == LEGACY_OUTCOME
+        assert not outbox.items.adopt_report(report, kind="ecg_report_pdf", key="legacy/k",
+                                             sha256="a" * 64, size=14), "once"
 
 
 def test_a_queued_signup_the_legacy_app_sent_first_is_settled_not_sent(tmp_path):
     with Outbox(tmp_path / "outbox.sqlite3") as outbox:
         doc = tmp_path / "user_signup_ptr_20260124_120419.json"
         doc.write_bytes(b"{}")
-        item = outbox.add_signup("ptr", "2026-01-24T12:04:19", doc, key="k", sha256="0" * 64,
-                                 size=2)
+        item = outbox.users.add_signup("ptr", "2026-01-24T12:04:19", doc, key="k", sha256="0" * 64,
+                                       size=2)
         assert item is not None
-        assert outbox.adopt_user("ptr", "2026-01-24")
-        assert outbox.due() == [] and present(outbox.get(item)).outcome == LEGACY_OUTCOME
-        assert outbox.adopt_user("someone", "2026-01-24") and "someone" in outbox.known_users()
-        assert not outbox.adopt_user("someone", "2026-01-24")
+        assert outbox.users.adopt("ptr", "2026-01-24")
+        assert outbox.items.due() == []
+        assert present(outbox.items.get(item)).outcome == LEGACY_OUTCOME
+        assert outbox.users.adopt("someone", "2026-01-24") and "someone" in outbox.users.known()
+        assert not outbox.users.adopt("someone", "2026-01-24")
 
 
 class CountingBucket:
@@ -72,10 +73,10 @@ def test_the_bucket_is_listed_once_and_only_on_a_unit_with_legacy_history(tmp_pa
     shutil.copy(fixtures / "users.json", tmp_path / "users.json")
     with Outbox(tmp_path / "state" / "outbox.sqlite3") as outbox:
         Takeover(settings, outbox, None).run_once()  # uploads off: the log only
-        assert outbox.known_users() == {"ptr", "demo_tech"}
+        assert outbox.users.known() == {"ptr", "demo_tech"}
         for _ in range(3):
             Takeover(settings, outbox, bucket).run_once()
         assert bucket.lists == 1
-        assert outbox.known_users() == {"ptr", "demo_tech", "bucket_only"}
+        assert outbox.users.known() == {"ptr", "demo_tech", "bucket_only"}
         log = json.loads((tmp_path / "reports" / "upload_log.json").read_text())
         assert any(e["metadata"].get("username") == "bucket_only" for e in log)

@@ -85,8 +85,8 @@ def test_reconcile_never_queues_a_withheld_or_rejected_folder(tmp_path, decision
                  disposition=Disposition(decision, "by test"))
     with Outbox(tmp_path / "outbox.sqlite3") as box:
         assert reconcile_folders(root, box) == []
-        assert box.due() == []
-        assert present(box.package_row(info.folder)).disposition == decision
+        assert box.items.due() == []
+        assert present(box.packages.row(info.folder)).disposition == decision
         assert reconcile_folders(root, box) == []  # and on every later pass
 
 
@@ -95,7 +95,7 @@ def test_reconcile_queues_a_queued_folder_the_outbox_lost(tmp_path):
     info = build(make_record(record_id="q1"), PATIENT, root)
     with Outbox(tmp_path / "outbox.sqlite3") as box:
         assert reconcile_folders(root, box) == [info.folder]
-        assert len(box.due()) == 3  # the data files; the manifest waits for them
+        assert len(box.items.due()) == 3  # the data files; the manifest waits for them
 
 
 def test_reconcile_leaves_an_older_agents_undecided_folder_and_names_it(tmp_path):
@@ -104,8 +104,8 @@ def test_reconcile_leaves_an_older_agents_undecided_folder_and_names_it(tmp_path
     (info.folder / "disposition.json").unlink()
     with Outbox(tmp_path / "outbox.sqlite3") as box:
         assert reconcile_folders(root, box) == []
-        assert box.due() == []
-        assert [p.reason for p in box.problems()] == ["no upload decision recorded"]
+        assert box.items.due() == []
+        assert [p.reason for p in box.problems.all()] == ["no upload decision recorded"]
 
 
 def test_patient_details_carry_record_id_and_time(tmp_path):

@@ -86,8 +86,8 @@ def test_uploaded_package_is_answered_kept_and_uploaded(unit):
     spool, request, rid = _claimed(settings)
     outcome = package_and_decide(_record(settings, rid), PATIENT, settings, outbox,
                                  out_root=Path(settings.state_dir) / "records", withheld=False)
-    for item in outbox.package_items(str(present(outcome.info).folder.resolve())):
-        outbox.mark_delivered(item.id, etag='"e"', final_key=item.key, outcome="created")
+    for item in outbox.items.of_package(str(present(outcome.info).folder.resolve())):
+        outbox.items.mark_delivered(item.id, etag='"e"', final_key=item.key, outcome="created")
     answer = _recover(settings, outbox, spool, request)
     assert answer["ok"] and answer["state"] == "delivered" and answer["delivered"]
     warning = answer["warnings"][0]

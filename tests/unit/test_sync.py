@@ -174,17 +174,17 @@ def test_queue_errors_pause_the_queue_and_fail_no_item(env):
                                          scope="queue")]
         result = env.loop.run_once()
         assert result.paused and code in result.paused
-        assert result.failed == 0 and not env.outbox.items(FAILED)
-        assert env.outbox.paused() is not None
+        assert result.failed == 0 and not env.outbox.items.all(FAILED)
+        assert env.outbox.pause.current() is not None
         calls = len(env.uploader.calls)
         assert env.loop.run_once().delivered == 0  # paused: nothing is tried meanwhile
         assert len(env.uploader.calls) == calls
-        env.outbox.resume()  # (the pause's backoff would end by itself)
+        env.outbox.pause.lift()  # (the pause's backoff would end by itself)
     result = env.loop.run_once()
     assert not result.paused and result.pending == 0
-    assert all(i.state == DELIVERED for i in env.outbox.items())
+    assert all(i.state == DELIVERED for i in env.outbox.items.all())
     assert len(env.uploader.objects) == 4
-    assert env.outbox.paused() is None
+    assert env.outbox.pause.current() is None
 
 
 def test_outage_backs_off_then_delivers_nothing_twice(env):
@@ -193,11 +193,11 @@ def test_outage_backs_off_then_delivers_nothing_twice(env):
                                      code="ConnectionError", scope="queue")]
     first = env.loop.run_once()
     assert first.retrying >= 1 and first.paused
-    until, reason = env.outbox.paused()
+    until, reason = env.outbox.pause.current()
     assert until > time.time() and "cannot reach" in reason
     wait_until(lambda: env.loop.run_once().pending == 0 or None, timeout=15, interval=0.2,
                what="delivery after the outage")
-    assert all(i.state == DELIVERED for i in env.outbox.items())
+    assert all(i.state == DELIVERED for i in env.outbox.items.all())
     assert len(env.uploader.objects) == 4
 
 
@@ -209,9 +209,9 @@ def test_an_error_about_one_object_fails_that_object_only(env):
     assert result.failed == 1 and not result.paused
     assert result.delivered == 2, "the manifest waits for the failed sibling"
     assert env.loop.run_once().delivered == 0
-    assert env.outbox.retry_failed() == 1
+    assert env.outbox.items.retry_failed() == 1
     assert env.loop.run_once().delivered == 2
-    assert not env.outbox.items(FAILED)
+    assert not env.outbox.items.all(FAILED)
 
 
 def test_second_drainer_is_refused_or_waits(env):
@@ -253,7 +253,7 @@ def test_reports_by_content_with_twin_and_replace(env):
     result = env.loop.run_once()
     assert result.reports_queued == 1 and result.delivered == 1
     assert env.uploader.objects[key][0] == b"%PDF v2"
-    assert [i.outcome for i in env.outbox.items() if i.key == key] == ["created", "replaced"]
+    assert [i.outcome for i in env.outbox.items.all() if i.key == key] == ["created", "replaced"]
 
 
 def test_report_rewritten_after_an_unanswered_put_replaces_its_object(env):
@@ -274,7 +274,7 @@ def test_report_rewritten_after_an_unanswered_put_replaces_its_object(env):
     assert env.loop.run_once().paused  # v1 is in the bucket, the agent does not know it
     pdf.write_bytes(b"%PDF v2, rewritten")
     _aged(pdf, 50)
-    env.outbox.resume()
+    env.outbox.pause.lift()
     honest = FakeUploader()
     honest.objects = lossy.objects
     env.drainer.uploader = honest
@@ -282,7 +282,7 @@ def test_report_rewritten_after_an_unanswered_put_replaces_its_object(env):
     assert result.delivered == 1
     assert honest.objects[key][0] == b"%PDF v2, rewritten"
     assert not [k for k in honest.objects if "__" in k], "no copy aside: it was ours"
-    assert env.outbox.items()[-1].outcome == REPLACED
+    assert env.outbox.items.all()[-1].outcome == REPLACED
 
 
 def test_report_still_being_written_waits_for_a_second_look(env):
@@ -320,7 +320,7 @@ def test_hostile_entries_in_reports_are_skipped_once_and_never_stop_the_rest(env
     assert result.delivered == 1 + 4 and result.skipped == 7
     uploaded = b"".join(body for body, _ in env.uploader.objects.values())
     assert b"secret" not in uploaded and b"root:" not in uploaded
-    problems = env.outbox.problems()
+    problems = env.outbox.problems.all()
     assert len(problems) == 7 and all(p.ref.startswith("name#") for p in problems)
     assert env.outbox.stats().problems == 7
     lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
@@ -364,11 +364,11 @@ def test_a_report_is_hashed_once_across_passes_and_processes(tmp_path):
 def _statements_while(outbox: Outbox, fn) -> list[str]:
     """The SQL statements the outbox ran during fn()."""
     seen: list[str] = []
-    outbox._db.set_trace_callback(seen.append)
+    outbox.db._conn.set_trace_callback(seen.append)
     try:
         fn()
     finally:
-        outbox._db.set_trace_callback(None)
+        outbox.db._conn.set_trace_callback(None)
     return seen
 
 
@@ -391,7 +391,7 @@ def test_known_reports_cost_the_same_queries_however_many_there_are(tmp_path, co
         ran = _statements_while(second.outbox, second.loop.reports.find)
         assert len(ran) <= 10, ran  # a query and a transaction per file: 4 x count or more
         assert sum(s.startswith("BEGIN") for s in ran) <= 1, ran  # clearing old problems
-        assert second.outbox.items(DELIVERED)[-1].path.name == f"Report_{count - 1:03d}.pdf"
+        assert second.outbox.items.all(DELIVERED)[-1].path.name == f"Report_{count - 1:03d}.pdf"
         pdf = second.reports / "Report_001.pdf"  # one changes: that one is looked at again
         pdf.write_bytes(b"%PDF changed")
         _aged(pdf, 30)
@@ -415,7 +415,7 @@ def test_run_stops_with_an_upload_in_flight_and_marks_nothing(tmp_path):
         runner.join(timeout=10)
         assert not runner.is_alive()
         e.uploader.gate.set()  # let the abandoned daemon workers end
-        assert not e.outbox.delivered(), "an abandoned upload is not marked delivered"
+        assert not e.outbox.items.delivered(), "an abandoned upload is not marked delivered"
     finally:
         e.close()
         wait_until(lambda: not [t for t in threading.enumerate()
@@ -500,7 +500,7 @@ def test_one_bad_user_never_stops_the_others(env, caplog):
                      ' {"username": "ok", "registration_date": "2026-01-24 12:04:19"}]')
     result = env.loop.run_once()
     assert result.signups_queued == 2 and result.delivered == 2 and result.skipped == 1
-    assert [p.source for p in env.outbox.problems()] == ["users"]
+    assert [p.source for p in env.outbox.problems.all()] == ["users"]
     text = " ".join(r.getMessage() for r in caplog.records)
     assert "lone" not in text, "a username never reaches the log"
 
@@ -525,6 +525,6 @@ def test_lost_state_lists_the_day_once_and_sends_no_body_twice(tmp_path):
         assert result.delivered == 20
         assert second.uploader.calls == [], "no body sent again"
         assert second.uploader.lists == 1, "one LIST for the day"
-        assert {i.outcome for i in second.outbox.items()} == {ALREADY_DELIVERED}
+        assert {i.outcome for i in second.outbox.items.all()} == {ALREADY_DELIVERED}
     finally:
         second.close()
