@@ -93,7 +93,6 @@ class FoldRun:
     """The out-of-fold result: per fold its Conf and axis cut-offs; per record its scores."""
 
     confs: tuple[Conf, ...]
-    axis_cuts: tuple[ludb.AxisCategories, ...]
     results: list  # accuracy.RecordResult, measured by the Conf of the record's own fold
     axis_hits_fitted: int  # held-out records whose category matches with their fold's cuts
     axis_labelled: int
@@ -186,7 +185,7 @@ def run_folds(cases: list[Case] | None = None, measure: Measurer | None = None) 
     acc = _accuracy()
     cases = load_cases() if cases is None else cases
     measure = Measurer(cases) if measure is None else measure
-    confs, cuts_all = [], []
+    confs: list[Conf] = []
     held_out: dict[int, Measurements] = {}
     hits = labelled = 0
     for k in range(FOLDS):
@@ -199,14 +198,13 @@ def run_folds(cases: list[Case] | None = None, measure: Measurer | None = None) 
         pairs = [(float(trained[c.record_id].qrs_axis_deg), c.labels.axis) for c in train
                  if c.labels.axis and trained[c.record_id].qrs_axis_deg is not None]
         cuts, _ = acc.fit_axis_cuts(pairs)
-        cuts_all.append(cuts)
         for c in test:
             if not c.labels.axis:
                 continue
             labelled += 1
             angle = held_out[c.record_id].qrs_axis_deg
             hits += angle is not None and ludb.axis_category(angle, cuts) == c.labels.axis
-    return FoldRun(tuple(confs), tuple(cuts_all), _results(cases, held_out), hits, labelled)
+    return FoldRun(tuple(confs), _results(cases, held_out), hits, labelled)
 
 
 def in_sample(cases: list[Case], measure: Measurer | None = None) -> list:

@@ -247,7 +247,6 @@ class Delineation:
     fiducial: int  # the template's QRS fiducial (index)
     template_waves: Waves
     detections: int  # QRS detections given
-    p_consistency: float | None  # median correlation of the beats' P windows with the template's
     rr_irregularity: float | None  # median |successive RR difference| / median RR
     noise_uv: float | None  # broadband noise, uV RMS (noise_uv)
     paced_beats: int  # QRS detections with a pacemaker-like spike before them
@@ -306,7 +305,7 @@ def delineate(
     spatial = [i for i, name in enumerate(LEAD_ORDER) if name in SPATIAL_LEADS and usable[i]]
     det = np.unique(np.asarray(detections, dtype=np.int64))
     empty = Delineation(fs, (), np.zeros((len(LEAD_ORDER), 0)), 0, Waves(), det.size,
-                        None, _irregularity(det), None, 0)
+                        _irregularity(det), None, 0)
     if not spatial:
         return _with_reason(empty, "no usable lead")
     if det.size < 2:
@@ -347,7 +346,7 @@ def delineate(
     return Delineation(
         sampling_rate=fs, beats=tuple(beats), template=template, fiducial=pre,
         template_waves=_calibrated(twaves, fs, conf), detections=int(all_det.size),
-        p_consistency=p_match, rr_irregularity=irregularity, noise_uv=noise,
+        rr_irregularity=irregularity, noise_uv=noise,
         paced_beats=_paced_beats(clean[spatial], all_det, fs, noise),
         p_absent=p_absent, t_absent=t_absent,
     )
@@ -414,7 +413,7 @@ def _t_absent(template: np.ndarray, w: Waves, spatial: list[int], fs: float,
 
 def _with_reason(d: Delineation, reason: str) -> Delineation:
     log.debug("no delineation: %s", reason)
-    return Delineation(d.sampling_rate, (), d.template, 0, Waves(), d.detections, None,
+    return Delineation(d.sampling_rate, (), d.template, 0, Waves(), d.detections,
                        d.rr_irregularity, None, 0, reason)
 
 

@@ -40,7 +40,6 @@ def ensure_free_space(path: Path, reserve_mb: int) -> None:
 class PruneResult:
     folders: tuple[Path, ...]
     files: int
-    freed_bytes: int
 
 
 def prune(outbox: Outbox, state_dir: Path, *, cutoff: float) -> PruneResult:
@@ -91,7 +90,7 @@ def prune(outbox: Outbox, state_dir: Path, *, cutoff: float) -> PruneResult:
         outbox.items.mark_pruned(pruned_ids)
         log.info("retention: pruned %d delivered files (%d packages, %.1f MB)",
                  files, len(folders), freed / _MB)
-    return PruneResult(tuple(folders), files, freed)
+    return PruneResult(tuple(folders), files)
 
 
 def remove_incomplete(records_root: Path, *, grace_s: float,

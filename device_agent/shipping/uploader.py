@@ -243,7 +243,6 @@ class Head:
     sha256: str | None
     sha256_source: str | None  # "checksum" (S3's own) or "metadata" (ours, never proof)
     metadata: Mapping[str, str]
-    server_side_encryption: str | None
 
 
 def _b64(sha256_hex: str) -> str:
@@ -363,7 +362,7 @@ class Uploader:
         if sha is None and metadata.get("sha256"):
             sha, source = str(metadata["sha256"]).lower(), "metadata"
         return Head(key, int(r.get("ContentLength", 0)), r.get("ETag"), sha, source,
-                    metadata, r.get("ServerSideEncryption"))
+                    metadata)
 
     def download_sha256(self, key: str, size: int) -> str | None:
         """SHA-256 of an object's body, streamed (None if it is gone); `size` is what its HEAD

@@ -92,7 +92,7 @@ class FakeUploader:
                 return None
             body, etag = self.objects[key]
             return Head(key, len(body), etag, hashlib.sha256(body).hexdigest(), "checksum",
-                        {}, "AES256")
+                        {})
 
     def list_prefix(self, prefix):
         with self.lock:
