@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from device_agent.capture import find_capture, kept_answer
 from device_agent.commands.capture import via_service
 from device_agent.core.clock import Clock
 from device_agent.core.config import load_settings
@@ -25,7 +26,7 @@ from device_agent.ops.spool import ServiceLock, Spool, running_pid
 from device_agent.ops.status import collect_status
 from device_agent.service import PackageCapture, Service
 from device_agent.shipping.outbox import Outbox
-from device_agent.sync import PassResult
+from device_agent.sync import ConditionLog, PassResult
 from tests.conftest import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,6 +63,7 @@ class FakeSync:
         self.passes = 0
         self.wedged: str | None = None
         self.closed = False
+        self.conditions = ConditionLog()
 
     def run(self, *, on_pass) -> None:
         while not self.stop.is_set():
@@ -112,12 +114,17 @@ class Harness:
         self.service = Service(self.settings, reader=self.reader, sync_loop=self.sync,
                                outbox=self.outbox,
                                capture=capture or (lambda r: {"ok": True, "folder": "/f"}),
+                               kept=self._kept,
                                notifier=self.notifier, stop=self.stop, clock=FakeClock())
         self.exit_code: int | None = None
         self.thread = threading.Thread(target=self._run, name="service-under-test")
 
     def _run(self) -> None:
         self.exit_code = self.service.run()
+
+    def _kept(self, record_id: str) -> dict | None:
+        found = find_capture(self.settings, self.outbox, record_id)
+        return None if found is None else kept_answer(found)
 
     def __enter__(self) -> Harness:
         self.thread.start()
