@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -122,7 +123,7 @@ class Harness:
     def _run(self) -> None:
         self.exit_code = self.service.run()
 
-    def _kept(self, record_id: str) -> dict | None:
+    def _kept(self, record_id: str) -> dict[str, Any] | None:
         found = find_capture(self.settings, self.outbox, record_id)
         return None if found is None else kept_answer(found)
 
