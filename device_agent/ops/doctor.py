@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from device_agent.core.clock import Clock, clock_from_settings, held_count, undated_count
+from device_agent.core.clock import clock_from_settings, held_count, undated_count
 from device_agent.core.config import Settings
 from device_agent.core.errors import UploadError
 from device_agent.ops.spool import running_pid
 from device_agent.ops.status import (
     STALE_AFTER_S,
+    ClockView,
     disk_summary,
     empty_status,
     outbox_summary,
@@ -298,7 +299,7 @@ def check_identity(settings: Settings, *, now: dt.datetime | None = None) -> lis
     return checks
 
 
-def check_clock(settings: Settings, clock: Clock | None = None) -> list[Check]:
+def check_clock(settings: Settings, clock: ClockView | None = None) -> list[Check]:
     """The clock as the running service sees it (its sandbox), else as this command does."""
     doc = read_status_file(Path(settings.state_dir)) or empty_status()
     seen = doc["clock"]
@@ -365,7 +366,7 @@ def check_disk(settings: Settings) -> list[Check]:
     return [Check("disk", True, f"{disk['free_mb']} MB free on {disk['path']}")]
 
 
-def run_doctor(settings: Settings, *, clock: Clock | None = None, client: Any = None,
+def run_doctor(settings: Settings, *, clock: ClockView | None = None, client: Any = None,
                proc: Path = Path("/proc"), account: Account | None = None,
                extra: Iterable[Check] = ()) -> list[Check]:
     """Every doctor check, in the order a field engineer would fix them."""

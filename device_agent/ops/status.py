@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, Protocol, TypedDict
 
-from device_agent.core.clock import Clock, clock_from_settings, held_count, undated_count
+from device_agent.core.clock import clock_from_settings, held_count, undated_count
 from device_agent.core.config import Settings
 from device_agent.core.errors import UploadError
 from device_agent.core.fsutil import atomic_write, existing_ancestor, free_mb
@@ -178,6 +178,68 @@ def _float(value: object) -> float | None:
     return value
 
 
+# --- what `status` shows (collect_status; `status --json` prints it as is) ---------------
+
+class ServiceReport(TypedDict):
+    running: bool
+    healthy: bool
+    pid: int | None
+    state: str  # stopped, starting, hung, wedged, or the phase the service reports
+    status_age_s: float | None
+    started_at: str | None
+    status: str | None
+    stuck: str | None
+
+
+class PortReport(TypedDict):
+    path: str
+    present: bool | None  # None: a URL, no file to look for
+    connected: bool | None  # None: not read (the service is not running)
+    frames_flowing: bool | None
+    frames: int | None
+    reconnects: int | None
+    last_byte_age_s: float | None
+    error: str | None
+
+
+class DiskReport(TypedDict):
+    path: str
+    free_mb: int
+    reserve_mb: int
+    ok: bool
+
+
+class StatusReport(TypedDict):
+    service: ServiceReport
+    port: PortReport
+    last_capture: CaptureDoc | None  # status.json's, as the service wrote it
+    held: int
+    undated: int
+    outbox: dict[str, Any]
+    last_sync: SyncDoc | None
+    clock: ClockDoc
+    clock_source: str  # "service" (its view, inside its sandbox) or "this command"
+    disk: DiskReport
+    credentials: dict[str, Any]
+    deadlines: dict[str, float | int]
+    device_serial: str
+    checked_at: str | None
+
+
+class ClockReading(Protocol):
+    @property
+    def synced(self) -> bool: ...
+
+    @property
+    def reason(self) -> str: ...
+
+
+class ClockView(Protocol):
+    """What status and doctor ask of a clock (clock.Clock)."""
+
+    def state(self) -> ClockReading: ...
+
+
 def iso(epoch: float | None) -> str | None:
     if epoch is None:
         return None
@@ -191,21 +253,21 @@ def port_present(port: str) -> bool | None:
     return os.path.exists(port)
 
 
-def disk_summary(path: Path, reserve_mb: int) -> dict[str, Any]:
+def disk_summary(path: Path, reserve_mb: int) -> DiskReport:
     """Free space where STATE_DIR lives, against the configured reserve."""
     probe = existing_ancestor(path)
     free = int(free_mb(probe))
-    return {"path": str(probe), "free_mb": free, "reserve_mb": reserve_mb,
-            "ok": free >= reserve_mb}
+    return DiskReport(path=str(probe), free_mb=free, reserve_mb=reserve_mb,
+                      ok=free >= reserve_mb)
 
 
-def clock_summary(clock: Clock) -> dict[str, Any]:
+def clock_summary(clock: ClockView) -> ClockDoc:
     """Whether the wall clock may name records, and the evidence (clock.py)."""
     try:
         state = clock.state()
     except OSError as exc:
-        return {"synced": None, "reason": f"cannot tell: {exc}"}
-    return {"synced": bool(state.synced), "reason": state.reason}
+        return ClockDoc(synced=None, reason=f"cannot tell: {exc}")
+    return ClockDoc(synced=bool(state.synced), reason=state.reason)
 
 
 def outbox_summary(state_dir: Path, *, now: float) -> dict[str, Any]:
@@ -230,7 +292,8 @@ def outbox_summary(state_dir: Path, *, now: float) -> dict[str, Any]:
     return doc
 
 
-def credentials_summary(settings: Settings, live: dict[str, Any] | None) -> dict[str, Any]:
+def credentials_summary(settings: Settings, live: Mapping[str, str | None] | None
+                        ) -> dict[str, Any]:
     """Where S3 credentials come from and when they expire (never the secrets)."""
     if not settings.cloud_upload_enabled:
         return {"source": "upload disabled", "expires_at": None, "certificate_expires": None}
@@ -266,7 +329,7 @@ def service_state(pid: int | None, doc: StatusDoc, now: float) -> tuple[str, boo
     return doc["phase"] or "running", True
 
 
-def unavailable(s: dict[str, Any]) -> list[str]:
+def unavailable(s: StatusReport) -> list[str]:
     """The external parts a healthy service lacks (status exits 3 for any): uploads paused
     (wrong credentials, endpoint or bucket down), the board absent or not connected, the
     clock not synchronised, free disk under DISK_RESERVE_MB (captures are refused)."""
@@ -285,8 +348,8 @@ def unavailable(s: dict[str, Any]) -> list[str]:
     return parts
 
 
-def collect_status(settings: Settings, *, clock: Clock | None = None,
-                   now: float | None = None) -> dict[str, Any]:
+def collect_status(settings: Settings, *, clock: ClockView | None = None,
+                   now: float | None = None) -> StatusReport:
     """Everything `status` shows, as one JSON-ready dict."""
     now = time.time() if now is None else now
     state_dir = Path(settings.state_dir)
