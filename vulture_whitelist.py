@@ -37,6 +37,10 @@ _.cloud_service, _.wall_at_capture
 _.updated_at, _.pruned_at, _.oldest_pending_age_s, _.pause_reason, _.last_package_stamp
 _.last_package_disposition, _.last_package_at, _.last_seen
 
+# ops/status.py's TypedDicts: keys of status.json and of `status --json`, written and
+# printed as JSON documents, read by key by the engineer's tools and the tests
+_.last_byte_age_s, _.running, _.status_age_s, _.frames_flowing, _.clock_source, _.checked_at
+
 # hooks a library calls: sqlite3 (row_factory), socket/ssl methods the timed socket
 # overrides, urllib3's pool and connection hooks, botocore's CredentialProvider, and the
 # thread flag tests/conftest.py's leak check reads with getattr
@@ -61,9 +65,6 @@ _.SIGNUP_FIELDS
 
 # _Key.help: each key's one-line help, written where the key is declared
 _.help
-
-# the Protocol the service's sync loop is typed as (issue 26: the wiring helper's seam)
-_.SyncRunner
 
 # NOT false positives, left for the branches that rewrite their files this round: the link's
 # dropped batches and a drain's list skips, read by no caller. Use or delete each, then drop

@@ -26,7 +26,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,14 +38,19 @@ from device_agent.core.config import Settings
 from device_agent.core.errors import AgentError
 from device_agent.core.fsutil import storage_condition, storage_message
 from device_agent.documents.patient import validate_patient
-from device_agent.link.framing import FrameDecoder, Frames
-from device_agent.link.port import LinkState, SerialReader
+from device_agent.link.port import FrameSource
 from device_agent.ops.notify import Notifier
 from device_agent.ops.spool import Request, Spool, record_id_for
-from device_agent.ops.status import write_status_file
-from device_agent.shipping.drain import Drainer
+from device_agent.ops.status import (
+    CaptureDoc,
+    ClockDoc,
+    PortDoc,
+    StatusDoc,
+    SyncDoc,
+    write_status_file,
+)
 from device_agent.shipping.outbox import Outbox
-from device_agent.sync import ConditionLog, PassResult, SyncLoop
+from device_agent.sync import ConditionLog, PassResult
 
 log = logging.getLogger(__name__)
 
@@ -54,35 +59,79 @@ PUBLISH_EVERY_S = 2.0   # status.json and STATUS= refresh
 READY_GRACE_S = 3.0     # how long READY waits for the port before saying "waiting for board"
 RESULT_KEEP_S = 3600.0  # unread capture results are deleted after this
 
-CaptureFn = Callable[[Request], dict[str, Any]]
+# A capture request's answer, as the spool hands it to the waiting caller (JSON).
+CaptureResult = dict[str, Any]
+CaptureFn = Callable[[Request], CaptureResult]
+# The answer for a request the last restart cut short whose capture was kept, or None.
+KeptFn = Callable[[str], CaptureResult | None]
+
+
+class Link(Protocol):
+    """What the service reads of the board link's state (port.LinkState)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def last_byte_at(self) -> float | None: ...  # monotonic
+
+    @property
+    def frames_decoded(self) -> int: ...
+
+    @property
+    def reconnects(self) -> int: ...
+
+    @property
+    def last_error(self) -> str | None: ...
 
 
 class Reader(Protocol):
-    """The board link as a capture and the service use it (port.SerialReader)."""
-
-    url: str
-    decoder: FrameDecoder
-
-    def start(self, *, fail_fast: bool = False) -> Reader: ...
-
-    def stop(self, timeout: float = 2.0) -> None: ...
-
-    def get(self, timeout: float) -> Frames | None: ...
-
-    def clear(self) -> int: ...
+    """The board link as the service supervises it (port.SerialReader); the captures use the
+    reader itself (PackageCapture)."""
 
     @property
-    def state(self) -> LinkState: ...
+    def state(self) -> Link: ...
+
+    def start(self) -> object: ...
+
+    def stop(self) -> None: ...
+
+
+OnPass = Callable[[PassResult | None, list[str]], None]
 
 
 class SyncRunner(Protocol):
     """The sync loop as the service supervises it (sync.SyncLoop)."""
 
-    def run(self, *, on_pass: object = None) -> None: ...
+    conditions: ConditionLog  # shared with the status writer: a full disk is logged once
 
-    def stuck(self, now: float | None = None) -> str | None: ...
+    def run(self, *, on_pass: OnPass) -> None: ...
 
-    def run_once(self, *, wait: bool = True) -> PassResult: ...
+    def stuck(self) -> str | None: ...
+
+    def close(self) -> None: ...
+
+
+class QueueStats(Protocol):
+    """What the status line says of the queue (outbox.Stats)."""
+
+    @property
+    def pending(self) -> int: ...
+
+    @property
+    def failed(self) -> int: ...
+
+    @property
+    def paused_until(self) -> float | None: ...
+
+    @property
+    def last_delivered_at(self) -> float | None: ...
+
+
+class StatsSource(Protocol):
+    """All the service needs of the outbox: its numbers (outbox.Outbox.stats)."""
+
+    def stats(self) -> QueueStats: ...
 
 
 def release_memory() -> None:
@@ -99,24 +148,26 @@ def _now_iso(clock: Clock) -> str:
 class Service:
     """The running agent: supervises reader, sync loop and captures; `run()` until `stop`."""
 
-    def __init__(self, settings: Settings, *, reader: Any, sync_loop: Any, outbox: Any,
-                 capture: CaptureFn, notifier: Notifier, stop: threading.Event,
-                 clock: Clock, credentials: Callable[[], dict[str, Any]] | None = None) -> None:
+    def __init__(self, settings: Settings, *, reader: Reader, sync_loop: SyncRunner,
+                 outbox: StatsSource, capture: CaptureFn, kept: KeptFn, notifier: Notifier,
+                 stop: threading.Event, clock: Clock,
+                 credentials: Callable[[], dict[str, str | None]] | None = None) -> None:
         self.settings = settings
         self.state_dir = Path(settings.state_dir)
         self.reader = reader
         self.sync_loop = sync_loop
-        self.conditions: ConditionLog = getattr(sync_loop, "conditions", None) or ConditionLog()
+        self.conditions = sync_loop.conditions
         self.outbox = outbox
         self.capture = capture
+        self.kept = kept
         self.notifier = notifier
         self.stop = stop
         self.clock = clock
         self.spool = Spool(self.state_dir).ensure()
         self.started_at = _now_iso(clock)
         self.phase = "starting"
-        self.last_capture: dict[str, Any] | None = None
-        self.last_sync: dict[str, Any] | None = None
+        self.last_capture: CaptureDoc | None = None
+        self.last_sync: SyncDoc | None = None
         self.stuck: str | None = None
         self.credentials = credentials or (lambda: {"source": "upload disabled"})
         self._capture_thread: threading.Thread | None = None
@@ -124,16 +175,16 @@ class Service:
 
     # --- pieces the supervising loop reads ---------------------------------------------------
 
-    def port_state(self) -> dict[str, Any]:
+    def port_state(self) -> PortDoc:
         """The reader's state (port.LinkState) as status.json holds it."""
         state = self.reader.state
         last = state.last_byte_at
         age = None if last is None else round(max(0.0, time.monotonic() - last), 2)
-        return {"path": self.settings.serial_port, "connected": bool(state.connected),
-                "last_byte_age_s": age, "frames": state.frames_decoded,
-                "reconnects": state.reconnects, "error": state.last_error}
+        return PortDoc(path=self.settings.serial_port, connected=bool(state.connected),
+                       last_byte_age_s=age, frames=state.frames_decoded,
+                       reconnects=state.reconnects, error=state.last_error)
 
-    def status_line(self, port: Mapping[str, Any], stats: Any) -> str:
+    def status_line(self, port: PortDoc, stats: QueueStats) -> str:
         """The one line `systemctl status` shows."""
         if self.stuck:
             return f"WEDGED: {self.stuck}"
@@ -143,7 +194,7 @@ class Service:
             board = "board connected"
         else:
             board = f"waiting for board on {self.settings.serial_port}"
-        cap = self.last_capture or {}
+        cap = self.last_capture
         last_cap = f"{cap.get('at')} {cap.get('verdict') or 'failed'}" if cap else "none"
         queue = f"queue {stats.pending} pending/{stats.failed} failed"
         if stats.paused_until:
@@ -159,12 +210,12 @@ class Service:
         stats = self.outbox.stats()
         line = self.status_line(port, stats)
         clock = self.clock.state()
-        doc = {"version": __version__, "pid": os.getpid(), "phase": self.phase,
-               "started_at": self.started_at, "updated_at": time.time(), "status": line,
-               "port": port, "last_capture": self.last_capture, "last_sync": self.last_sync,
-               "clock": {"synced": clock.synced, "reason": clock.reason},
-               "held": held_count(self.state_dir), "stuck": self.stuck,
-               "credentials": self.credentials()}
+        doc = StatusDoc(version=__version__, pid=os.getpid(), phase=self.phase,
+                        started_at=self.started_at, updated_at=time.time(), status=line,
+                        port=port, last_capture=self.last_capture, last_sync=self.last_sync,
+                        clock=ClockDoc(synced=clock.synced, reason=clock.reason),
+                        held=held_count(self.state_dir), stuck=self.stuck,
+                        credentials=self.credentials())
         try:
             write_status_file(self.state_dir, doc)
         except OSError as exc:  # a full disk must not stop captures or uploads
@@ -184,10 +235,10 @@ class Service:
     # --- threads -----------------------------------------------------------------------------
 
     def _sync_done(self, result: PassResult | None, errors: list[str]) -> None:
-        self.last_sync = {"at": _now_iso(self.clock),
-                          "summary": None if result is None else result.summary(),
-                          "paused": None if result is None else result.paused,
-                          "errors": errors}
+        self.last_sync = SyncDoc(at=_now_iso(self.clock),
+                                 summary=None if result is None else result.summary(),
+                                 paused=None if result is None else result.paused,
+                                 errors=errors)
 
     def _capture_main(self, request: Request) -> None:
         try:
@@ -197,9 +248,12 @@ class Service:
         except Exception as exc:
             log.exception("capture request %s failed", request.id)
             result = {"ok": False, "exit_code": 1, "error": f"{type(exc).__name__}: {exc}"}
-        self.last_capture = {"at": _now_iso(self.clock), "request": request.id,
-                             **{k: result.get(k) for k in ("verdict", "record_id", "folder",
-                                                           "disposition", "error")}}
+        self.last_capture = CaptureDoc(at=_now_iso(self.clock), request=request.id,
+                                       verdict=result.get("verdict"),
+                                       record_id=result.get("record_id"),
+                                       folder=result.get("folder"),
+                                       disposition=result.get("disposition"),
+                                       error=result.get("error"))
         try:
             self.spool.finish(request.id, result)
         except OSError as exc:
@@ -230,20 +284,11 @@ class Service:
                 if path.stat().st_mtime < cutoff:
                     path.unlink()
 
-    def _kept(self, record_id: str) -> dict[str, Any] | None:
-        """The answer for a capture the last restart cut short, when its record is kept."""
-        kept = find_capture(self.settings, self.outbox, record_id)
-        if kept is None:
-            return None
-        log.warning("a capture cut short by the last restart was kept: record %s (%s), %s",
-                    kept.record_id, kept.stamp or "not named yet", kept.state)
-        return kept_answer(kept)
-
     # --- the supervising loop ----------------------------------------------------------------
 
     def run(self) -> int:
         """Start reader and sync loop, announce READY, supervise until `stop`; exit code."""
-        recovered = self.spool.recover(self._kept)
+        recovered = self.spool.recover(self.kept)
         if recovered:
             log.warning("answered %d capture request(s) interrupted by the last restart",
                         recovered)
@@ -319,11 +364,11 @@ class PackageCapture:
     """Serves one spool request: capture from the shared reader, build the package, decide."""
 
     settings: Settings
-    reader: Reader
+    reader: FrameSource
     outbox: Outbox
     clock: Clock
 
-    def __call__(self, request: Request) -> dict[str, Any]:
+    def __call__(self, request: Request) -> CaptureResult:
         validate_patient(request.patient)
         if not self.reader.state.connected:
             return {"ok": False, "exit_code": 3,
@@ -345,16 +390,12 @@ class PackageCapture:
                     "error": rejection_message(self.settings, outcome)}
         return {**result, "ok": True, "exit_code": 0}
 
+    def kept(self, record_id: str) -> CaptureResult | None:
+        """The answer for a capture the last restart cut short, when its record is kept."""
+        kept = find_capture(self.settings, self.outbox, record_id)
+        if kept is None:
+            return None
+        log.warning("a capture cut short by the last restart was kept: record %s (%s), %s",
+                    kept.record_id, kept.stamp or "not named yet", kept.state)
+        return kept_answer(kept)
 
-def build_service(settings: Settings, *, outbox: Outbox, stop: threading.Event,
-                  notifier: Notifier, clock: Clock, uploader: Any | None) -> Service:
-    """Wire reader, drainer, sync loop and capture once (the `run` command calls this)."""
-    reader = SerialReader.from_settings(settings)
-    drainer = Drainer(outbox, uploader, clock=clock, stop=stop,
-                      backoff_cap_s=settings.retry_max_backoff_s,
-                      report_max_bytes=settings.report_max_bytes)
-    loop = SyncLoop(settings, outbox=outbox, drainer=drainer, stop=stop, clock=clock)
-    capture = PackageCapture(settings, reader, outbox, clock)
-    return Service(settings, reader=reader, sync_loop=loop, outbox=outbox, capture=capture,
-                   notifier=notifier, stop=stop, clock=clock,
-                   credentials=uploader.credentials.describe if uploader is not None else None)

@@ -1,7 +1,7 @@
 """`device-agent run`: the service under systemd (Type=notify); this is its process edge.
 
 It reads NOTIFY_SOCKET/WATCHDOG_USEC from the environment, takes the service lock, opens the
-outbox, builds the one S3 client and wires everything once (service.build_service).
+outbox, builds the one S3 client and wires everything once (assemble.py).
 SIGTERM stops it cleanly (exit 0, as systemd asks); Ctrl-C (SIGINT) stops it with 130.
 SIGHUP is left alone: under systemd it is not a request to stop.
 """
@@ -17,25 +17,18 @@ from device_agent.core.config import Settings
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    from device_agent.core.clock import clock_from_settings
+    from device_agent.assemble import assembled
     from device_agent.ops.notify import Notifier
     from device_agent.ops.spool import ServiceLock
-    from device_agent.service import build_service
-    from device_agent.shipping.outbox import Outbox
-    from device_agent.shipping.uploader import Uploader
 
     notifier = Notifier.from_environ(os.environ)
-    clock = clock_from_settings(settings)
-    with Interrupt(signal.SIGTERM, signal.SIGINT) as interrupt, \
-            ServiceLock(settings.state_dir), Outbox.open(settings) as outbox:
-        try:
-            uploader = Uploader.from_settings(settings) if settings.cloud_upload_enabled \
-                else None
-            service = build_service(settings, outbox=outbox, stop=interrupt.stop,
-                                    notifier=notifier, clock=clock, uploader=uploader)
-            code = service.run()
-        finally:
-            notifier.close()
+    try:
+        with Interrupt(signal.SIGTERM, signal.SIGINT) as interrupt, \
+                ServiceLock(settings.state_dir), \
+                assembled(settings, stop=interrupt.stop) as parts:
+            code = parts.service(notifier).run()
+    finally:
+        notifier.close()
     if interrupt.signum == signal.SIGINT:
         return EXIT_INTERRUPTED
     return code

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
 from device_agent.commands import echo
 from device_agent.core.config import Settings
-from device_agent.ops.status import collect_status, iso, unavailable
+from device_agent.ops.status import StatusReport, collect_status, iso, unavailable
 
 
 def _age(seconds: float | None) -> str:
@@ -28,7 +27,7 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-def render_status(s: dict[str, Any]) -> list[str]:
+def render_status(s: StatusReport) -> list[str]:
     """The human view of collect_status(): one fact a line, problems in capitals."""
     svc, port, box, disk = s["service"], s["port"], s["outbox"], s["disk"]
     lines = []

@@ -37,20 +37,10 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _pass(settings: Settings, args: argparse.Namespace, interrupt: Interrupt) -> PassResult:
-    from device_agent.core.clock import clock_from_settings
-    from device_agent.shipping.drain import Drainer
-    from device_agent.shipping.outbox import Outbox
-    from device_agent.shipping.uploader import Uploader
-    from device_agent.sync import SyncLoop
+    from device_agent.assemble import assembled
 
-    clock = clock_from_settings(settings)
-    with Outbox.open(settings) as outbox:
-        uploader = Uploader.from_settings(settings) if settings.cloud_upload_enabled else None
-        drainer = Drainer(outbox, uploader, clock=clock, stop=interrupt.stop,
-                          backoff_cap_s=settings.retry_max_backoff_s,
-                          report_max_bytes=settings.report_max_bytes)
-        loop = SyncLoop(settings, outbox=outbox, drainer=drainer, stop=interrupt.stop,
-                        clock=clock)
+    with assembled(settings, stop=interrupt.stop) as parts:
+        loop = parts.sync_loop()
         try:
             return loop.run_once(wait=bool(args.wait))
         finally:

@@ -15,18 +15,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from device_agent.assemble import assembled
 from device_agent.capture import capture_package
-from device_agent.core.clock import clock_from_settings
 from device_agent.core.config import Settings
 from device_agent.core.errors import AgentError
 from device_agent.documents.pdf import measurement_rows
 from device_agent.lab.simulator import BoardSimulator
-from device_agent.link.port import SerialReader
-from device_agent.shipping.drain import Drainer
-from device_agent.shipping.outbox import Outbox
-from device_agent.shipping.uploader import Uploader
 from device_agent.shipping.verify import delivered_items, verify_objects
-from device_agent.sync import SyncLoop
 
 log = logging.getLogger(__name__)
 
@@ -110,44 +105,42 @@ def run_demo(settings: Settings, *, out: Path, record_path: Path, speed: float,
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
         s = demo_settings(settings, out=out, link=link, endpoint=endpoint)
-        clock = clock_from_settings(s)
         echo(f"S3-compatible endpoint (moto) on {endpoint}, bucket {DEMO_BUCKET}")
-        uploader = Uploader.from_settings(s)
-        uploader.client.create_bucket(Bucket=DEMO_BUCKET)
-
-        with BoardSimulator(record_path, link, counts_per_mv=s.counts_per_mv,
-                            byte_order=s.byte_order, speed=speed, loop=True):
-            echo(f"board simulator replaying {record_path.name} on {link.name} at {speed:g}x "
-                 f"real time (a 10 s record takes {10 / speed:.1f} s here)")
-            reader = SerialReader.from_settings(s).start(fail_fast=True)
-            with Outbox.open(s) as outbox:
+        # the parts the service and `sync --once` use, on the demo's board and endpoint
+        with assembled(s, stop=threading.Event()) as parts:
+            uploader = parts.uploader
+            if uploader is None:  # demo_settings turns uploads on
+                raise AgentError("the demo uploads: CLOUD_UPLOAD_ENABLED must be true")
+            uploader.client.create_bucket(Bucket=DEMO_BUCKET)
+            with BoardSimulator(record_path, link, counts_per_mv=s.counts_per_mv,
+                                byte_order=s.byte_order, speed=speed, loop=True):
+                echo(f"board simulator replaying {record_path.name} on {link.name} at "
+                     f"{speed:g}x real time (a 10 s record takes {10 / speed:.1f} s here)")
+                reader = parts.reader().start(fail_fast=True)
                 try:
-                    outcome = capture_package(reader, s, DEMO_PATIENT, outbox=outbox,
-                                              clock=clock, progress=progress)
+                    outcome = capture_package(reader, s, DEMO_PATIENT, outbox=parts.outbox,
+                                              clock=parts.clock, progress=progress)
                 finally:
                     reader.stop()
-        record, info = outcome.record, outcome.info
-        q = record.quality
-        echo(f"captured {record.n_samples} samples x 12 leads at {record.sampling_rate} Hz: "
-             f"verdict {q.verdict}, {q.frames_lost} frames lost")
-        if info is None or not outcome.queued:
-            raise AgentError(f"the demo capture was not packaged and queued ({q.verdict}: "
-                             f"{'; '.join(q.reasons) or 'clock not synchronised'}); see "
-                             f"{outcome.folder}")
-        echo(f"package {info.stamp} written ({len(info.files)} files and a manifest)")
-        echo("measured: " + "  ".join(f"{label} {value}" for label, value
-                                      in measurement_rows(record.measurements)))
+            record, info = outcome.record, outcome.info
+            q = record.quality
+            echo(f"captured {record.n_samples} samples x 12 leads at {record.sampling_rate} "
+                 f"Hz: verdict {q.verdict}, {q.frames_lost} frames lost")
+            if info is None or not outcome.queued:
+                raise AgentError(f"the demo capture was not packaged and queued ({q.verdict}: "
+                                 f"{'; '.join(q.reasons) or 'clock not synchronised'}); see "
+                                 f"{outcome.folder}")
+            echo(f"package {info.stamp} written ({len(info.files)} files and a manifest)")
+            echo("measured: " + "  ".join(f"{label} {value}" for label, value
+                                          in measurement_rows(record.measurements)))
 
-        stop = threading.Event()
-        with Outbox.open(s) as outbox:
-            drainer = Drainer(outbox, uploader, clock=clock, stop=stop)
-            loop = SyncLoop(s, outbox=outbox, drainer=drainer, stop=stop, clock=clock)
+            loop = parts.sync_loop()
             try:
                 result = loop.run_once()
             finally:
                 loop.close()
             echo(f"sync pass: {result.summary()}")
-            findings = verify_objects(uploader, delivered_items(outbox))
+            findings = verify_objects(uploader, delivered_items(parts.outbox))
         bad = [f for f in findings if not f.ok]
         echo(f"verified {len(findings)} objects by SHA-256: "
              f"{len(findings) - len(bad)} intact, {len(bad)} missing or different")

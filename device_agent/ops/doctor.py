@@ -21,11 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from device_agent.core.clock import Clock, clock_from_settings, held_count, undated_count
+from device_agent.core.clock import clock_from_settings, held_count, undated_count
 from device_agent.core.config import Settings
 from device_agent.core.errors import UploadError
 from device_agent.ops.spool import running_pid
-from device_agent.ops.status import STALE_AFTER_S, disk_summary, outbox_summary, read_status_file
+from device_agent.ops.status import (
+    STALE_AFTER_S,
+    ClockView,
+    disk_summary,
+    empty_status,
+    outbox_summary,
+    read_status_file,
+)
 from device_agent.shipping.credentials import (
     IotCredentialFetcher,
     config_from_settings,
@@ -292,13 +299,17 @@ def check_identity(settings: Settings, *, now: dt.datetime | None = None) -> lis
     return checks
 
 
-def check_clock(settings: Settings, clock: Clock | None = None) -> list[Check]:
+def check_clock(settings: Settings, clock: ClockView | None = None) -> list[Check]:
     """The clock as the running service sees it (its sandbox), else as this command does."""
-    doc = read_status_file(Path(settings.state_dir)) or {}
-    fresh = (running_pid(Path(settings.state_dir)) is not None and "updated_at" in doc
-             and time.time() - doc["updated_at"] <= STALE_AFTER_S and doc.get("clock"))
-    if fresh:
-        synced, reason, who = doc["clock"]["synced"], doc["clock"]["reason"], "the service"
+    doc = read_status_file(Path(settings.state_dir)) or empty_status()
+    seen = doc["clock"]
+    updated = doc["updated_at"]
+    fresh = (running_pid(Path(settings.state_dir)) is not None and updated is not None
+             and time.time() - updated <= STALE_AFTER_S)
+    synced: bool | None
+    reason: str | None
+    if fresh and seen is not None:
+        synced, reason, who = seen["synced"], seen["reason"], "the service"
     else:
         state = (clock or clock_from_settings(settings)).state()
         synced, reason, who = state.synced, state.reason, "this command"
@@ -355,7 +366,7 @@ def check_disk(settings: Settings) -> list[Check]:
     return [Check("disk", True, f"{disk['free_mb']} MB free on {disk['path']}")]
 
 
-def run_doctor(settings: Settings, *, clock: Clock | None = None, client: Any = None,
+def run_doctor(settings: Settings, *, clock: ClockView | None = None, client: Any = None,
                proc: Path = Path("/proc"), account: Account | None = None,
                extra: Iterable[Check] = ()) -> list[Check]:
     """Every doctor check, in the order a field engineer would fix them."""

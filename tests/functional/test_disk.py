@@ -213,7 +213,8 @@ def test_the_service_logs_a_full_disk_once_until_it_changes(tiny_fs, tmp_path, c
 
     env = Env(tmp_path, STATE_DIR=str(tiny_fs / "state"), REPORTS_DIR=str(tiny_fs / "reports"))
     service = Service(env.settings, reader=FakeReader(False), sync_loop=env.loop,
-                      outbox=env.outbox, capture=lambda r: {"ok": True}, notifier=Notifier(None),
+                      outbox=env.outbox, capture=lambda r: {"ok": True},
+                      kept=lambda record_id: None, notifier=Notifier(None),
                       stop=env.stop, clock=Clock(check="floor"))
     service.publish()  # status.json exists, as on a running unit
     try:

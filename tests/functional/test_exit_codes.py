@@ -194,7 +194,8 @@ def test_sync_once_beside_the_running_service_is_busy_only_mid_pass(
         proxy.set_mode("pass")
         service = _service(flags, tmp_path)
         try:  # between passes: the service's next one is an hour away
-            wait_until(lambda: (read_status_file(state) or {}).get("last_sync") is not None
+            wait_until(lambda: ((doc := read_status_file(state)) is not None
+                                and doc.get("last_sync") is not None)
                        or service.poll() is not None, timeout=60,
                        what="the service's first pass")
             assert service.poll() is None

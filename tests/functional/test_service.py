@@ -13,9 +13,11 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from device_agent.capture import find_capture, kept_answer
 from device_agent.commands.capture import via_service
 from device_agent.core.clock import Clock
 from device_agent.core.config import load_settings
@@ -27,8 +29,9 @@ from device_agent.ops.spool import ServiceLock, Spool, running_pid
 from device_agent.ops.status import collect_status
 from device_agent.service import PackageCapture, Service
 from device_agent.shipping.outbox import Outbox
-from device_agent.sync import PassResult
+from device_agent.sync import ConditionLog, PassResult
 from tests.conftest import wait_until
+from tests.helpers import present
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -73,6 +76,7 @@ class FakeSync:
         self.passes = 0
         self.wedged: str | None = None
         self.closed = False
+        self.conditions = ConditionLog()
 
     def run(self, *, on_pass) -> None:
         while not self.stop.is_set():
@@ -123,12 +127,17 @@ class Harness:
         self.service = Service(self.settings, reader=self.reader, sync_loop=self.sync,
                                outbox=self.outbox,
                                capture=capture or (lambda r: {"ok": True, "folder": "/f"}),
+                               kept=self._kept,
                                notifier=self.notifier, stop=self.stop, clock=FakeClock())
         self.exit_code: int | None = None
         self.thread = threading.Thread(target=self._run, name="service-under-test")
 
     def _run(self) -> None:
         self.exit_code = self.service.run()
+
+    def _kept(self, record_id: str) -> dict[str, Any] | None:
+        found = find_capture(self.settings, self.outbox, record_id)
+        return None if found is None else kept_answer(found)
 
     def __enter__(self) -> Harness:
         self.thread.start()
@@ -183,8 +192,8 @@ def test_status_update_follows_a_capture(tmp_path: Path, monkeypatch):
         wait_until(lambda: any("last capture" in m and " ok;" in m for m in h.received()),
                    what="a STATUS line with the capture")
         s = collect_status(h.settings, clock=FakeClock())
-    assert s["last_capture"]["record_id"] == "rec-1"
-    assert s["last_capture"]["verdict"] == "ok"
+    cap = s["last_capture"]
+    assert cap is not None and cap["record_id"] == "rec-1" and cap["verdict"] == "ok"
 
 
 def test_status_json_with_service_up(tmp_path: Path):
@@ -211,7 +220,7 @@ def test_port_unplugged_at_boot_ready_anyway_and_status_says_so(tmp_path: Path, 
         assert s["service"]["running"] is True
         assert s["port"]["present"] is False and s["port"]["connected"] is False
         assert s["port"]["frames_flowing"] is False
-        assert "No such file" in s["port"]["error"]
+        assert "No such file" in present(s["port"]["error"])
         assert h.thread.is_alive(), "an absent board must not stop the service"
 
 
@@ -301,7 +310,7 @@ def test_a_wedged_sync_stops_the_watchdog_and_status_says_why(tmp_path: Path, mo
         pings_after = [m for m in h.received()[seen:] if m == "WATCHDOG=1"]
         assert pings_after == [], "a wedged loop must not feed the watchdog"
         s = collect_status(h.settings)
-        assert s["service"]["healthy"] is False and "past its" in s["service"]["stuck"]
+        assert s["service"]["healthy"] is False and "past its" in present(s["service"]["stuck"])
         h.sync.wedged = None
         wait_until(lambda: "WATCHDOG=1" in h.received()[seen:], what="pings again")
 

@@ -17,7 +17,7 @@ from device_agent.core.clock import Clock
 from device_agent.core.config import load_settings
 from device_agent.ops.doctor import Account, port_holders, run_doctor, service_account
 from device_agent.ops.spool import ServiceAlreadyRunning, ServiceLock, Spool, running_pid
-from device_agent.ops.status import collect_status, write_status_file
+from device_agent.ops.status import STATUS_NAME, collect_status
 from tests.helpers import present
 
 
@@ -153,8 +153,9 @@ def test_status_reads_outbox_read_only(tmp_path: Path):
 def test_status_stale_file_means_hung(tmp_path: Path):
     settings = _settings(tmp_path)
     with ServiceLock(settings.state_dir):
-        write_status_file(settings.state_dir, {"updated_at": time.time() - 600,
-                                               "phase": "running", "port": {"connected": True}})
+        # an old or half-written file: the reader defaults what it lacks
+        (Path(settings.state_dir) / STATUS_NAME).write_text(json.dumps(
+            {"updated_at": time.time() - 600, "phase": "running", "port": {"connected": True}}))
         s = collect_status(settings, clock=synced_clock(True))
     assert s["service"]["running"] is True and s["service"]["state"] == "hung"
     assert s["port"]["connected"] is None, "a stale file's port state is not reported as live"
