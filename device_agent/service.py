@@ -56,7 +56,9 @@ TICK_S = 0.5
 # spool/new's mtime has the kernel's coarse tick: a request renamed in within the same tick
 # as the last listing leaves it unchanged, so a folder changed this recently is listed anyway
 SPOOL_SETTLE_S = 1.0
-PUBLISH_EVERY_S = 5.0   # status.json and STATUS= refresh (stale after status.STALE_AFTER_S)
+# status.json and STATUS= heartbeat (stale after status.STALE_AFTER_S = 30 s); a capture's
+# end, a wedged sync loop and the board coming or going publish at once
+PUBLISH_EVERY_S = 10.0
 READY_GRACE_S = 3.0     # how long READY waits for the port before saying "waiting for board"
 RESULT_KEEP_S = 3600.0  # unread capture results are deleted after this
 
@@ -296,6 +298,7 @@ class Service:
     def _supervise(self) -> int:
         next_publish = time.monotonic() + PUBLISH_EVERY_S
         next_prune = time.monotonic()
+        connected = self.reader.state.connected
         while not self.stop.wait(TICK_S):
             if self._sync_thread is not None and not self._sync_thread.is_alive():
                 log.error("the sync loop thread died; exiting so systemd restarts the service")
@@ -311,7 +314,8 @@ class Service:
                 self.notifier.watchdog()
             self._serve_spool()
             now = time.monotonic()
-            if now >= next_publish:
+            was_connected, connected = connected, self.reader.state.connected
+            if now >= next_publish or connected != was_connected:
                 self.publish()
                 next_publish = now + PUBLISH_EVERY_S
             if now >= next_prune:
