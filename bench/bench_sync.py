@@ -25,10 +25,12 @@ Cases, like with like:
 
 Measures: wall time from start to exit (what a caller waits for) and CPU time of the child
 (os.wait4: user + system, all its threads). Contestants run interleaved round-robin in a
-shuffled order (_common.interleaved), medians of ROUNDS (>= 15) per case; the 500-report
-case runs ROUNDS_500 rounds: each of its calls sends 35 MB (about 5 s of a 2-core machine,
-~10 s a round), and its per-round ratios spread far less than the other cases' (the p25-p75
-of the ratio is printed). Ratio = aws / ours: >= 1.0 means ours is at least as fast.
+shuffled order (as _common.interleaved does, with wall and CPU kept from each call), medians
+of ROUNDS (>= 15) per case; the 500-report case runs ROUNDS_500 (7) rounds: each of its calls
+sends 35 MB and deletes them after (about 5 s a round on the 2-core Xeon), and
+its per-round ratios spread little (p25-p75 within +-0.03 of the median on the Xeon; each row
+prints it), so 15 would add a minute to `make bench` for nothing. The whole bench takes
+about 85 s there. Ratio = aws / ours: >= 1.0 means ours is at least as fast.
 """
 
 from __future__ import annotations
