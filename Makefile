@@ -37,11 +37,20 @@ test-nspawn: $(VENV)/.installed-test
 demo: $(VENV)/.installed-demo
 	@$(BIN)/device-agent demo
 
-bench: $(VENV)/.installed-test $(VENV)/.installed-bench
-	@$(BIN)/python bench/run_all.py
+# awscli v1 (bench_sync.py's baseline) pins botocore exactly: it gets a venv of its own
+AWS_VENV := $(VENV)-aws
+$(AWS_VENV)/.installed: bench/aws-constraints.txt
+	@echo "make: installing awscli into $(AWS_VENV)/ for bench_sync (first run only; log: $(LOG))"
+	@$(PYTHON) -m venv $(AWS_VENV)
+	@$(AWS_VENV)/bin/python -m pip --disable-pip-version-check install \
+		-c bench/aws-constraints.txt awscli >>$(LOG) 2>&1 || { tail -20 $(LOG); exit 1; }
+	@touch $@
+
+bench: $(VENV)/.installed-test $(VENV)/.installed-bench $(AWS_VENV)/.installed
+	@AWS_CLI=$(abspath $(AWS_VENV))/bin/aws $(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache
+	rm -rf $(VENV) $(AWS_VENV) build *.egg-info .pytest_cache .mypy_cache
 
 # On a board, as root: service user, venv under /opt/device-agent, unit, settings (docs/operations.md).
 install:

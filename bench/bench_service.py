@@ -17,7 +17,10 @@ interpreter, and whether its memory stays flat over 200 captures.
    service after work, not fresh from start.
 2. Memory. The service's VmRSS over the same windows (median) against a bare interpreter
    that imports boto3, numpy, reportlab, pydicom, serial and the device_agent modules the
-   service loads, and makes one boto3 S3 client; measured alongside. Every process here
+   service loads, and makes one boto3 S3 client; measured alongside. And against issue
+   26's baseline, a bare interpreter with boto3, numpy and reportlab alone (one client):
+   the service after its captures, and just after READY=1 before any capture (what being
+   up costs; the capture path's libraries load with the first capture). Every process here
    runs with the systemd unit's Environment= (MALLOC_ARENA_MAX=2), as the service is deployed.
 3. Flat memory. In a child process, the capture path (measure_once, package_and_decide:
    JSON, PDF, DICOM, manifest, outbox rows) run FLAT_CAPTURES times on a recorded 10 s
@@ -58,7 +61,7 @@ CAPTURES = 3            # through the running service, before the windows
 CAPTURE_SECONDS = 2     # of board data each (ECG_CAPTURE_SECONDS; 10 by default)
 FLAT_CAPTURES = int(os.environ.get("BENCH_FLAT_CAPTURES", "200"))
 FLAT_FROM = 6
-CPU_AIM, RSS_AIM, FLAT_AIM_KIB = 5.0, 1.10, 1024
+CPU_AIM, RSS_AIM, LIBS_RSS_AIM, FLAT_AIM_KIB = 3.0, 1.10, 1.15, 1024
 READER = ROOT / "bench" / "bench_reader.py"
 _S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
@@ -72,6 +75,8 @@ BARE_IMPORTS = ("boto3", "numpy", "reportlab.pdfgen.canvas", "pydicom", "serial"
                 "device_agent.clinical.measurements", "device_agent.documents.package",
                 "device_agent.link.port", "device_agent.ops.spool", "device_agent.ops.notify",
                 "device_agent.ops.status")
+# issue 26's baseline: a bare interpreter with the three big libraries alone (and one client)
+LIBS_IMPORTS = ("boto3", "numpy", "reportlab.pdfgen.canvas")
 
 
 # --- the probe: run something, answer getrusage on request ----------------------------------
@@ -108,11 +113,11 @@ def _run_bare_loop(answer_fd: int, link: str) -> None:
         time.sleep(0.1)
 
 
-def _bare_imports() -> None:
-    """A bare interpreter with the service's imports and one S3 client, idle until stdin ends."""
+def _bare_imports(names: tuple[str, ...] = BARE_IMPORTS) -> None:
+    """A bare interpreter with these imports and one S3 client, idle until stdin ends."""
     import importlib
 
-    for name in BARE_IMPORTS:
+    for name in names:
         importlib.import_module(name)
     import boto3
 
@@ -284,6 +289,10 @@ def run(rounds: int = ROUNDS) -> list[dict[str, Any]]:
             return any(m.startswith("READY=1") for m in ready)
 
         _until(is_ready, 60, "READY=1 from the service")
+        fresh: list[int] = []  # before any capture: what the service holds for being up
+        for _ in range(5):
+            time.sleep(0.5)
+            fresh.append(rss_kib(service.proc.pid))
         cli = [sys.executable, "-m", "device_agent", "--env-file", str(env_file)]
         for _ in range(CAPTURES):
             subprocess.run([*cli, "capture"], env=env, cwd=tmp, check=True, timeout=120,
@@ -299,12 +308,16 @@ def run(rounds: int = ROUNDS) -> list[dict[str, Any]]:
         imports = subprocess.Popen([sys.executable, __file__, "bare-imports"], env=env,
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         children.append(imports)
-        if imports.stdout is None or imports.stdout.readline().strip() != "ready":
-            raise RuntimeError("the bare interpreter did not start")
+        libs = subprocess.Popen([sys.executable, __file__, "bare-libs"], env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        children.append(libs)
+        for bare_process in (imports, libs):
+            if bare_process.stdout is None or bare_process.stdout.readline().strip() != "ready":
+                raise RuntimeError("the bare interpreter did not start")
         time.sleep(WINDOW_S)  # settle: the bare loop drains the backlog its pty held
         contestants = {"service": service, "bare": bare}
         cpu: dict[str, list[float]] = {name: [] for name in contestants}
-        rss: dict[str, list[int]] = {"service": [], "bare-imports": []}
+        rss: dict[str, list[int]] = {"service": [], "bare-imports": [], "bare-libs": []}
         order = list(contestants)
         shuffle = random.Random(0).shuffle
         last = {name: p.cpu_s() for name, p in contestants.items()}
@@ -317,6 +330,7 @@ def run(rounds: int = ROUNDS) -> list[dict[str, Any]]:
                 last[name] = now
             rss["service"].append(rss_kib(service.proc.pid))
             rss["bare-imports"].append(rss_kib(imports.pid))
+            rss["bare-libs"].append(rss_kib(libs.pid))
         if service.proc.poll() is not None:
             raise RuntimeError(f"the service exited ({service.proc.returncode})")
         rows: list[dict[str, Any]] = []
@@ -347,6 +361,22 @@ def run(rounds: int = ROUNDS) -> list[dict[str, Any]]:
                      f"client; service min-max {min(rss['service']) / 1024:.1f}-"
                      f"{max(rss['service']) / 1024:.1f} MiB"),
         })
+        libs_kib = statistics.median(rss["bare-libs"])
+        for label, kib, when in (
+                ("steady RSS MiB, device-agent run", ours_kib,
+                 f"after {CAPTURES} captures, over the windows"),
+                ("RSS MiB before the first capture, device-agent run",
+                 statistics.median(fresh), "just after READY=1, before any capture")):
+            ratio = kib / libs_kib
+            rows.append({
+                "benchmark": "service",
+                "metric": f"{label} (vs bare interpreter with {', '.join(LIBS_IMPORTS)})",
+                "value": round(kib / 1024, 1), "baseline": round(libs_kib / 1024, 1),
+                "ratio": round(ratio, 3),
+                "note": (f"{verdict(ratio, at_most=LIBS_RSS_AIM)} (issue 26's baseline: "
+                         f"the three big libraries and one boto3 S3 client, nothing of ours); "
+                         f"service VmRSS {when} (median)"),
+            })
     finally:
         for p in probed:
             p.stop()
@@ -375,6 +405,8 @@ if __name__ == "__main__":
         _run_bare_loop(int(sys.argv[3]), sys.argv[2])
     elif command == "bare-imports":
         _bare_imports()
+    elif command == "bare-libs":
+        _bare_imports(LIBS_IMPORTS)
     elif command == "flat":
         _flat_child(sys.argv[2], int(sys.argv[3]))
     else:

@@ -54,8 +54,16 @@ from device_agent.sync import ConditionLog, PassResult
 
 log = logging.getLogger(__name__)
 
-TICK_S = 0.2            # supervising loop period: stop latency and spool pickup
-PUBLISH_EVERY_S = 2.0   # status.json and STATUS= refresh
+# Supervising loop period: capture requests are picked up within it (a capture is 10 s of
+# board data); a stop needs no tick (stop.wait returns at once). Each wake-up costs a Pi
+# CPU whether or not there is work, so it is no shorter than pickup needs.
+TICK_S = 0.5
+# spool/new's mtime has the kernel's coarse tick: a request renamed in within the same tick
+# as the last listing leaves it unchanged, so a folder changed this recently is listed anyway
+SPOOL_SETTLE_S = 1.0
+# status.json and STATUS= heartbeat (stale after status.STALE_AFTER_S = 30 s); a capture's
+# end, a wedged sync loop and the board coming or going publish at once
+PUBLISH_EVERY_S = 10.0
 READY_GRACE_S = 3.0     # how long READY waits for the port before saying "waiting for board"
 RESULT_KEEP_S = 3600.0  # unread capture results are deleted after this
 
@@ -262,12 +270,28 @@ class Service:
                  result.get("folder") or result.get("error"))
         release_memory()
 
+    _spool_seen: tuple[int, int] | None = None  # spool/new's (mtime, inode) at the last look
+
+    def _spool_changed(self) -> bool:
+        """Whether spool/new may hold a request the last look did not find: one stat, where
+        listing the folder every tick was a fifth of the idle service's CPU."""
+        try:
+            st = os.stat(self.spool.new)
+        except OSError:
+            return True  # claim() says what is wrong, or that there is nothing
+        seen = (st.st_mtime_ns, st.st_ino)
+        if seen == self._spool_seen and time.time() - st.st_mtime > SPOOL_SETTLE_S:
+            return False
+        self._spool_seen = seen  # taken before the listing: a later change is seen next tick
+        return True
+
     def _serve_spool(self) -> None:
         if self._capture_thread is not None and not self._capture_thread.is_alive():
             self._capture_thread.join()
             self._capture_thread = None
+            self._spool_seen = None  # requests that waited for this capture: look again
             self.publish()
-        if self._capture_thread is not None:
+        if self._capture_thread is not None or not self._spool_changed():
             return
         request = self.spool.claim()
         if request is None:
@@ -319,6 +343,7 @@ class Service:
     def _supervise(self) -> int:
         next_publish = time.monotonic() + PUBLISH_EVERY_S
         next_prune = time.monotonic()
+        connected = self.reader.state.connected
         while not self.stop.wait(TICK_S):
             if self._sync_thread is not None and not self._sync_thread.is_alive():
                 log.error("the sync loop thread died; exiting so systemd restarts the service")
@@ -334,7 +359,8 @@ class Service:
                 self.notifier.watchdog()
             self._serve_spool()
             now = time.monotonic()
-            if now >= next_publish:
+            was_connected, connected = connected, self.reader.state.connected
+            if now >= next_publish or connected != was_connected:
                 self.publish()
                 next_publish = now + PUBLISH_EVERY_S
             if now >= next_prune:

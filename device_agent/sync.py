@@ -25,8 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from device_agent.capture import release_held
-from device_agent.core.clock import Clock
+from device_agent.core.clock import Clock, held_dir
 from device_agent.core.config import Settings
 from device_agent.core.errors import AgentError, OutboxBusy
 from device_agent.core.fsutil import FileLock, storage_condition, storage_message
@@ -224,7 +223,18 @@ class SyncLoop:
     # --- the steps ------------------------------------------------------------------------
 
     def _release_held(self, result: PassResult) -> None:
-        """Records captured before the clock was known get their names once it is."""
+        """Records captured before the clock was known get their names once it is.
+
+        The capture path (numpy, the measurements, PDF and DICOM) is imported only when the
+        held folder has something in it: a pass with nothing held never needs it.
+        """
+        try:
+            if next(held_dir(self.settings.state_dir).iterdir(), None) is None:
+                return
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        from device_agent.capture import release_held
+
         released = release_held(self.settings, outbox=self.outbox, clock=self.clock)
         result.packages_queued += sum(1 for o in released if o.queued)
 
