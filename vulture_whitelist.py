@@ -65,8 +65,3 @@ _.SIGNUP_FIELDS
 
 # _Key.help: each key's one-line help, written where the key is declared
 _.help
-
-# NOT false positives, left for the branches that rewrite their files this round: the link's
-# dropped batches and a drain's list skips, read by no caller. Use or delete each, then drop
-# it here.
-_.dropped_batches, _.skipped_by_list

@@ -16,6 +16,7 @@ the board is back; it never exits.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -79,7 +80,6 @@ class LinkState:
     frames_lost: int
     garbage_bytes: int
     reconnects: int
-    dropped_batches: int
     last_error: str | None
 
     @property
@@ -169,7 +169,6 @@ class SerialReader:
         self._last_byte_at: float | None = None
         self._bytes_read = 0
         self._reconnects = 0
-        self._dropped = 0
         self._last_error: str | None = None
         self._ever_connected = False
 
@@ -262,7 +261,7 @@ class SerialReader:
         d = self.decoder
         return LinkState(self.url, self._connected, self._last_byte_at, self._bytes_read,
                          d.frames_decoded, d.frames_lost, d.garbage_bytes, self._reconnects,
-                         self._dropped, self._last_error)
+                         self._last_error)
 
     # --- the thread --------------------------------------------------------------------------
     def _set_connected(self, connected: bool, error: str | None = None) -> None:
@@ -439,8 +438,5 @@ class SerialReader:
                 self._queue.put_nowait((window, frames))
                 return
             except queue.Full:
-                try:
+                with contextlib.suppress(queue.Empty):  # nobody reads (idle): the oldest goes
                     self._queue.get_nowait()
-                    self._dropped += 1
-                except queue.Empty:
-                    pass

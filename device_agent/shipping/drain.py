@@ -117,7 +117,6 @@ class DrainResult:
     delivered: int = 0
     retrying: int = 0
     failed: int = 0
-    skipped_by_list: int = 0
     abandoned: int = 0
     paused: str | None = None
     errors: list[str] = field(default_factory=list)
@@ -272,7 +271,6 @@ class Drainer:
                             item.package)
                 item = dataclasses.replace(item, sha256=sha, size=len(body))
         if self._already_there(item):
-            result.skipped_by_list += 1
             result.delivered += 1
             return None
         return item

@@ -65,7 +65,7 @@ class FakeReader:
     @property
     def state(self) -> LinkState:
         return LinkState(self.url, self.connected, self.last_byte_at, 0, self.frames_decoded,
-                         0, 0, 0, 0, self.last_error)
+                         0, 0, 0, self.last_error)
 
 
 class FakeSync:

@@ -40,7 +40,7 @@ class FramesReader:
     def state(self) -> LinkState:
         d = self.decoder
         return LinkState(self.url, True, None, 0, d.frames_decoded, d.frames_lost,
-                         d.garbage_bytes, 0, 0, None)
+                         d.garbage_bytes, 0, None)
 
 
 class StepClock(Clock):
