@@ -238,19 +238,27 @@ class Drainer:
     def _collect(self, pending: dict[Future[Any], Item], result: DrainResult,
                  timeout: float) -> None:
         done, _ = wait(list(pending), timeout=timeout, return_when=FIRST_COMPLETED)
-        for future in done:
-            item = pending.pop(future)
-            with self._flights_lock:
-                self._flights.pop(future, None)
-            if future.cancelled():
-                continue
-            try:
-                outcome: Outcome = future.result()
-            except Exception as exc:  # a bug in one item's path must not stop the drain
-                log.exception("upload of item %d failed unexpectedly", item.id)
-                outcome = UploadError(f"unexpected {type(exc).__name__}: {exc}",
-                                      retryable=True, code=type(exc).__name__)
-            self._record(item, outcome, result)
+        before = result.delivered
+        with self.queue.items.batch():  # one commit (one fsync) for the answers this wait got
+            for future in done:
+                self._settle(future, pending, result)
+        for _ in range(result.delivered - before):
+            self.checkpoint("drain.committed")
+
+    def _settle(self, future: Future[Any], pending: dict[Future[Any], Item],
+                result: DrainResult) -> None:
+        item = pending.pop(future)
+        with self._flights_lock:
+            self._flights.pop(future, None)
+        if future.cancelled():
+            return
+        try:
+            outcome: Outcome = future.result()
+        except Exception as exc:  # a bug in one item's path must not stop the drain
+            log.exception("upload of item %d failed unexpectedly", item.id)
+            outcome = UploadError(f"unexpected {type(exc).__name__}: {exc}",
+                                  retryable=True, code=type(exc).__name__)
+        self._record(item, outcome, result)
 
     def _limit(self, item: Item) -> float:
         assert self.uploader is not None
@@ -367,8 +375,7 @@ class Drainer:
             self.checkpoint("drain.put_answered")
             self.queue.items.mark_delivered(item.id, etag=outcome.etag, final_key=outcome.key,
                                             outcome=outcome.outcome)
-            self.checkpoint("drain.committed")
-            result.delivered += 1
+            result.delivered += 1  # committed with the others of its wait: _collect
             if self._pauses and not result.paused:  # the endpoint answers again
                 self._pauses = 0
                 self.queue.pause.lift()

@@ -33,6 +33,10 @@ STABLE_AGE_S = 2.0  # a report untouched this long is taken as completely writte
 # An mtime further ahead than this is not a writer at work (a clock set wrong when it was
 # written, a copy keeping its times): waiting for it to age would wait for years.
 FUTURE_SLACK_S = 60.0
+# Entries looked at per outbox transaction: a pass finding 500 new reports commits (and
+# fsyncs) 8 times, not 1,000 times; none is sent before the pass ends, so nothing waits on
+# the rows; and the lock a capture's queueing also needs is held for one batch at a time.
+BATCH = 64
 
 
 class ReportsFinder:
@@ -64,6 +68,7 @@ class ReportsFinder:
         folder = os.path.join(self.reports_dir, "")
         settled = self.outbox.hashes.settled(folder, os.path.join(self.reports_dir.resolve(), ""))
         unchanged = self._unchanged(folder, settled, names)
+        looks: list[tuple[str, str]] = []  # (name, kind) in listing order
         for entry in entries:
             if not entry.lower().endswith(".pdf"):
                 continue
@@ -76,23 +81,18 @@ class ReportsFinder:
                 candidates.append((twin, "report_json"))
             for name, kind in candidates:
                 present.add(name)
-                if name in unchanged:
-                    continue
-                path = self.reports_dir / name
-                try:
-                    problem = self._look(path, kind, now, result)
-                except Exception as exc:  # one entry's trouble never stops the others
-                    if isinstance(exc, sqlite3.Error) or storage_condition(
-                            exc, self.outbox.db_path.parent) is not None:
-                        raise  # the outbox or its disk, not this entry: the pass says it once
-                    log.exception("report %s: unexpected error", s3keys.display_name(name))
-                    problem = f"unexpected {type(exc).__name__}"
-                if problem:
-                    ref = s3keys.display_name(name)
-                    problems.add(ref)
-                    result.skipped += 1
-                    if self.outbox.problems.note(SOURCE, ref, problem):
-                        log.warning("report %s skipped: %s", ref, problem)
+                if name not in unchanged:
+                    looks.append((name, kind))
+        for start in range(0, len(looks), BATCH):
+            with self.outbox.db.batch():  # one commit for the rows these entries queue
+                for name, kind in looks[start:start + BATCH]:
+                    problem = self._look_once(name, kind, now, result)
+                    if problem:
+                        ref = s3keys.display_name(name)
+                        problems.add(ref)
+                        result.skipped += 1
+                        if self.outbox.problems.note(SOURCE, ref, problem):
+                            log.warning("report %s skipped: %s", ref, problem)
         self.outbox.problems.clear(SOURCE, keep=problems)
         if self.outbox.hashes.count() != len(unchanged & present):  # else all are still here
             self.outbox.hashes.forget(present, folder=folder)
@@ -120,6 +120,17 @@ class ReportsFinder:
                     and regular(st.st_mode) and st.st_size <= limit):
                 same.add(name)
         return same
+
+    def _look_once(self, name: str, kind: str, now: float, result: FindResult) -> str | None:
+        """_look, with one entry's unexpected trouble kept to that entry."""
+        try:
+            return self._look(self.reports_dir / name, kind, now, result)
+        except Exception as exc:  # one entry's trouble never stops the others
+            if isinstance(exc, sqlite3.Error) or storage_condition(
+                    exc, self.outbox.db_path.parent) is not None:
+                raise  # the outbox or its disk, not this entry: the pass says it once
+            log.exception("report %s: unexpected error", s3keys.display_name(name))
+            return f"unexpected {type(exc).__name__}"
 
     def _look(self, path: Path, kind: str, now: float, result: FindResult) -> str | None:
         """Queue one entry if it is ready; the reason it was skipped, or None."""

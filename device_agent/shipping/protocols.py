@@ -7,6 +7,7 @@ drifts from the real thing fails lint, not production.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -44,6 +45,8 @@ class Uploader(Protocol):
 
 class ItemQueue(Protocol):
     """The queue of items as the drainer works it (outbox.items.Items)."""
+
+    def batch(self) -> AbstractContextManager[None]: ...
 
     def due(self, now: float | None = None, *, limit: int = 1000) -> list[Item]: ...
 

@@ -320,3 +320,40 @@ def test_known_packages_answers_about_the_folders_asked(outbox, tmp_path):
     assert outbox.packages.known(asked) == {asked[0], asked[1]}
     assert outbox.packages.known() == {asked[0], asked[1]}
     assert reconcile_folders(tmp_path / "records", outbox) == [pkgs[2].folder]
+
+
+def _visible_items(outbox: Outbox) -> int:
+    """Items another connection sees: what is committed, not what this one has written."""
+    other = sqlite3.connect(outbox.db_path)
+    try:
+        return int(other.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+    finally:
+        other.close()
+
+
+def _queue_one(outbox: Outbox, tmp_path: Path, name: str) -> int:
+    path = tmp_path / name
+    path.write_bytes(name.encode())
+    return outbox.items.add(path, kind="ecg_report_pdf", key=f"ecg-reports/{name}",
+                            sha256="0" * 64, size=len(name))
+
+
+def test_a_batch_commits_once_and_a_failed_write_inside_undoes_only_itself(outbox, tmp_path):
+    with outbox.db.batch():
+        _queue_one(outbox, tmp_path, "a.pdf")
+        with pytest.raises(RuntimeError), outbox.db.tx() as db:
+            db.execute("UPDATE items SET key = 'changed'")
+            raise RuntimeError("one write fails")
+        with outbox.db.batch():  # a batch inside a batch joins it
+            _queue_one(outbox, tmp_path, "b.pdf")
+        assert len(outbox.items.all()) == 2  # this connection sees its own writes
+        assert _visible_items(outbox) == 0, "nothing is committed before the batch ends"
+    assert _visible_items(outbox) == 2
+    assert sorted(i.key for i in outbox.items.all()) == ["ecg-reports/a.pdf",
+                                                         "ecg-reports/b.pdf"]
+    with pytest.raises(RuntimeError), outbox.db.batch():
+        _queue_one(outbox, tmp_path, "c.pdf")
+        raise RuntimeError("the batch fails")
+    assert _visible_items(outbox) == 2 and len(outbox.items.all()) == 2
+    _queue_one(outbox, tmp_path, "d.pdf")  # after a batch, transactions are their own again
+    assert _visible_items(outbox) == 3

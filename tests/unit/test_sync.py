@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import random
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from device_agent.core.config import Settings, load_settings
 from device_agent.core.errors import OutboxBusy, UploadError
 from device_agent.core.fsutil import hash_regular
 from device_agent.shipping.drain import Drainer, SynchronousExecutor, backoff_delay
+from device_agent.shipping.dropped_reports import BATCH
 from device_agent.shipping.outbox import DELIVERED, FAILED, Outbox
 from device_agent.shipping.uploader import (
     ALREADY_DELIVERED,
@@ -398,6 +400,60 @@ def test_known_reports_cost_the_same_queries_however_many_there_are(tmp_path, co
         assert second.loop.reports.find().queued == 1
     finally:
         second.close()
+
+
+def _committed_items(outbox: Outbox, state: str | None = None) -> int:
+    """Items another connection sees (in `state`): what is committed, not merely written."""
+    other = sqlite3.connect(outbox.db_path)
+    try:
+        if state is None:
+            return int(other.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+        return int(other.execute("SELECT COUNT(*) FROM items WHERE state = ?",
+                                 (state,)).fetchone()[0])
+    finally:
+        other.close()
+
+
+def test_new_reports_are_committed_a_batch_of_entries_at_a_time(env):
+    """A pass finding many new reports commits (fsyncs) once per BATCH entries, not twice per
+    report; what a batch queued is committed before the next batch is looked at."""
+    n = 2 * BATCH + 22
+    env.reports.mkdir(parents=True)
+    for i in range(n):
+        pdf = env.reports / f"Report_{i:03d}.pdf"
+        pdf.write_bytes(b"%PDF " + str(i).encode())
+        _aged(pdf)
+    seen_at: dict[int, int] = {}
+
+    def probing(path, *, max_bytes):
+        seen_at[len(seen_at)] = _committed_items(env.outbox)
+        return hash_regular(path, max_bytes=max_bytes)
+
+    env.loop.reports.hasher = probing
+    result: list = []
+    ran = _statements_while(env.outbox, lambda: result.append(env.loop.reports.find()))
+    assert result[0].queued == n and _committed_items(env.outbox) == n
+    commits = sum(s == "COMMIT" for s in ran)
+    assert commits <= 3 + 1, f"{commits} commits for {n} new reports"  # + clearing problems
+    assert [seen_at[i] for i in (0, BATCH - 1, BATCH, 2 * BATCH, n - 1)] == [
+        0, 0, BATCH, 2 * BATCH, 2 * BATCH]
+
+
+def test_the_committed_checkpoint_comes_after_the_mark_is_durable(env):
+    """Answers are marked delivered a wait's worth at a time, in one commit; the crash
+    campaign's `drain.committed` window must see each mark already on disk."""
+    make_package(env.records, "20260124_121815", seed=1)
+    make_package(env.records, "20260124_121900", seed=2)
+    marks: list[tuple[int, int]] = []
+
+    def checkpoint(name: str) -> None:
+        if name == "drain.committed":
+            marks.append((len(marks) + 1, _committed_items(env.outbox, DELIVERED)))
+
+    env.drainer.checkpoint = checkpoint
+    assert env.loop.run_once().delivered == 8
+    assert len(marks) == 8
+    assert all(visible >= k for k, visible in marks), marks
 
 
 def test_run_stops_with_an_upload_in_flight_and_marks_nothing(tmp_path):

@@ -134,6 +134,7 @@ class Database:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
+        self._batch = False  # read and set only while holding _lock
         make_dirs(self.path.parent)
         self._conn = sqlite3.connect(
             self.path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None,
@@ -171,8 +172,22 @@ class Database:
 
     @contextmanager
     def tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
-        """One IMMEDIATE transaction; `durable=False` for bookkeeping that may be lost."""
+        """One IMMEDIATE transaction; `durable=False` for bookkeeping that may be lost.
+
+        Inside batch() it is a SAVEPOINT of the batch's transaction instead: its failure
+        undoes only what it wrote, and it is committed (durably) with the batch.
+        """
         with self._lock:
+            if self._batch:
+                self._conn.execute("SAVEPOINT tx")
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute("ROLLBACK TO tx")
+                    self._conn.execute("RELEASE tx")
+                    raise
+                self._conn.execute("RELEASE tx")
+                return
             if not durable:
                 self._conn.execute("PRAGMA synchronous=NORMAL")
             try:
@@ -186,6 +201,35 @@ class Database:
             finally:
                 if not durable:
                     self._conn.execute("PRAGMA synchronous=FULL")
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """The tx() calls inside as one durable transaction: one commit (one fsync) for all.
+
+        For a run of small writes nothing acts on until the run ends (a scan queueing the
+        reports it found: none is sent before the scan returns). Other threads wait for the
+        lock meanwhile, so keep a batch short. A failure rolls back the whole batch; a
+        batch inside a batch joins it.
+        """
+        with self._lock:
+            if self._batch:
+                yield
+                return
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._batch = True
+            try:
+                yield
+            except BaseException:
+                self._batch = False
+                self._conn.execute("ROLLBACK")
+                raise
+            self._batch = False
+            try:
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:  # a failed COMMIT may leave it open
+                    self._conn.execute("ROLLBACK")
+                raise
 
     @contextmanager
     def locked(self) -> Iterator[sqlite3.Connection]:

@@ -14,6 +14,7 @@ import json
 import logging
 import sqlite3
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -157,6 +158,10 @@ class Items:
         return True
 
     # --- drain ---------------------------------------------------------------------------
+
+    def batch(self) -> AbstractContextManager[None]:
+        """The marks made inside committed as one: the answers one wait for puts brought."""
+        return self._db.batch()
 
     def due(self, now: float | None = None, *, limit: int = 1000) -> list[Item]:
         """Pending items whose time has come; a manifest only once its package is delivered."""
