@@ -46,11 +46,21 @@ $(AWS_VENV)/.installed: bench/aws-constraints.txt
 		-c bench/aws-constraints.txt awscli >>$(LOG) 2>&1 || { tail -20 $(LOG); exit 1; }
 	@touch $@
 
-bench: $(VENV)/.installed-test $(VENV)/.installed-bench $(AWS_VENV)/.installed
-	@AWS_CLI=$(abspath $(AWS_VENV))/bin/aws $(BIN)/python bench/run_all.py
+# the runtime dependencies alone, as systemd/install.sh deploys them: bench_service's RSS rows
+RUN_VENV := $(VENV)-run
+$(RUN_VENV)/.installed: pyproject.toml constraints.txt
+	@echo "make: installing the runtime dependencies alone into $(RUN_VENV)/ for bench_service (first run only; log: $(LOG))"
+	@$(PYTHON) -m venv $(RUN_VENV)
+	@$(RUN_VENV)/bin/python -m pip --disable-pip-version-check install -c constraints.txt \
+		-e . >>$(LOG) 2>&1 || { tail -20 $(LOG); exit 1; }
+	@touch $@
+
+bench: $(VENV)/.installed-test $(VENV)/.installed-bench $(AWS_VENV)/.installed $(RUN_VENV)/.installed
+	@AWS_CLI=$(abspath $(AWS_VENV))/bin/aws BENCH_DEPLOYED_PYTHON=$(abspath $(RUN_VENV))/bin/python \
+		$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf $(VENV) $(AWS_VENV) build *.egg-info .pytest_cache .mypy_cache
+	rm -rf $(VENV) $(AWS_VENV) $(RUN_VENV) build *.egg-info .pytest_cache .mypy_cache
 
 # On a board, as root: service user, venv under /opt/device-agent, unit, settings (docs/operations.md).
 install:

@@ -21,7 +21,10 @@ interpreter, and whether its memory stays flat over 200 captures.
    26's baseline, a bare interpreter with boto3, numpy and reportlab alone (one client):
    the service after its captures, and just after READY=1 before any capture (what being
    up costs; the capture path's libraries load with the first capture). Every process here
-   runs with the systemd unit's Environment= (MALLOC_ARENA_MAX=2), as the service is deployed.
+   runs with the systemd unit's Environment= (its malloc settings), as the service is deployed,
+   and on the interpreter of a venv holding the runtime dependencies alone (.venv-run, which
+   `make bench` builds; BENCH_DEPLOYED_PYTHON): the test venv's requests, which pydicom
+   imports when it is there, is about 4 MB a unit never holds.
 3. Flat memory. In a child process, the capture path (measure_once, package_and_decide:
    JSON, PDF, DICOM, manifest, outbox rows) run FLAT_CAPTURES times on a recorded 10 s
    Record; VmRSS after capture 6 and after the last. (The service takes 10 s of board data
@@ -63,6 +66,15 @@ FLAT_CAPTURES = int(os.environ.get("BENCH_FLAT_CAPTURES", "200"))
 FLAT_FROM = 6
 CPU_AIM, RSS_AIM, LIBS_RSS_AIM, FLAT_AIM_KIB = 3.0, 1.10, 1.15, 1024
 READER = ROOT / "bench" / "bench_reader.py"
+# The interpreter of a venv holding the runtime dependencies alone, as systemd/install.sh
+# deploys them (`make bench` builds .venv-run). The service, the bare loop and the bare
+# interpreters run on it: in the test venv pydicom also imports requests (moto's), ~4 MB
+# a unit never holds. Without it they run on this interpreter, and the rows say so.
+DEPLOYED = os.environ.get("BENCH_DEPLOYED_PYTHON", "")
+PYTHON = DEPLOYED or sys.executable
+WHERE = ("on the deployed set of libraries (.venv-run: the runtime dependencies alone)"
+         if DEPLOYED else "on the bench venv (its test tools make pydicom import requests: "
+         "BENCH_DEPLOYED_PYTHON for the deployed set)")
 _S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
 # what the bare interpreter imports: the service's libraries and its own modules
@@ -206,7 +218,7 @@ def _flat_child(state: str, captures: int) -> None:
 
 def flat_rows(tmp: Path, env: dict[str, str]) -> list[dict[str, Any]]:
     """VmRSS growth from capture FLAT_FROM to FLAT_CAPTURES of the capture path, in one process."""
-    out = subprocess.run([sys.executable, __file__, "flat", str(tmp / "flat"),
+    out = subprocess.run([PYTHON, __file__, "flat", str(tmp / "flat"),
                           str(FLAT_CAPTURES)], env=env, capture_output=True, text=True,
                          check=True, timeout=1200)
     rss = json.loads(out.stdout.strip().splitlines()[-1])
@@ -278,7 +290,7 @@ def run(rounds: int = ROUNDS) -> list[dict[str, Any]]:
         sock.bind(sock_path)
         sock.settimeout(0.2)
         service_env = {**env, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "30000000"}
-        service = Probed([sys.executable, __file__, "service", str(env_file)], service_env,
+        service = Probed([PYTHON, __file__, "service", str(env_file)], service_env,
                          cwd=tmp, stdout=subprocess.DEVNULL)
         probed.append(service)
         ready: list[str] = []
@@ -293,7 +305,7 @@ def run(rounds: int = ROUNDS) -> list[dict[str, Any]]:
         for _ in range(5):
             time.sleep(0.5)
             fresh.append(rss_kib(service.proc.pid))
-        cli = [sys.executable, "-m", "device_agent", "--env-file", str(env_file)]
+        cli = [PYTHON, "-m", "device_agent", "--env-file", str(env_file)]
         for _ in range(CAPTURES):
             subprocess.run([*cli, "capture"], env=env, cwd=tmp, check=True, timeout=120,
                            capture_output=True)
@@ -303,12 +315,12 @@ def run(rounds: int = ROUNDS) -> list[dict[str, Any]]:
             return stats is not None and stats.pending == 0 and stats.delivered >= 5 * CAPTURES
 
         _until(delivered, 120, f"{CAPTURES} captures delivered to the bucket")
-        bare = Probed([sys.executable, __file__, "bare-loop", links["bare"]], env)
+        bare = Probed([PYTHON, __file__, "bare-loop", links["bare"]], env)
         probed.append(bare)
-        imports = subprocess.Popen([sys.executable, __file__, "bare-imports"], env=env,
+        imports = subprocess.Popen([PYTHON, __file__, "bare-imports"], env=env,
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         children.append(imports)
-        libs = subprocess.Popen([sys.executable, __file__, "bare-libs"], env=env,
+        libs = subprocess.Popen([PYTHON, __file__, "bare-libs"], env=env,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         children.append(libs)
         for bare_process in (imports, libs):
@@ -359,7 +371,7 @@ def run(rounds: int = ROUNDS) -> list[dict[str, Any]]:
                      f"VmRSS over the same windows; bare = {', '.join(BARE_IMPORTS[:5])} and "
                      f"{len(BARE_IMPORTS) - 5} device_agent modules imported, one boto3 S3 "
                      f"client; service min-max {min(rss['service']) / 1024:.1f}-"
-                     f"{max(rss['service']) / 1024:.1f} MiB"),
+                     f"{max(rss['service']) / 1024:.1f} MiB; {WHERE}"),
         })
         libs_kib = statistics.median(rss["bare-libs"])
         for label, kib, when in (
@@ -375,7 +387,7 @@ def run(rounds: int = ROUNDS) -> list[dict[str, Any]]:
                 "ratio": round(ratio, 3),
                 "note": (f"{verdict(ratio, at_most=LIBS_RSS_AIM)} (issue 26's baseline: "
                          f"the three big libraries and one boto3 S3 client, nothing of ours); "
-                         f"service VmRSS {when} (median)"),
+                         f"service VmRSS {when} (median); {WHERE}"),
             })
     finally:
         for p in probed:

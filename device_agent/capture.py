@@ -40,7 +40,7 @@ from device_agent.core.config import Settings
 from device_agent.core.errors import SerialLinkError
 from device_agent.core.fsutil import fsync_dir, make_dirs
 from device_agent.core.record import VERDICT_REJECTED, DeviceInfo, Record, build_record
-from device_agent.documents import dicom, ecgdata, pdf
+from device_agent.documents import ecgdata, pdf
 from device_agent.documents.package import (
     DISPOSITIONS,
     QUEUED,
@@ -168,6 +168,10 @@ class PackageEncoders:
         """The DICOM 12-lead ECG copy (PACKAGE_DICOM), or None when off or not encodable."""
         if not self.settings.package_dicom:
             return None
+        # imported here: pydicom holds about 6 MB resident, which a unit with the copy off
+        # (PACKAGE_DICOM=false) never pays
+        from device_agent.documents import dicom
+
         style = self.style
         try:
             return dicom.encode_ecg(

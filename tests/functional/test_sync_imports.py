@@ -70,3 +70,28 @@ def test_sync_once_delivers_without_the_capture_path(tmp_path: Path, s3_endpoint
     assert any(k.endswith("ECG_Report_20260124_121815.pdf") for k in keys), keys
     assert any(k.endswith(report.name) for k in keys), keys
     assert any("user_signup_synthetic" in k for k in keys), keys
+
+
+def _modules_after(code: str) -> set[str]:
+    proc = subprocess.run([sys.executable, "-c", code + "\nimport sys, json\n"
+                           "print(json.dumps(sorted(sys.modules)))"],
+                          capture_output=True, text=True, timeout=120, check=True,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    return set(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def test_pydicom_is_loaded_only_by_a_unit_that_writes_the_dicom_copy(tmp_path: Path):
+    """The service's whole graph (run, capture, package) leaves pydicom out until a copy is
+    encoded: with PACKAGE_DICOM=false it is never loaded (about 6 MB resident on a Pi). That
+    the copy is written when on, the package tests show."""
+    code = (
+        "from device_agent.core.config import load_settings\n"
+        "import device_agent.commands.service, device_agent.service, device_agent.assemble\n"
+        "from device_agent.capture import PackageEncoders\n"
+        f"s = load_settings(environ={{}}, overrides={{'STATE_DIR': {str(tmp_path)!r}, "
+        "'PACKAGE_DICOM': 'false'})\n"
+        "assert PackageEncoders(s).dicom(None, {}) is None\n"
+    )
+    modules = _modules_after(code)
+    assert "device_agent.capture" in modules and "device_agent.service" in modules
+    assert not any(m.split(".")[0] == "pydicom" for m in modules)
