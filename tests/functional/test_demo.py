@@ -13,6 +13,7 @@ from device_agent.lab.demo import bucket_tree
 from tests.helpers import present
 
 SPEC = Path(__file__).resolve().parents[2] / "docs" / "s3-layout.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _example_tree(number: int) -> str:
@@ -56,6 +57,9 @@ def test_demo_runs_end_to_end_and_prints_todays_layout(tmp_path: Path):
     example = example.replace("└── ecg_data", "├── ecg_data")  # two more files come after
     assert example in out, f"expected\n{example}\nin\n{out}"
     assert "5 intact, 0 missing or different" in out
+    # the README's quick start shows this run's measurements (the recording is fixed)
+    shown = present(re.search(r"^measured: .*$", README.read_text(encoding="utf-8"), re.M))
+    assert shown.group(0) in out.splitlines(), f"README shows {shown.group(0)!r}; the demo: {out}"
     pdf = tmp_path / Path(present(re.search(r"report \(PDF\): (\S+)", out)).group(1))
     assert pdf.read_bytes().startswith(b"%PDF")
     assert not (tmp_path / "demo" / "board-tty").exists(), "the simulator's link was left behind"
