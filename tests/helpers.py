@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -35,6 +36,18 @@ def present(value: T | None) -> T:
     """`value`, which the test expects to be there: a look-up's None fails the test here."""
     assert value is not None, "expected a value, got None"
     return value
+
+
+def committed_items(db_path: Path, state: str | None = None) -> int:
+    """Outbox items (in `state`) another connection sees: what is committed, not only written."""
+    other = sqlite3.connect(db_path)
+    try:
+        if state is None:
+            return int(other.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+        return int(other.execute("SELECT COUNT(*) FROM items WHERE state = ?",
+                                 (state,)).fetchone()[0])
+    finally:
+        other.close()
 
 
 def make_record(ecg_data_dir: Path | None = None, *, when: datetime | None = None,

@@ -33,9 +33,10 @@ STABLE_AGE_S = 2.0  # a report untouched this long is taken as completely writte
 # An mtime further ahead than this is not a writer at work (a clock set wrong when it was
 # written, a copy keeping its times): waiting for it to age would wait for years.
 FUTURE_SLACK_S = 60.0
-# Entries looked at per outbox transaction: a pass finding 500 new reports commits (and
-# fsyncs) 8 times, not 1,000 times; none is sent before the pass ends, so nothing waits on
-# the rows; and the lock a capture's queueing also needs is held for one batch at a time.
+# Entries looked at per outbox transaction: a pass finding 500 new reports commits 8 times,
+# not 1,000 (a hash row and a queue row each, the queue rows fsync'd); none is sent before
+# the pass ends, so nothing waits on the rows; and the lock a capture's queueing also needs
+# is held for one batch at a time.
 BATCH = 64
 
 

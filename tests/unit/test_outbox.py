@@ -13,7 +13,7 @@ import pytest
 from device_agent.shipping.enqueue import reconcile_folders
 from device_agent.shipping.outbox import DELIVERED, FAILED, PENDING, Outbox, OutboxVersionError
 from device_agent.shipping.upload_log import UploadLog
-from tests.helpers import make_package, present
+from tests.helpers import committed_items, make_package, present
 
 
 @pytest.fixture
@@ -322,15 +322,6 @@ def test_known_packages_answers_about_the_folders_asked(outbox, tmp_path):
     assert reconcile_folders(tmp_path / "records", outbox) == [pkgs[2].folder]
 
 
-def _visible_items(outbox: Outbox) -> int:
-    """Items another connection sees: what is committed, not what this one has written."""
-    other = sqlite3.connect(outbox.db_path)
-    try:
-        return int(other.execute("SELECT COUNT(*) FROM items").fetchone()[0])
-    finally:
-        other.close()
-
-
 def _queue_one(outbox: Outbox, tmp_path: Path, name: str) -> int:
     path = tmp_path / name
     path.write_bytes(name.encode())
@@ -347,13 +338,13 @@ def test_a_batch_commits_once_and_a_failed_write_inside_undoes_only_itself(outbo
         with outbox.db.batch():  # a batch inside a batch joins it
             _queue_one(outbox, tmp_path, "b.pdf")
         assert len(outbox.items.all()) == 2  # this connection sees its own writes
-        assert _visible_items(outbox) == 0, "nothing is committed before the batch ends"
-    assert _visible_items(outbox) == 2
+        assert committed_items(outbox.db_path) == 0, "nothing is committed before the batch ends"
+    assert committed_items(outbox.db_path) == 2
     assert sorted(i.key for i in outbox.items.all()) == ["ecg-reports/a.pdf",
                                                          "ecg-reports/b.pdf"]
     with pytest.raises(RuntimeError), outbox.db.batch():
         _queue_one(outbox, tmp_path, "c.pdf")
         raise RuntimeError("the batch fails")
-    assert _visible_items(outbox) == 2 and len(outbox.items.all()) == 2
+    assert committed_items(outbox.db_path) == 2 and len(outbox.items.all()) == 2
     _queue_one(outbox, tmp_path, "d.pdf")  # after a batch, transactions are their own again
-    assert _visible_items(outbox) == 3
+    assert committed_items(outbox.db_path) == 3

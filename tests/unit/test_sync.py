@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import random
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from device_agent.shipping.uploader import (
 )
 from device_agent.sync import SyncLoop, drain_lock
 from tests.conftest import wait_until
-from tests.helpers import make_package
+from tests.helpers import committed_items, make_package
 
 
 class FakeUploader:
@@ -402,18 +401,6 @@ def test_known_reports_cost_the_same_queries_however_many_there_are(tmp_path, co
         second.close()
 
 
-def _committed_items(outbox: Outbox, state: str | None = None) -> int:
-    """Items another connection sees (in `state`): what is committed, not merely written."""
-    other = sqlite3.connect(outbox.db_path)
-    try:
-        if state is None:
-            return int(other.execute("SELECT COUNT(*) FROM items").fetchone()[0])
-        return int(other.execute("SELECT COUNT(*) FROM items WHERE state = ?",
-                                 (state,)).fetchone()[0])
-    finally:
-        other.close()
-
-
 def test_new_reports_are_committed_a_batch_of_entries_at_a_time(env):
     """A pass finding many new reports commits (fsyncs) once per BATCH entries, not twice per
     report; what a batch queued is committed before the next batch is looked at."""
@@ -426,13 +413,13 @@ def test_new_reports_are_committed_a_batch_of_entries_at_a_time(env):
     seen_at: dict[int, int] = {}
 
     def probing(path, *, max_bytes):
-        seen_at[len(seen_at)] = _committed_items(env.outbox)
+        seen_at[len(seen_at)] = committed_items(env.outbox.db_path)
         return hash_regular(path, max_bytes=max_bytes)
 
     env.loop.reports.hasher = probing
     result: list = []
     ran = _statements_while(env.outbox, lambda: result.append(env.loop.reports.find()))
-    assert result[0].queued == n and _committed_items(env.outbox) == n
+    assert result[0].queued == n and committed_items(env.outbox.db_path) == n
     commits = sum(s == "COMMIT" for s in ran)
     assert commits <= 3 + 1, f"{commits} commits for {n} new reports"  # + clearing problems
     assert [seen_at[i] for i in (0, BATCH - 1, BATCH, 2 * BATCH, n - 1)] == [
@@ -448,7 +435,7 @@ def test_the_committed_checkpoint_comes_after_the_mark_is_durable(env):
 
     def checkpoint(name: str) -> None:
         if name == "drain.committed":
-            marks.append((len(marks) + 1, _committed_items(env.outbox, DELIVERED)))
+            marks.append((len(marks) + 1, committed_items(env.outbox.db_path, DELIVERED)))
 
     env.drainer.checkpoint = checkpoint
     assert env.loop.run_once().delivered == 8

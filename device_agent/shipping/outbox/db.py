@@ -219,17 +219,13 @@ class Database:
             self._batch = True
             try:
                 yield
-            except BaseException:
-                self._batch = False
-                self._conn.execute("ROLLBACK")
-                raise
-            self._batch = False
-            try:
                 self._conn.execute("COMMIT")
             except BaseException:
-                if self._conn.in_transaction:  # a failed COMMIT may leave it open
+                if self._conn.in_transaction:  # also after a failed COMMIT, which may leave it open
                     self._conn.execute("ROLLBACK")
                 raise
+            finally:
+                self._batch = False
 
     @contextmanager
     def locked(self) -> Iterator[sqlite3.Connection]:
